@@ -1,0 +1,167 @@
+"""Training-step speed of the REIR/SREML ensemble forms, side by side, on the same weights.
+
+One step = forward + cross-entropy over meta-classes + backward + Adam, at E learners sharing stem + layer1.
+Forms:
+* ``original``: the originals' code shape: E separate torchvision branches (ModuleList) run one after another;
+* ``loop``: ``reir.model.Model`` learner by learner on slices of its grouped weights (the CPU default);
+* ``grouped``: ``Model`` as one network with ``groups = E`` convolutions (the GPU default);
+* ``grouped_cl``: grouped in channels-last memory format (CUDA only);
+* ``compiled``: ``torch.compile`` of the grouped model (CUDA only, ``--compile``).
+All start from the same weights; the first step's logits and the parameters after one Adam step are compared with
+``original`` and printed (max abs difference).
+
+    python benchmarks/ensemble_benchmark.py --device cpu --image_size 64 --steps 3
+    python benchmarks/ensemble_benchmark.py --device cuda --image_size 256 --steps 20 --compile
+"""
+import argparse
+import copy
+import json
+import platform
+import time
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models
+
+from reir.model import STAGES, EnsembleBatchNorm, EnsembleConv, Model
+
+
+class Original(nn.Module):
+    """The original layout: a shared trunk and a ModuleList of E torchvision branches, looped in Python."""
+
+    def __init__(self, model: Model):
+        super().__init__()
+        self.common_extractor = copy.deepcopy(model.common_extractor)
+        block = model.branches[0]
+        self.learners = nn.ModuleList()
+        for i in range(model.ensemble_size):
+            ref = getattr(models, model.model_type)()
+            stages = [getattr(ref, n) for n in STAGES[len(model.common_extractor):]]
+            ens = [m for m in block.features.modules() if isinstance(m, (EnsembleConv, EnsembleBatchNorm))]
+            mine = [m for s in stages for m in s.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+            with torch.no_grad():
+                for e, r in zip(ens, mine):
+                    n = r.out_channels if isinstance(r, nn.Conv2d) else r.num_features
+                    r.weight.copy_(e.weight[i * n:(i + 1) * n])
+                    if isinstance(r, nn.BatchNorm2d):
+                        r.bias.copy_(e.bias[i * n:(i + 1) * n])
+                head = nn.Linear(block.weight.shape[2], block.weight.shape[1])
+                head.weight.copy_(block.weight[i])
+                head.bias.copy_(block.bias[i])
+            self.learners.append(nn.ModuleList([nn.Sequential(*stages), head]))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        shared = self.common_extractor(images)
+        return torch.stack([head(body(shared).mean(dim=(2, 3))) for body, head in self.learners], dim=1)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_fn(model: nn.Module, optimizer, images, labels, amp: bool):
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float().permute(0, 2, 1), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return logits
+    return step
+
+
+def head_weight(model: nn.Module) -> torch.Tensor:
+    """Learner heads as [E, M, d], whatever the layout."""
+    if isinstance(model, Original):
+        return torch.stack([head.weight for _, head in model.learners])
+    base = getattr(model, "_orig_mod", model)
+    return base.branches[0].weight
+
+
+def time_form(name: str, model: nn.Module, images, labels, args, device) -> Dict[str, float]:
+    fused = device.type == "cuda"
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused)
+    step = step_fn(model, optimizer, images, labels, args.amp)
+    first = step().detach().float().cpu()
+    after = head_weight(model).detach().float().cpu().clone()
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return {"form": name, "median_s": times[len(times) // 2], "min_s": times[0], "first_logits": first,
+            "head_after_step": after, "peak_gib": peak}
+
+
+def main(args: argparse.Namespace) -> List[Dict]:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True
+    base = Model(args.model_type, "layer1", args.ensemble_size, args.meta_class_size, pretrained="none")
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    labels = torch.randint(0, args.meta_class_size, (args.batch_size, args.ensemble_size), device=device)
+    forms = {"original": lambda: Original(base), "loop": lambda: copy.deepcopy(base).set_impl("loop"),
+             "grouped": lambda: copy.deepcopy(base).set_impl("grouped")}
+    if device.type == "cuda":
+        forms["grouped_cl"] = lambda: copy.deepcopy(base).set_impl("grouped").to(memory_format=torch.channels_last)
+        if args.compile:
+            forms["compiled"] = lambda: torch.compile(copy.deepcopy(base).set_impl("grouped").to(device))
+    forms = {k: v for k, v in forms.items() if k in args.forms or args.forms == ["all"]}
+    rows = []
+    for name, make in forms.items():
+        model = make().to(device).train()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        rows.append(time_form(name, model, images, labels, args, device))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"{name:12s} median {rows[-1]['median_s'] * 1000:9.1f} ms/step", flush=True)
+    ref = rows[0]
+    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads, device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(f"E={args.ensemble_size} M={args.meta_class_size} {args.model_type} batch {args.batch_size} "
+          f"image {args.image_size}px, amp={args.amp}, steps {args.steps} (median)")
+    print(f"{'form':12s} {'ms/step':>9s} {'speed-up':>9s} {'max|dlogits|':>13s} {'max|dW| step1':>14s} {'peak GiB':>9s}")
+    out = []
+    for r in rows:
+        dl = (r["first_logits"] - ref["first_logits"]).abs().max().item()
+        dw = (r["head_after_step"] - ref["head_after_step"]).abs().max().item()
+        print(f"{r['form']:12s} {r['median_s'] * 1000:9.1f} {ref['median_s'] / r['median_s']:8.2f}x {dl:13.2e} "
+              f"{dw:14.2e} {r['peak_gib']:9.2f}")
+        out.append({k: v for k, v in r.items() if not isinstance(v, torch.Tensor)} | {"dlogits": dl, "dw": dw})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="REIR/SREML ensemble training-step benchmark", add_help=add_help)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model_type", default="resnet18")
+    p.add_argument("--ensemble_size", default=48, type=int)
+    p.add_argument("--meta_class_size", default=12, type=int)
+    p.add_argument("--batch_size", default=10, type=int)
+    p.add_argument("--image_size", default=256, type=int)
+    p.add_argument("--steps", default=5, type=int)
+    p.add_argument("--warmup", default=1, type=int)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the grouped model (CUDA)")
+    p.add_argument("--forms", default=["all"], nargs="+", help="subset of original loop grouped grouped_cl compiled")
+    p.add_argument("--json", default=None, help="also write the rows as JSON")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

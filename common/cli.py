@@ -1,0 +1,79 @@
+"""Command-line flags every method shares, as an argparse parent (DeiT/torchvision style).
+
+Each method's ``get_args_parser`` starts from :func:`common_parser` and only sets its own defaults
+(``parser.set_defaults(batch_size=10)``) and adds the flags its paper needs.
+"""
+import argparse
+from typing import List, Optional, Sequence
+
+from common.errors import UserError
+
+__all__ = ["DATASETS", "common_parser", "parse_recalls", "validate_args", "bool_pair"]
+
+DATASETS = ("car", "cub", "sop", "isc", "demo")
+CROPPABLE = ("car", "cub", "demo")
+
+
+def parse_recalls(text: str) -> List[int]:
+    """'1,2,4,8' -> [1, 2, 4, 8]; an argparse ``type`` so bad input is a one-line argument error."""
+    try:
+        ks = [int(k) for k in str(text).split(",") if k.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"recalls must be comma-separated integers, got {text!r}")
+    if not ks or any(k < 1 for k in ks):
+        raise argparse.ArgumentTypeError(f"recalls must be positive integers, got {text!r}")
+    return ks
+
+
+def bool_pair(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
+    """Add ``--name`` / ``--no-name`` switching one boolean both ways."""
+    dest = name.replace("-", "_")
+    parser.add_argument(f"--{name}", dest=dest, action="store_true", help=f"{help} (default: {default})")
+    parser.add_argument(f"--no-{name}", dest=dest, action="store_false", help=argparse.SUPPRESS)
+    parser.set_defaults(**{dest: default})
+
+
+def common_parser(data_name: str = "car", batch_size: int = 128, num_epochs: int = 20,
+                  recalls: str = "1,2,4,8") -> argparse.ArgumentParser:
+    """Parent parser with the flags shared by all methods; defaults mirror the originals per method."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", default="data", type=str, help="root holding <data_name>/ folders (default: data)")
+    g.add_argument("--data_name", default=data_name, choices=DATASETS, help=f"dataset (default: {data_name})")
+    g.add_argument("--crop_type", default="uncropped", choices=["uncropped", "cropped"],
+                   help="bounding-box cropped images, car/cub only (default: uncropped)")
+    g.add_argument("--image_size", default=None, type=int,
+                   help="scale the method's transform preset to this crop size (default: the paper's size)")
+    g.add_argument("--num_workers", default=4, type=int, help="DataLoader workers (default: 4)")
+    g = p.add_argument_group("training")
+    g.add_argument("--batch_size", default=batch_size, type=int, help=f"batch size (default: {batch_size})")
+    g.add_argument("--num_epochs", default=num_epochs, type=int, help=f"epochs (default: {num_epochs})")
+    g.add_argument("--seed", default=0, type=int, help="seed for python, numpy and torch (default: 0)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue an interrupted run: this run's last checkpoint, or a given checkpoint path")
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained", default="imagenet",
+                   help="backbone weights: imagenet (torchvision cache/download), none, or a state-dict PATH")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--recalls", default=parse_recalls(recalls), type=parse_recalls,
+                   help=f"ranks K for Recall@K, comma separated (default: {recalls})")
+    g = p.add_argument_group("device")
+    g.add_argument("--gpu_ids", default=None, type=str, help="GPUs to use, e.g. '0,1' (default: all visible; CPU if none)")
+    bool_pair(g, "amp", False, "bf16 autocast on CUDA")
+    return p
+
+
+def validate_args(args: argparse.Namespace, gallery_size: Optional[int] = None, self_excluded: bool = True) -> None:
+    """Reject bad combinations with one line instead of an assertion deep inside training."""
+    if getattr(args, "crop_type", "uncropped") == "cropped" and args.data_name not in CROPPABLE:
+        raise UserError(f"--crop_type cropped needs bounding boxes: only {', '.join(CROPPABLE)} have them, "
+                        f"not {args.data_name}")
+    for name in ("batch_size", "num_epochs"):
+        value = getattr(args, name, None)
+        if value is not None and value < (0 if name == "num_epochs" else 1):
+            raise UserError(f"--{name} must be positive, got {value}")
+    if gallery_size is not None:
+        limit = gallery_size - (1 if self_excluded else 0)
+        too_big: Sequence[int] = [k for k in args.recalls if k > limit]
+        if too_big:
+            raise UserError(f"--recalls {max(too_big)} is larger than the gallery ({limit} images to rank)")

@@ -1,0 +1,77 @@
+"""Method-agnostic comparison of two databases, query by query (REIR's ablation metrics, bugs fixed).
+
+For each query both databases rank the same gallery; ``correct`` = same-label items in the top K.
+* AR@K: mean precision@K over the queries with at least one hit (REIR's "average recall");
+* GE Rate@K: share of queries where the first database is at least as good;
+* Better Ratio@K: wins / losses; ``inf`` when there are no losses (the original divided by zero).
+The original decided "same set, exclude self" with ``is`` on strings, which was always false; here self is
+excluded exactly when query and gallery are the same split.
+"""
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+from tqdm import tqdm
+
+from common.database import Database, rank_gallery
+from common.errors import UserError
+from common.render import save_retrieval
+
+__all__ = ["query_and_gallery", "compare_databases"]
+
+
+def query_and_gallery(db: Database, data_type: str) -> Tuple[str, str]:
+    """Split names for ``--data_type test`` (the database's query vs gallery) or ``train`` (train vs train)."""
+    return ("train", "train") if data_type == "train" else (db.query, db.gallery)
+
+
+def _check_same(a: Database, b: Database, q: str, g: str) -> None:
+    for split in {q, g}:
+        sa, sb = a.split(split), b.split(split)
+        if sa.images != sb.images or sa.labels != sb.labels:
+            raise UserError(f"the two databases hold different '{split}' images or labels; "
+                            "compare runs on the same dataset and crop type")
+
+
+def compare_databases(better: Database, worse: Database, data_type: str = "test", k: int = 8,
+                      save_dir: Optional[Path] = None, size=(224, 224)) -> Dict[str, float]:
+    """AR@K of each database, GE Rate@K and Better Ratio@K; with ``save_dir`` the queries ``better`` wins."""
+    q_name, g_name = query_and_gallery(better, data_type)
+    _check_same(better, worse, q_name, g_name)
+    query, gallery = better.split(q_name), better.split(g_name)
+    same_set = q_name == g_name
+    if k > len(gallery.images) - (1 if same_set else 0):
+        raise UserError(f"--retrieval_num {k} is larger than the gallery")
+    gallery_labels = torch.as_tensor(gallery.labels)
+    totals = {"better": [0, 0], "worse": [0, 0]}  # [sum of correct, queries with a hit]
+    wins = ties = 0
+    for i in tqdm(range(len(query.images)), desc="comparing", leave=False):
+        ranked = {}
+        for key, db in (("better", better), ("worse", worse)):
+            idx, score = rank_gallery(db.split(q_name).features[i], db.split(g_name).features, db.metric, k,
+                                      db.scale, exclude=i if same_set else None)
+            correct = int((gallery_labels[idx] == query.labels[i]).sum())
+            totals[key][0] += correct
+            totals[key][1] += correct > 0
+            ranked[key] = (idx, score, correct)
+        wins += ranked["better"][2] > ranked["worse"][2]
+        ties += ranked["better"][2] == ranked["worse"][2]
+        if save_dir is not None and ranked["better"][2] > ranked["worse"][2]:
+            _save_example(Path(save_dir) / Path(query.images[i]).stem, query.images[i], query.labels[i],
+                          gallery, ranked, size)
+    n = len(query.images)
+    losses = n - wins - ties
+    return {f"better_AR@{k}": 100.0 * totals["better"][0] / max(1, totals["better"][1] * k),
+            f"worse_AR@{k}": 100.0 * totals["worse"][0] / max(1, totals["worse"][1] * k),
+            f"GE_Rate@{k}": 100.0 * (wins + ties) / n,
+            f"Better_Ratio@{k}": wins / losses if losses else float("inf"),
+            "wins": wins, "ties": ties, "losses": losses}
+
+
+def _save_example(out: Path, query_path: str, query_label: int, gallery, ranked, size) -> None:
+    for key, width in (("better", 5), ("worse", 8)):
+        idx, score, _ = ranked[key]
+        results = [(gallery.images[j], gallery.labels[j], float(s)) for j, s in zip(idx.tolist(), score)]
+        save_retrieval(out / key, query_path, query_label, results, size=size, width=width)
+    (out / "better" / "query_img.jpg").replace(out / "query_img.jpg")
+    (out / "worse" / "query_img.jpg").unlink()

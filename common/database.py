@@ -1,0 +1,102 @@
+"""The retrieval "database": features, labels and image paths of the evaluation splits, plus the run's config.
+
+Layout (a plain dict, ``weights_only``-loadable)::
+
+    {"config": {...}, "method": "cgd", "metric": "euclidean" | "cosine", "scale": 1.0,
+     "query": "test", "gallery": "test",
+     "splits": {"test": {"images": [str], "labels": [int], "features": FloatTensor[N, D]}, ...}}
+
+``metric`` says how the method ranks: CGD shows Euclidean distances (smaller first), the others a cosine score
+(larger first; REIR stores the concatenated per-learner unit vectors with ``scale`` = E, so the score is the mean
+per-learner cosine). For unit vectors both orders are the same ranking.
+"""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from common.errors import UserError
+from common.runio import atomic_save, check_config, safe_load
+
+__all__ = ["Split", "Database", "save_database", "load_database", "rank_gallery", "find_query"]
+
+
+@dataclass
+class Split:
+    images: List[str]
+    labels: List[int]
+    features: torch.Tensor
+
+
+@dataclass
+class Database:
+    config: Dict[str, Any]
+    method: str
+    metric: str
+    scale: float
+    query: str
+    gallery: str
+    splits: Dict[str, Split]
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raise UserError(f"database has no '{name}' split (has: {', '.join(self.splits)})")
+        return self.splits[name]
+
+
+def save_database(path: os.PathLike, *, config: Mapping[str, Any], method: str, splits: Mapping[str, Split],
+                  metric: str = "cosine", scale: float = 1.0, query: str = "test", gallery: str = "test") -> None:
+    atomic_save({"config": dict(config), "method": method, "metric": metric, "scale": float(scale),
+                 "query": query, "gallery": gallery,
+                 "splits": {k: {"images": list(s.images), "labels": [int(x) for x in s.labels],
+                                "features": s.features.detach().float().cpu().contiguous()}
+                            for k, s in splits.items()}}, path)
+
+
+def load_database(path: os.PathLike, expected: Optional[Mapping[str, Any]] = None,
+                  keys: Sequence[str] = ()) -> Database:
+    """Load and, when ``expected`` is given, refuse a database written by a different model configuration."""
+    obj = safe_load(path, "database")
+    if expected is not None:
+        check_config(obj["config"], expected, f"database {path}", keys)
+    try:
+        splits = {k: Split(v["images"], v["labels"], v["features"]) for k, v in obj["splits"].items()}
+        return Database(obj["config"], obj["method"], obj["metric"], obj["scale"], obj["query"], obj["gallery"],
+                        splits)
+    except (KeyError, TypeError) as e:
+        raise UserError(f"database {path} is incomplete ({e})")
+
+
+def scores(query: torch.Tensor, gallery: torch.Tensor, metric: str, scale: float = 1.0) -> torch.Tensor:
+    """Score of every gallery row for one query: Euclidean distance or (scaled) inner product."""
+    if metric == "euclidean":
+        return torch.cdist(query[None].float(), gallery.float())[0]
+    return gallery.float() @ query.float() / scale
+
+
+def rank_gallery(query: torch.Tensor, gallery: torch.Tensor, metric: str, k: int, scale: float = 1.0,
+                 exclude: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Indices and scores of the ``k`` best gallery items, best first; ``exclude`` drops one index (self)."""
+    s = scores(query, gallery, metric, scale)
+    worst = float("inf") if metric == "euclidean" else float("-inf")
+    if exclude is not None:
+        s[exclude] = worst
+    k = min(k, len(s) - (1 if exclude is not None else 0))
+    order = torch.sort(s if metric == "euclidean" else -s, stable=True).indices[:k]
+    return order, s[order]
+
+
+def find_query(images: Sequence[str], name: str) -> int:
+    """Index of a query given as the stored path, a path to the same file, or a unique file name."""
+    if name in images:
+        return list(images).index(name)
+    target = os.path.realpath(name)
+    for i, path in enumerate(images):
+        if os.path.realpath(path) == target:
+            return i
+    matches = [i for i, path in enumerate(images) if Path(path).name == Path(name).name]
+    if len(matches) == 1:
+        return matches[0]
+    raise UserError(f"{name} not found in the database" + (" (file name is ambiguous)" if matches else ""))

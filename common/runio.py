@@ -1,0 +1,211 @@
+"""Run I/O: names, ``results/<method>/``, statistics CSV + plot, atomic checkpoints, databases, seeds.
+
+Checkpoints and databases are plain dicts of tensors, numbers, strings and lists, loaded with
+``torch.load(..., weights_only=True)``; the run's configuration is stored inside as a dict and compared with the
+model asked for before anything is loaded.
+"""
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from common.errors import UserError
+
+__all__ = ["results_root", "results_dir", "run_name", "set_seed", "rng_state", "set_rng_state", "atomic_save",
+           "safe_load", "check_config", "save_checkpoint", "load_checkpoint", "Statistics", "plain_config"]
+
+def results_root() -> Path:
+    """``results/`` by default; the ``RETRIEVAL_RESULTS`` environment variable moves it (tests use a tmp dir)."""
+    return Path(os.environ.get("RETRIEVAL_RESULTS", "results"))
+
+
+def results_dir(method: str) -> Path:
+    path = results_root() / method
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_name(*parts: Any) -> str:
+    """Join the values with '_' as the originals did (``car_uncropped_resnet50_SG_1536_0.1_0.5_0.1_128``)."""
+    return "_".join(str(p) for p in parts)
+
+
+def plain_config(args: Any, keys: Optional[Iterable[str]] = None) -> Dict[str, Any]:
+    """The run's configuration as a plain dict (safe under ``weights_only``; never a pickled Namespace)."""
+    items = vars(args).items() if not isinstance(args, Mapping) else args.items()
+    out = {}
+    for k, v in items:
+        if keys is not None and k not in keys:
+            continue
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            out[k] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float, bool)) for x in v):
+            out[k] = list(v)
+        else:
+            out[k] = str(v)
+    return out
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> Dict[str, Any]:
+    """Python, numpy and torch RNG states as tensors/lists (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    state = {"python": list(map(lambda x: list(x) if isinstance(x, tuple) else x, random.getstate())),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32), state["numpy"]["pos"],
+                        state["numpy"]["has_gauss"], state["numpy"]["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: Any, path: os.PathLike) -> None:
+    """``torch.save`` to a temp file in the same folder, then rename: a kill never leaves a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def safe_load(path: os.PathLike, what: str = "file") -> Dict[str, Any]:
+    """``torch.load(weights_only=True)`` with one-line errors for a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot read {what} {path}: not a checkpoint of this toolkit ({type(e).__name__})")
+    if not isinstance(obj, dict) or "config" not in obj:
+        raise UserError(f"{what} {path} has no stored configuration; it was not written by this toolkit")
+    return obj
+
+
+def check_config(stored: Mapping[str, Any], expected: Mapping[str, Any], what: str, keys: Sequence[str]) -> None:
+    """Refuse, in one line, a file whose configuration differs from the model asked for on ``keys``."""
+    diffs = [f"{k}={stored.get(k)!r} (expected {expected.get(k)!r})" for k in keys if stored.get(k) != expected.get(k)]
+    if diffs:
+        raise UserError(f"{what} was written for a different model: " + ", ".join(diffs))
+
+
+def save_checkpoint(path: os.PathLike, *, model: torch.nn.Module, config: Mapping[str, Any], epoch: int,
+                    optimizer=None, scheduler=None, scaler=None, **extra: Any) -> None:
+    """Everything ``--resume`` needs: model, optimizer, scheduler, scaler, RNG states, epoch, configuration."""
+    state = {"model": model.state_dict(), "config": dict(config), "epoch": epoch, "rng": rng_state()}
+    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None:
+            state[name] = obj.state_dict()
+    state.update(extra)
+    atomic_save(state, path)
+
+
+def load_checkpoint(path: os.PathLike, config: Mapping[str, Any], keys: Sequence[str], *, model: torch.nn.Module,
+                    optimizer=None, scheduler=None, scaler=None, restore_rng: bool = True) -> Dict[str, Any]:
+    """Load a checkpoint into the given objects after checking its configuration; returns the raw dict."""
+    state = safe_load(path, "checkpoint")
+    check_config(state["config"], config, f"checkpoint {path}", keys)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}")
+    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None and name in state:
+            obj.load_state_dict(state[name])
+    if restore_rng and "rng" in state:
+        set_rng_state(state["rng"])
+    return state
+
+
+class Statistics:
+    """Per-epoch metrics rewritten as CSV (index label ``epoch``) and PNG curves after every epoch."""
+
+    def __init__(self, csv_path: os.PathLike, rows: Optional[List[Dict[str, float]]] = None):
+        self.csv_path = Path(csv_path)
+        self.rows: Dict[int, Dict[str, float]] = {}
+        if rows:
+            for row in rows:
+                self.rows[int(row["epoch"])] = {k: v for k, v in row.items() if k != "epoch"}
+
+    @classmethod
+    def resume(cls, csv_path: os.PathLike, up_to_epoch: int) -> "Statistics":
+        """Reload the rows of an interrupted run up to the checkpoint's epoch."""
+        import pandas as pd
+
+        stats = cls(csv_path)
+        if Path(csv_path).is_file():
+            frame = pd.read_csv(csv_path, index_col="epoch")
+            for epoch, row in frame.iterrows():
+                if int(epoch) <= up_to_epoch:
+                    stats.rows[int(epoch)] = {k: float(v) for k, v in row.items() if not pd.isna(v)}
+        return stats
+
+    def log(self, epoch: int, **metrics: float) -> None:
+        self.rows.setdefault(epoch, {}).update({k: float(v) for k, v in metrics.items()})
+        self.write()
+
+    def frame(self):
+        import pandas as pd
+
+        frame = pd.DataFrame.from_dict(self.rows, orient="index").sort_index()
+        frame.index.name = "epoch"
+        return frame
+
+    def write(self) -> None:
+        frame = self.frame()
+        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.csv_path.with_suffix(".csv.tmp")
+        frame.to_csv(tmp, index_label="epoch")
+        os.replace(tmp, self.csv_path)
+        self.plot(frame)
+
+    def plot(self, frame) -> None:
+        """Loss/accuracy and recall curves side by side."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        groups = [[c for c in frame.columns if not c.startswith("test_")],
+                  [c for c in frame.columns if c.startswith("test_")]]
+        groups = [g for g in groups if g]
+        fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+        for ax, cols in zip(axes[0], groups):
+            for c in cols:
+                ax.plot(frame.index, frame[c], marker="o", label=c)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        axes[0][-1].set_ylabel("%" if any(c.startswith("test_") for c in groups[-1]) else "")
+        fig.tight_layout()
+        fig.savefig(self.csv_path.with_suffix(".png"), dpi=80)
+        plt.close(fig)
+
+    def best(self, column: str) -> float:
+        values = [r[column] for r in self.rows.values() if column in r]
+        return max(values) if values else float("-inf")

@@ -1,0 +1,237 @@
+"""FastRetri configuration: fast-reid's YAML files and ``KEY VALUE`` overrides without yacs.
+
+A config is a nested dict. :data:`DEFAULTS` lists every valid key with its default (the role of fast-reid's
+``_C``); a YAML file may name a ``_BASE_`` file (relative to itself) that it overrides. Command-line ``opts`` are
+dotted keys followed by values (``SOLVER.BASE_LR 0.01``), parsed as YAML and coerced to the default's type.
+Unknown keys and uncoercible values are one-line :class:`UserError` s.
+"""
+import argparse
+import copy
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from common.engine import RunFiles
+from common.errors import UserError
+from common.runio import plain_config, results_dir, run_name
+
+__all__ = ["DEFAULTS", "DATASET_NAMES", "MODEL_KEYS", "RESUME_FREE", "load_config", "merge_opts", "flatten", "get",
+           "set_value", "resolve_config", "data_name", "pretrained_source", "config_dict", "run_files",
+           "unflatten"]
+
+DEFAULTS: Dict[str, Any] = {
+    "MODEL": {
+        "WEIGHTS": "",
+        "BACKBONE": {"NAME": "resnet50", "LAST_STRIDE": 1, "NORM": "FrozenBN", "PRETRAIN": True,
+                     "PRETRAIN_PATH": ""},
+        "HEADS": {"POOL_LAYER": "GeneralizedMeanPooling", "GEM_P": 3.0, "WITH_BNNECK": True, "NECK_FEAT": "after",
+                  "CLS_LAYER": "Linear", "SCALE": 1.0},
+        "LOSSES": {"NAME": ["CrossEntropyLoss"], "CE": {"EPSILON": 0.1, "SCALE": 1.0}},
+    },
+    "INPUT": {
+        "SIZE_TRAIN": [256, 256], "SIZE_TEST": [256, 256],
+        "CROP": {"ENABLED": True, "SIZE": [224], "SCALE": [0.16, 1.0], "RATIO": [0.75, 1.33]},
+        "FLIP": {"ENABLED": True, "PROB": 0.5},
+        "CJ": {"ENABLED": False, "PROB": 0.5, "BRIGHTNESS": 0.15, "CONTRAST": 0.15, "SATURATION": 0.1,
+               "HUE": 0.1},
+    },
+    "DATASETS": {"NAMES": ["cub"], "ROOT": "data", "CROP_TYPE": "uncropped"},
+    "DATALOADER": {"SAMPLER_TRAIN": "TrainingSampler", "NUM_WORKERS": 8},
+    "SOLVER": {
+        "AMP": {"ENABLED": True, "DTYPE": "bfloat16"},
+        "OPT": "SGD", "MAX_EPOCH": 100, "BASE_LR": 0.003, "MOMENTUM": 0.99, "NESTEROV": True,
+        "WEIGHT_DECAY": 0.0005, "WEIGHT_DECAY_BIAS": 0.0, "WEIGHT_DECAY_NORM": 0.0005, "BIAS_LR_FACTOR": 1.0,
+        "SCHED": "CosineAnnealingLR", "ETA_MIN_LR": 3e-5,
+        "WARMUP_FACTOR": 0.1, "WARMUP_ITERS": 1000, "WARMUP_METHOD": "linear",
+        "CLIP_GRADIENTS": {"ENABLED": True, "CLIP_TYPE": "norm", "CLIP_VALUE": 5.0, "NORM_TYPE": 2.0},
+        "IMS_PER_BATCH": 128, "CHECKPOINT_PERIOD": 10,
+    },
+    "TEST": {"EVAL_PERIOD": 10, "IMS_PER_BATCH": 256, "RECALLS": [1, 2, 4, 8, 16, 32], "METRIC": "cosine"},
+    "SEED": 0,
+    "OUTPUT_NAME": "",
+}
+
+
+def get(cfg: Dict[str, Any], key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _check_key(cfg: Dict[str, Any], key: str, where: str) -> None:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise UserError(f"unknown config key {key} ({where})")
+        node = node[part]
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """``value`` converted to the type of ``default`` (ints widen to floats, scalars to one-item lists)."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, str):
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif isinstance(default, list):
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if default and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in items):
+            kind = float if any(isinstance(x, float) for x in default) else type(default[0])
+            if kind is int and any(isinstance(x, float) and not x.is_integer() for x in items):
+                raise UserError(f"config key {key} expects integers, got {value!r}")
+            return [kind(x) for x in items]
+        if not default or all(isinstance(x, str) for x in items):
+            return items
+    raise UserError(f"config key {key} expects {type(default).__name__}, got {value!r}")
+
+
+def set_value(cfg: Dict[str, Any], key: str, value: Any, where: str = "command line") -> None:
+    _check_key(cfg, key, where)
+    *parents, last = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    if isinstance(node[last], dict):
+        raise UserError(f"config key {key} is a group; set one of its keys ({', '.join(node[last])})")
+    node[last] = _coerce(key, value, node[last])
+
+
+def _merge(cfg: Dict[str, Any], update: Dict[str, Any], where: str, prefix: str = "") -> None:
+    for k, v in update.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            _check_key(cfg, key, where)
+            _merge(cfg, v, where, key + ".")
+        else:
+            set_value(cfg, key, v, where)
+
+
+def _read_yaml(path: Path, seen: Sequence[Path] = ()) -> List[tuple]:
+    """[(file, dict)] from the outermost _BASE_ to ``path`` itself."""
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise UserError(f"config file {path} includes itself through _BASE_")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})")
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys")
+    base = data.pop("_BASE_", None)
+    chain = _read_yaml(path.parent / base, [*seen, path.resolve()]) if base else []
+    return chain + [(path, data)]
+
+
+def merge_opts(cfg: Dict[str, Any], opts: Sequence[str]) -> None:
+    """Apply ``KEY VALUE KEY VALUE ...`` overrides (values parsed as YAML: ``0.01``, ``[1,2]``, ``False``)."""
+    if len(opts) % 2:
+        raise UserError(f"overrides come in KEY VALUE pairs; {opts[-1]} has no value")
+    for key, text in zip(opts[0::2], opts[1::2]):
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        set_value(cfg, key, value)
+
+
+def load_config(path: Optional[str] = None, opts: Sequence[str] = ()) -> Dict[str, Any]:
+    """Defaults, then the ``_BASE_`` chain of ``path``, then ``opts``."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path:
+        for file, data in _read_yaml(Path(path)):
+            _merge(cfg, data, f"in {file}")
+    merge_opts(cfg, list(opts))
+    return cfg
+
+
+def flatten(cfg: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"SOLVER.BASE_LR": 0.02, ...}``: the form stored in checkpoints and databases."""
+    out: Dict[str, Any] = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# fast-reid dataset names (DATASETS.NAMES) -> this repository's processed datasets
+DATASET_NAMES = {"cub": "cub", "cars": "car", "car": "car", "sop": "sop", "inshop": "isc", "isc": "isc",
+                 "demo": "demo"}
+# keys that must match to load a model or database; everything but these bookkeeping keys must match to resume
+MODEL_KEYS = ("MODEL.BACKBONE.NAME", "MODEL.BACKBONE.LAST_STRIDE", "MODEL.BACKBONE.NORM", "MODEL.HEADS.GEM_P",
+              "MODEL.HEADS.WITH_BNNECK", "MODEL.HEADS.SCALE", "DATASETS.NAMES", "DATASETS.CROP_TYPE",
+              "INPUT.SIZE_TEST", "INPUT.CROP.ENABLED", "INPUT.CROP.SIZE")
+RESUME_FREE = ("DATALOADER.NUM_WORKERS", "SOLVER.MAX_EPOCH", "TEST.EVAL_PERIOD", "TEST.IMS_PER_BATCH",
+               "TEST.RECALLS", "DATASETS.ROOT", "SOLVER.CHECKPOINT_PERIOD", "MODEL.WEIGHTS", "OUTPUT_NAME")
+_CLI_KEYS = {"data_path": "DATASETS.ROOT", "crop_type": "DATASETS.CROP_TYPE", "num_workers": "DATALOADER.NUM_WORKERS",
+             "batch_size": "SOLVER.IMS_PER_BATCH", "num_epochs": "SOLVER.MAX_EPOCH", "seed": "SEED",
+             "recalls": "TEST.RECALLS", "amp": "SOLVER.AMP.ENABLED"}
+
+
+def resolve_config(args: argparse.Namespace) -> Dict:
+    """YAML (+ _BASE_) -> ``opts`` overrides -> the shared flags that were given (--batch_size, --data_name ...)."""
+    resume = getattr(args, "resume", None)
+    if resume not in (None, "auto") and not Path(resume).exists() and resume.split(".")[0] in DEFAULTS:
+        # `--resume SOLVER.MAX_EPOCH 60`: the flag took a config key as its path (fast-reid #543)
+        args.opts, args.resume = [resume, *args.opts], "auto"
+    cfg = load_config(args.config_file, args.opts)
+    for flag, key in _CLI_KEYS.items():
+        if getattr(args, flag, None) is not None:
+            set_value(cfg, key, getattr(args, flag), f"--{flag}")
+    if args.data_name is not None:
+        cfg["DATASETS"]["NAMES"] = [args.data_name]
+    if args.image_size is not None:  # scale resize and crop with the crop size, like every method's --image_size
+        ratio = args.image_size / cfg["INPUT"]["CROP"]["SIZE"][0]
+        for key in ("SIZE_TRAIN", "SIZE_TEST"):
+            cfg["INPUT"][key] = [round(s * ratio) for s in cfg["INPUT"][key]]
+        cfg["INPUT"]["CROP"]["SIZE"] = [args.image_size]
+    if args.pretrained is not None:
+        none = args.pretrained == "none"
+        cfg["MODEL"]["BACKBONE"]["PRETRAIN"] = not none
+        cfg["MODEL"]["BACKBONE"]["PRETRAIN_PATH"] = "" if none or args.pretrained == "imagenet" else args.pretrained
+    data_name(cfg)
+    return cfg
+
+
+def data_name(cfg: Dict) -> str:
+    names = cfg["DATASETS"]["NAMES"]
+    if len(names) != 1 or names[0].lower() not in DATASET_NAMES:
+        raise UserError(f"DATASETS.NAMES must be one of {', '.join(['CUB', 'Cars', 'SOP', 'InShop', 'demo'])}, "
+                        f"got {names}")
+    return DATASET_NAMES[names[0].lower()]
+
+
+def pretrained_source(cfg: Dict) -> str:
+    b = cfg["MODEL"]["BACKBONE"]
+    return (b["PRETRAIN_PATH"] or "imagenet") if b["PRETRAIN"] else "none"
+
+
+def config_dict(cfg: Dict) -> Dict:
+    return plain_config(flatten(cfg))
+
+
+def run_files(cfg: Dict) -> RunFiles:
+    name = cfg["OUTPUT_NAME"] or run_name(data_name(cfg), cfg["DATASETS"]["CROP_TYPE"],
+                                          cfg["MODEL"]["BACKBONE"]["NAME"])
+    return RunFiles(results_dir("fastretri"), name)
+
+
+def unflatten(flat: Dict[str, Any]) -> Dict[str, Any]:
+    """A full config from the dotted-key form stored in a model or database file."""
+    cfg = copy.deepcopy(DEFAULTS)
+    for key, value in flat.items():
+        set_value(cfg, key, value, "stored configuration")
+    return cfg

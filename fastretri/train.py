@@ -1,0 +1,228 @@
+"""Train FastRetri (fast-reid projects/FastRetri): a classification baseline for fine-grained image retrieval.
+
+    python fastretri/train.py --config-file fastretri/configs/cub.yml --num-gpus 4 [KEY VALUE ...]
+
+ResNet-50 with frozen BN and last stride 1, GeM, BNNeck and a bias-free classifier, trained with label-smoothed
+cross-entropy (SGD, 1k-iteration warm-up, per-epoch cosine, per-parameter gradient clipping, AMP). One process per
+GPU with DistributedDataParallel, or CPU processes with gloo; the global batch stays SOLVER.IMS_PER_BATCH.
+"""
+import argparse
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from common.cli import common_parser, validate_args
+from common.database import Split
+from common.datasets import RetrievalDataset, eval_splits
+from common.device import autocast, channels_last, parse_gpu_ids
+from common.distributed import DistInfo, all_reduce_mean, launch, launched_by_torchrun
+from common.engine import Evaluation, check_finite, eval_recalls, fit
+from common.errors import UserError, run_cli
+from common.runio import load_checkpoint, set_seed
+from fastretri.config import RESUME_FREE, config_dict, data_name, pretrained_source, resolve_config, run_files
+from fastretri.data import GlobalBatchSampler, build_datasets, embed_split
+from fastretri.losses import LabelSmoothingCrossEntropy
+from fastretri.model import build_model
+from fastretri.solver import build_optimizer, clip_per_parameter, lr_at, set_lr
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                    device: torch.device, epoch: int, *, schedule, scaler=None, amp: bool = False,
+                    amp_dtype: torch.dtype = torch.bfloat16, clip: Optional[float] = None,
+                    main: bool = True) -> Dict[str, float]:
+    """One epoch; ``schedule(global_iteration)`` sets the learning rate before every step."""
+    model.train()
+    loader.batch_sampler.set_epoch(epoch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    totals, n = torch.zeros(3), 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not main)
+    for i, (images, labels) in enumerate(bar):
+        lr = schedule((epoch - 1) * len(loader) + i)
+        set_lr(optimizer, lr)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp, amp_dtype):
+            _, logits = model(images)
+        loss = criterion(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if clip is not None:
+            clip_per_parameter(params, clip)
+        scaler.step(optimizer) if scaler is not None else optimizer.step()
+        if scaler is not None:
+            scaler.update()
+        acc = (logits.argmax(1) == labels).float().mean()
+        stats = all_reduce_mean(torch.stack([loss.detach(), acc]).float().cpu())
+        check_finite(stats[0])
+        totals += torch.cat([stats, torch.tensor([lr])])
+        n += 1
+        bar.set_postfix(loss=f"{totals[0] / n:.4f}", acc=f"{100 * totals[1] / n:.2f}%", lr=f"{lr:.2e}")
+    totals /= max(n, 1)
+    return {"train_loss": float(totals[0]), "train_accuracy": 100.0 * float(totals[1]), "lr": float(totals[2])}
+
+
+def evaluate(model: nn.Module, datasets: Dict[str, RetrievalDataset], data: str, info: DistInfo,
+             recalls: List[int], batch_size: int = 256, workers: int = 0, amp: bool = False) -> Evaluation:
+    """Recall@K (cosine, self excluded by index) on rank 0; every rank takes part in the feature extraction."""
+    q_name, g_name = eval_splits(data)
+    splits = {}
+    for name in dict.fromkeys((q_name, g_name)):
+        ds = datasets[name]
+        splits[name] = Split(ds.images, ds.labels, embed_split(model, ds, info, batch_size, workers, amp))
+    if info.rank != 0:
+        return Evaluation({})
+    return Evaluation(eval_recalls(splits[q_name], splits[g_name], recalls, q_name == g_name), splits)
+
+
+def _follow_fit(start: int, num_epochs: int, train_one: callable, evaluate_now: callable) -> None:
+    """What :func:`common.engine.fit` does, minus every file write: the loop of ranks other than 0."""
+    if start == 1:
+        evaluate_now()
+    for epoch in range(start, num_epochs + 1):
+        train_one(epoch)
+        evaluate_now()
+
+
+def worker(args: argparse.Namespace, info: DistInfo) -> None:
+    """The per-process body of :func:`main` (rank ``info.rank`` of ``info.world_size``)."""
+    cfg, main_rank = resolve_config(args), info.rank == 0
+    if info.device.type == "cpu" and info.world_size > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+    set_seed(cfg["SEED"] + info.rank)
+    data, solver = data_name(cfg), cfg["SOLVER"]
+    datasets = build_datasets(cfg)
+    # ---- model, DDP ----
+    model = build_model(cfg, datasets["train"].num_classes, pretrained_source(cfg)).to(info.device)
+    model = channels_last(model, info.device)
+    model_without_ddp = model
+    if info.distributed:
+        model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    # ---- data ----
+    per_rank = solver["IMS_PER_BATCH"] // info.world_size
+    sampler = GlobalBatchSampler(len(datasets["train"]), solver["IMS_PER_BATCH"], info.rank, info.world_size,
+                                 cfg["SEED"])
+    workers = cfg["DATALOADER"]["NUM_WORKERS"]
+    loader = DataLoader(datasets["train"], batch_sampler=sampler, num_workers=workers,
+                        pin_memory=info.device.type == "cuda", persistent_workers=workers > 0)
+    # ---- optimisation ----
+    optimizer = build_optimizer(model_without_ddp, cfg)
+    criterion = LabelSmoothingCrossEntropy(cfg["MODEL"]["LOSSES"]["CE"]["EPSILON"], cfg["MODEL"]["LOSSES"]["CE"]["SCALE"])
+    amp = solver["AMP"]["ENABLED"] and info.device.type == "cuda"
+    amp_dtype = torch.float16 if solver["AMP"]["DTYPE"] == "float16" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if amp and amp_dtype == torch.float16 else None
+    ipe = len(sampler)
+
+    def schedule(iteration: int) -> float:
+        return lr_at(iteration, base_lr=solver["BASE_LR"], iters_per_epoch=ipe, max_epoch=solver["MAX_EPOCH"],
+                     warmup_iters=solver["WARMUP_ITERS"], warmup_factor=solver["WARMUP_FACTOR"],
+                     eta_min=solver["ETA_MIN_LR"])
+
+    clip = solver["CLIP_GRADIENTS"]["CLIP_VALUE"] if solver["CLIP_GRADIENTS"]["ENABLED"] else None
+    state = {"epoch": 0}
+
+    def train_one(epoch: int) -> Dict[str, float]:
+        state["epoch"] = epoch
+        return train_one_epoch(model, criterion, optimizer, loader, info.device, epoch, schedule=schedule,
+                               scaler=scaler, amp=amp, amp_dtype=amp_dtype, clip=clip, main=main_rank)
+
+    def evaluate_now() -> Evaluation:
+        epoch, period = state["epoch"], cfg["TEST"]["EVAL_PERIOD"]
+        if epoch not in (0, solver["MAX_EPOCH"]) and epoch % period:
+            return Evaluation({})
+        return evaluate(model, datasets, data, info, cfg["TEST"]["RECALLS"], cfg["TEST"]["IMS_PER_BATCH"],
+                        workers, amp)
+
+    # ---- loop: rank 0 runs the shared fit (files), the others follow it step for step ----
+    run, config = run_files(cfg), config_dict(cfg)
+    keys = [k for k in config if k not in RESUME_FREE]
+    if main_rank:
+        print(f"FastRetri {data}: {len(datasets['train'])} training images, {ipe} iterations/epoch, "
+              f"{info.world_size} process(es) x {per_rank} images on {info.device}; writing {run.path('*')}")
+        q, g = eval_splits(data)
+        fit(run, model=model, config=config, config_keys=keys, num_epochs=solver["MAX_EPOCH"],
+            train_one_epoch=train_one, evaluate=evaluate_now, optimizer=optimizer, scaler=scaler,
+            resume=args.resume, method="fastretri", key_metric=f"test_recall@{cfg['TEST']['RECALLS'][0]}",
+            database_kwargs={"metric": "cosine", "query": q, "gallery": g})
+    else:
+        start = 1
+        if args.resume:
+            path = run.checkpoint if args.resume == "auto" else Path(args.resume)
+            start = load_checkpoint(path, config, keys, model=model_without_ddp, optimizer=optimizer,
+                                    scaler=scaler)["epoch"] + 1
+        _follow_fit(start, solver["MAX_EPOCH"], train_one, evaluate_now)
+
+
+def plan_processes(args: argparse.Namespace) -> Tuple[int, bool, Optional[List[int]]]:
+    """(processes to spawn, use CUDA, GPU ids) from --num-gpus / --num-procs / --gpu_ids / torchrun."""
+    gpu_ids = parse_gpu_ids(args.gpu_ids) if args.num_gpus > 0 else []
+    if launched_by_torchrun():
+        return 1, bool(gpu_ids), None
+    if args.num_gpus > 0 and gpu_ids:
+        if args.num_gpus > len(gpu_ids):
+            raise UserError(f"--num-gpus {args.num_gpus} but only {len(gpu_ids)} GPU(s) available")
+        return args.num_gpus, True, gpu_ids[:args.num_gpus]
+    return args.num_procs, False, None
+
+
+def check_setup(cfg: Dict, world_size: int) -> None:
+    """Every user mistake is found here, in the launching process, before any process is spawned."""
+    batch = cfg["SOLVER"]["IMS_PER_BATCH"]
+    if batch % world_size:
+        raise UserError(f"SOLVER.IMS_PER_BATCH {batch} is not divisible by the {world_size} processes")
+    datasets = build_datasets(cfg)
+    if len(datasets["train"]) < batch:
+        raise UserError(f"the training split has {len(datasets['train'])} images, fewer than one global batch "
+                        f"(SOLVER.IMS_PER_BATCH {batch})")
+    q, g = eval_splits(data_name(cfg))
+    ns = argparse.Namespace(data_name=data_name(cfg), crop_type=cfg["DATASETS"]["CROP_TYPE"], batch_size=batch,
+                            num_epochs=cfg["SOLVER"]["MAX_EPOCH"], recalls=cfg["TEST"]["RECALLS"])
+    validate_args(ns, len(datasets[g]), self_excluded=q == g)
+    build_model(cfg, 2, pretrained_source(cfg))  # weights found and matching before spawning
+
+
+def main(args: argparse.Namespace) -> None:
+    cfg = resolve_config(args)
+    num_procs, use_cuda, gpu_ids = plan_processes(args)
+    check_setup(cfg, int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else num_procs)
+    try:
+        launch(worker, args, num_procs, args.dist_backend, use_cuda, gpu_ids)
+    except mp.ProcessRaisedException as e:
+        last = str(e).strip().splitlines()[-1]
+        if "UserError" in last:
+            raise UserError(last.split("UserError: ", 1)[-1])
+        raise
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parent = common_parser(data_name="cub", batch_size=128, num_epochs=30, recalls="1,2,4,8,16,32")
+    # the shared flags override the config only when given; by default the YAML decides
+    parent.set_defaults(data_path=None, crop_type=None, num_workers=None, batch_size=None, num_epochs=None,
+                        seed=None, recalls=None, pretrained=None, amp=None, data_name=None)
+    parser = argparse.ArgumentParser("FastRetri training", parents=[parent], add_help=add_help)
+    parser.add_argument("--config-file", default="fastretri/configs/cub.yml", metavar="FILE",
+                        help="YAML config (default: fastretri/configs/cub.yml)")
+    g = parser.add_argument_group("distributed")
+    g.add_argument("--num-gpus", type=int, default=1,
+                   help="GPUs = processes on this machine, one DDP process each (default: 1; 0 or no CUDA = CPU)")
+    g.add_argument("--num-procs", type=int, default=1,
+                   help="CPU processes (gloo DDP) when no GPU is used (default: 1)")
+    g.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
+                   help="process-group backend (default: auto = nccl on GPU, gloo on CPU)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="config overrides as KEY VALUE pairs, e.g. SOLVER.BASE_LR 0.01")
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())

@@ -1,0 +1,122 @@
+"""IRT's training stream: an endless, resumable sequence of batches, one per optimizer step.
+
+The original loop re-created its DataLoader on ``StopIteration`` and had no epochs. Here batch ``t`` is a pure
+function of (seed, t): pass ``p = t // batches_per_pass`` draws its order from a sampler seeded with (seed, p), and
+each sample's augmentation runs under a torch seed derived from (seed, t, position). A run resumed at step t
+therefore sees exactly the batches and crops of an uninterrupted run, whatever ``--num-workers`` is.
+"""
+import math
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from common.datasets import RetrievalDataset, load_index, load_splits
+from common.errors import UserError
+from common.preprocess import ensure_dataset
+from common.presets import build_transform
+from common.samplers import MPerClassSampler
+
+__all__ = ["DATASET_ALIASES", "RandomBatchSampler", "StepStream", "SeededAugment", "build_datasets",
+           "train_loader", "eval_loader"]
+
+# the original's names -> the common processed-data names
+DATASET_ALIASES = {"cub200": "cub", "cub": "cub", "sop": "sop", "inshop": "isc", "isc": "isc", "car": "car",
+                   "cars196": "car", "demo": "demo"}
+
+
+class RandomBatchSampler(Sampler[List[int]]):
+    """A seeded random permutation per pass cut into batches, the last one short (RandomSampler, drop_last=False)."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0):
+        self.num_samples, self.batch_size, self.seed, self.epoch = num_samples, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g).tolist()
+        for i in range(0, self.num_samples, self.batch_size):
+            yield order[i:i + self.batch_size]
+
+
+def sample_seed(seed: int, step: int, position: int) -> int:
+    return ((seed * 1_000_003 + step) * 4096 + position) % (2**62)
+
+
+class StepStream(Sampler[List[Tuple[int, int]]]):
+    """Endless batches of (dataset index, augmentation seed) from ``start_step`` on; passes re-seed the sampler."""
+
+    def __init__(self, batch_sampler, seed: int, start_step: int = 0):
+        self.batch_sampler, self.seed, self.start_step = batch_sampler, seed, start_step
+        self.per_pass = len(batch_sampler)
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        step = self.start_step
+        skip = step % self.per_pass
+        for epoch in range(step // self.per_pass, 2**62):
+            self.batch_sampler.set_epoch(epoch)
+            for b, batch in enumerate(self.batch_sampler):
+                if b < skip:
+                    continue
+                yield [(int(i), sample_seed(self.seed, step, pos)) for pos, i in enumerate(batch)]
+                step += 1
+            skip = 0
+
+
+class SeededAugment(Dataset):
+    """``dataset[(i, seed)]`` -> (image, label, i) with the random transform run under ``seed`` (reproducible crops)."""
+
+    def __init__(self, dataset: RetrievalDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        i, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            image, label = self.dataset[i]
+        return image, label, i
+
+
+def build_datasets(data_path: str, data_name: str, crop_type: str, input_size: int,
+                   train: bool = True) -> Dict[str, RetrievalDataset]:
+    """train (random crops) and the evaluation splits (centre crops) of the processed dataset."""
+    ensure_dataset(data_path, data_name, crop_type)
+    index = load_index(data_path, data_name, crop_type)
+    evaluation = ("query", "gallery") if data_name == "isc" else ("test",)
+    transforms = {s: build_transform("irt", False, data_name, crop_type, input_size) for s in evaluation}
+    if train:
+        transforms["train"] = build_transform("irt", True, data_name, crop_type, input_size)
+    missing = [s for s in transforms if s not in index]
+    if missing:
+        raise UserError(f"the {data_name} index has no '{missing[0]}' split")
+    return load_splits(data_path, data_name, crop_type, transforms)
+
+
+def train_loader(dataset: RetrievalDataset, batch_size: int, m: int, seed: int, start_step: int,
+                 num_workers: int, pin_memory: bool) -> DataLoader:
+    """m-per-class batches when m > 0 (the repo's SOP/In-shop recipe), plain random batches otherwise (CUB)."""
+    if m > 0:
+        try:
+            sampler = MPerClassSampler(dataset.labels, batch_size, m, seed=seed)
+        except ValueError as e:
+            raise UserError(f"--m {m} --batch-size {batch_size}: {e}") from None
+    else:
+        sampler = RandomBatchSampler(len(dataset), batch_size, seed)
+    return DataLoader(SeededAugment(dataset), batch_sampler=StepStream(sampler, seed, start_step),
+                      num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool,
+                seed: Optional[int] = 0) -> DataLoader:
+    """In dataset order; its own generator so evaluating does not consume the training RNG."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(seed or 0))

@@ -1,0 +1,285 @@
+"""Train IRT: a Vision Transformer fine-tuned with a contrastive loss, a cross-batch memory and KoLeo.
+
+El-Nouby et al., "Training Vision Transformers for Image Retrieval", arXiv 2102.05644 (2021); flags and defaults of
+the unofficial implementation jhgan00/image-retrieval-transformers (``main.py``). ``--max-iter`` optimizer steps at a
+constant learning rate; every ``--eval-freq`` steps (one row of the statistics CSV) the test Recall@K is measured, a
+checkpoint is written for ``--resume`` and the best model + database are kept. ``--max-iter 0`` = IRT_O
+(off-the-shelf), ``--lambda-reg 0`` = IRT_L, default = IRT_R.
+"""
+import argparse
+import math
+import time
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from common.cli import bool_pair, parse_recalls
+from common.database import Split
+from common.device import autocast
+from common.engine import Evaluation, RunFiles, check_finite, eval_recalls, extract_features, fit
+from common.errors import UserError, run_cli
+from common.runio import plain_config, results_dir, run_name, set_seed
+from irt.data import DATASET_ALIASES, build_datasets, eval_loader, train_loader
+from irt.losses import REDUCTIONS, ContrastiveLoss, KoLeo
+from irt.model import build_model, parse_model_kwargs
+from irt.xbm import XBM, MomentumEncoder
+
+# a stored model is only reused for the same network; a checkpoint is only resumed for the same training recipe
+MODEL_KEYS = ("model", "model_kwargs", "input_size", "distilled_embedding")
+DATA_KEYS = ("data_name", "crop_type")
+RESUME_KEYS = MODEL_KEYS + DATA_KEYS + ("batch_size", "lr", "weight_decay", "opt", "m", "lambda_reg", "margin",
+                                        "memory_ratio", "encoder_momentum", "loss_reduction", "eval_freq", "seed")
+NO_DECAY = ("pos_embed", "cls_token", "dist_token")
+
+
+def resolve_device(text: Optional[str]) -> torch.device:
+    """``cuda:N`` when it exists, CPU (with a note) when CUDA is absent, a one-line error for a missing GPU."""
+    if text in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UserError(f"--device {text}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"note: --device {text} given but no CUDA device is available; running on CPU")
+        return torch.device("cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {text}: only {torch.cuda.device_count()} GPU(s) visible")
+    return device
+
+
+def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+    """AdamW (or SGD) without weight decay on biases, norms, the position embedding and the tokens (timm rule)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY
+        (no_decay if skip else decay).append(p)
+    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": args.weight_decay}]
+    if args.opt == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
+    betas = tuple(args.opt_betas) if args.opt_betas else (0.9, 0.999)
+    return torch.optim.AdamW(groups, lr=args.lr, eps=args.opt_eps, betas=betas)
+
+
+def train_one_epoch(model: nn.Module, criterion: ContrastiveLoss, koleo: KoLeo, optimizer, batches, device,
+                    steps: range, *, lambda_reg: float, xbm: Optional[XBM] = None,
+                    key_encoder: Optional[MomentumEncoder] = None, clip_grad: Optional[float] = None,
+                    amp: bool = False, logging_freq: int = 50, max_iter: int = 0) -> Dict[str, float]:
+    """Optimizer steps ``steps`` (one evaluation period): L = contrastive(batch) + contrastive(batch, XBM)
+    + lambda * KoLeo(batch). The batch is enqueued before the memory term, its same-step copies masked out."""
+    model.train()
+    sums = {"contrastive": 0.0, "koleo": 0.0, "loss": 0.0}
+    bar = tqdm(steps, desc=f"iter {steps.start + 1}-{steps.stop}", leave=False, dynamic_ncols=True)
+    for step in bar:
+        images, labels, indices = next(batches)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, amp):
+            z = model(images)
+        contrastive = criterion(z, labels)
+        if xbm is not None:
+            if key_encoder is not None:
+                with autocast(device, amp):
+                    keys = key_encoder(images)
+            else:
+                keys = z.detach()
+            xbm.enqueue(keys.float(), labels, indices, step)
+            feats, mem_labels, _, _ = xbm.get()
+            contrastive = contrastive + criterion(z, labels, feats, mem_labels, xbm.self_pairs(indices, step))
+        regulariser = koleo(z)
+        loss = contrastive + lambda_reg * regulariser
+        check_finite(loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        if key_encoder is not None:
+            key_encoder.update(model)
+        values = {"contrastive": contrastive.item(), "koleo": regulariser.item(), "loss": loss.item()}
+        for k, v in values.items():
+            sums[k] += v
+        bar.set_postfix(loss=f"{values['loss']:.4f}")
+        if logging_freq and ((step + 1) % logging_freq == 0 or step + 1 == max_iter):
+            tqdm.write(f"Iteration [{step + 1}/{max_iter}] contrastive: {values['contrastive']:.4f} "
+                       f"regularization: {values['koleo']:.4f}(x{lambda_reg}) total_loss: {values['loss']:.4f}")
+    n = max(1, len(steps))
+    return {f"train_{k}": v / n for k, v in sums.items()}
+
+
+def evaluate(model: nn.Module, datasets, query: str, gallery: str, ranks, device, *, batch_size: int,
+             num_workers: int, pin_memory: bool, amp: bool = False) -> Evaluation:
+    """Recall@K of ``query`` against ``gallery`` (self excluded by index when they are the same split)."""
+    splits = {}
+    for name in dict.fromkeys((query, gallery)):
+        loader = eval_loader(datasets[name], batch_size, num_workers, pin_memory)
+        features = extract_features(model, loader, device, amp, desc=name)
+        splits[name] = Split(datasets[name].images, datasets[name].labels, features)
+    metrics = eval_recalls(splits[query], splits[gallery], ranks, same_set=query == gallery)
+    return Evaluation(metrics, splits)
+
+
+def run_files(args) -> RunFiles:
+    """``results/irt/<dataset>_<crop>_<model>_<size>_<iters>_<bs>_<lambda>_<margin>_<m>_<memory>_<momentum>``."""
+    kwargs = "-".join(f"{k}{v}" for k, v in parse_model_kwargs(args.model_kwargs).items())
+    model = args.model + (f"-{kwargs}" if kwargs else "")
+    name = run_name(DATASET_ALIASES[args.data_name], args.crop_type, model, args.input_size,
+                    args.max_iter, args.batch_size, args.lambda_reg, args.margin, args.m, args.memory_ratio,
+                    args.encoder_momentum or 0)
+    return RunFiles(results_dir("irt"), name)
+
+
+def prepare_args(args) -> argparse.Namespace:
+    """Map the original's dataset names onto the processed ones and reject bad values in one line."""
+    args.data_name = DATASET_ALIASES[args.data_name]
+    if args.batch_size < 2:
+        raise UserError("--batch-size must be at least 2 (pairs and KoLeo need two samples)")
+    if args.max_iter < 0 or args.eval_freq < 1:
+        raise UserError("--max-iter must be >= 0 and --eval-freq >= 1")
+    if args.memory_ratio < 0 or args.m < 0:
+        raise UserError("--memory-ratio and --m must be >= 0")
+    if args.log_dir:
+        print("note: --log-dir is not used (TensorBoard is replaced by the statistics CSV/PNG under results/irt/)")
+    return args
+
+
+def model_from_args(args, pretrained: Optional[str] = None):
+    return build_model(args.model, args.pretrained if pretrained is None else pretrained, args.input_size,
+                       args.drop, args.drop_path, parse_model_kwargs(args.model_kwargs), args.distilled_embedding)
+
+
+def main(args):
+    args = prepare_args(args)
+    set_seed(args.seed)
+    device = resolve_device(args.device)
+    pin = args.pin_mem and device.type == "cuda"
+    datasets = build_datasets(args.data_path, args.data_name, args.crop_type, args.input_size)
+    query, gallery = ("query", "gallery") if args.data_name == "isc" else ("test", "test")
+    limit = len(datasets[gallery]) - (query == gallery)
+    if max(args.rank) > limit:
+        raise UserError(f"--rank {max(args.rank)} is larger than the gallery ({limit} images to rank)")
+    run = run_files(args)
+    config = plain_config(args)
+    print("\n".join(f"{k}: {v}" for k, v in sorted(config.items())))
+
+    # ---- model, memory, key encoder, optimizer
+    model = model_from_args(args).to(device)
+    train_set = datasets["train"]
+    xbm = XBM(max(1, int(args.memory_ratio * len(train_set))), model.embed_dim).to(device) \
+        if args.memory_ratio > 0 else None
+    key_encoder = MomentumEncoder(model, args.encoder_momentum).to(device) \
+        if args.encoder_momentum is not None else None
+    optimizer = build_optimizer(model, args)
+    criterion, koleo = ContrastiveLoss(args.margin, reduction=args.loss_reduction), KoLeo()
+    print(f"{run.name}: {len(train_set)} training images, {args.max_iter} iterations, "
+          f"XBM {xbm.size if xbm is not None else 0} entries, device {device}")
+
+    # ---- the endless batch stream starts where the (resumed) run stands
+    stream = {"it": None}
+
+    def one_period(epoch: int) -> Dict[str, float]:
+        steps = range((epoch - 1) * args.eval_freq, min(epoch * args.eval_freq, args.max_iter))
+        if stream["it"] is None:
+            stream["it"] = iter(train_loader(train_set, args.batch_size, args.m, args.seed, steps.start,
+                                             args.num_workers, pin))
+        return train_one_epoch(model, criterion, koleo, optimizer, stream["it"], device, steps,
+                               lambda_reg=args.lambda_reg, xbm=xbm, key_encoder=key_encoder,
+                               clip_grad=args.clip_grad, amp=args.amp, logging_freq=args.logging_freq,
+                               max_iter=args.max_iter)
+
+    def extra_state() -> Dict:
+        return {"xbm": xbm.state_dict() if xbm is not None else {},
+                "key_encoder": key_encoder.state() if key_encoder is not None else {}}
+
+    def load_extra(state: Dict) -> None:
+        if xbm is not None:
+            xbm.load_state_dict(state["xbm"])
+        if key_encoder is not None:
+            key_encoder.encoder.load_state_dict(state["key_encoder"])
+
+    start = time.time()
+    stats = fit(run, model=model, config=config, config_keys=RESUME_KEYS,
+                num_epochs=math.ceil(args.max_iter / args.eval_freq), train_one_epoch=one_period,
+                evaluate=lambda: evaluate(model, datasets, query, gallery, args.rank, device,
+                                          batch_size=args.batch_size, num_workers=args.num_workers,
+                                          pin_memory=pin, amp=args.amp),
+                optimizer=optimizer, resume=args.resume, method="irt",
+                database_kwargs={"metric": "cosine", "query": query, "gallery": gallery},
+                extra_state=extra_state, load_extra=load_extra)
+    last = stats.rows[max(stats.rows)]
+    print(" ".join(f"Recall@{k} : {last[f'test_recall@{k}']:.2f}%" for k in args.rank))
+    print(f"training time {time.time() - start:.0f}s; results in {run.directory}/{run.name}_*")
+    return stats
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("IRT training (hyphenated flags as in the original main.py)", add_help=add_help)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="deit_small_distilled_patch16_224", type=str,
+                   help="timm Vision Transformer name (default: deit_small_distilled_patch16_224)")
+    g.add_argument("--input-size", "--image_size", dest="input_size", default=224, type=int,
+                   help="image and model input size in px; the train/test resize is 256/224 of it (default: 224)")
+    g.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra timm.create_model kwargs, e.g. patch_size=8 depth=2 (default: none)")
+    g.add_argument("--distilled-embedding", default="mean", choices=["mean", "cls"],
+                   help="distilled models: mean of CLS and distillation tokens, or CLS only, in training and "
+                        "evaluation alike (default: mean)")
+    g.add_argument("--pretrained", default="imagenet",
+                   help="imagenet (timm download/cache), none, or a state-dict PATH (default: imagenet)")
+    g.add_argument("--drop", default=0.0, type=float, help="dropout rate (default: 0.0)")
+    g.add_argument("--drop-path", default=0.1, type=float, metavar="PCT", help="drop-path rate (default: 0.1)")
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--max-iter", default=2000, type=int, help="optimizer steps; 0 = IRT_O evaluation (default: 2000)")
+    g.add_argument("--batch-size", "--batch_size", dest="batch_size", default=64, type=int,
+                   help="batch size (default: 64)")
+    g.add_argument("--lr", default=3e-5, type=float, help="constant learning rate (default: 3e-5)")
+    g.add_argument("--opt", default="adamw", choices=["adamw", "sgd"], help="optimizer (default: adamw)")
+    g.add_argument("--opt-eps", default=1e-8, type=float, help="optimizer epsilon (default: 1e-8)")
+    g.add_argument("--opt-betas", default=None, type=float, nargs="+", help="AdamW betas (default: 0.9 0.999)")
+    g.add_argument("--momentum", default=0.9, type=float, help="SGD momentum (default: 0.9; unused by adamw)")
+    g.add_argument("--weight-decay", default=5e-4, type=float,
+                   help="decoupled weight decay, none on biases/norms/pos_embed/tokens (default: 5e-4)")
+    g.add_argument("--clip-grad", default=None, type=float, help="clip the gradient norm (default: no clipping)")
+    g = p.add_argument_group("loss, memory and sampling")
+    g.add_argument("--lambda-reg", default=0.7, type=float, help="KoLeo weight; 0 = IRT_L (default: 0.7)")
+    g.add_argument("--margin", default=0.5, type=float, 
+                   help="negative margin beta of the contrastive loss (default: 0.5)")
+    g.add_argument("--loss-reduction", default="nonzero", choices=REDUCTIONS,
+                   help="nonzero: mean over non-zero pair losses, positives and negatives apart (original code); "
+                        "paper: sum over pairs / batch size (Eq. 1) (default: nonzero)")
+    g.add_argument("--memory-ratio", default=1.0, type=float,
+                   help="XBM size as a fraction of the training set; 0 disables it (default: 1.0)")
+    g.add_argument("--encoder-momentum", default=None, type=float,
+                   help="momentum key encoder for the memory, 0.999 for In-shop (default: none)")
+    g.add_argument("--m", default=0, type=int, help="images per class in a batch; 0 = random batches (default: 0)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", "--data_name", dest="data_name", default="cub200", choices=list(DATASET_ALIASES),
+                   help="cub200 | sop | inshop | car | demo (cub, isc accepted) (default: cub200)")
+    g.add_argument("--data-path", "--data_path", dest="data_path", default="data", type=str,
+                   help="root holding the processed <dataset>/ folders written by data_utils.py (default: data)")
+    g.add_argument("--crop_type", "--crop-type", dest="crop_type", default="uncropped",
+                   choices=["uncropped", "cropped"], help="bounding-box crops, car/cub only (default: uncropped)")
+    g.add_argument("--num-workers", "--num_workers", dest="num_workers", default=16, type=int,
+                   help="DataLoader workers (default: 16)")
+    bool_pair(g, "pin-mem", True, "pin host memory on CUDA")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--rank", default=[1, 2, 4, 8], type=int, nargs="+", help="compute Recall@K (default: 1 2 4 8)")
+    g.add_argument("--recalls", dest="rank", type=parse_recalls, help="same as --rank, comma separated")
+    g.add_argument("--eval-freq", default=1000, type=int,
+                   help="evaluate, checkpoint and log a CSV row every N iterations (default: 1000)")
+    g.add_argument("--logging-freq", default=50, type=int, help="print the losses every N iterations (default: 50)")
+    g.add_argument("--log-dir", default=None, help="unused (no TensorBoard); results go to results/irt/")
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue this run from its last checkpoint, or from the given checkpoint path")
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:0 if available, else cpu)")
+    g.add_argument("--seed", default=0, type=int, help="seed for python, numpy, torch and the batches (default: 0)")
+    bool_pair(g, "amp", False, "bf16 autocast on CUDA")
+    return p
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())

@@ -1,0 +1,89 @@
+"""Cross-batch memory (XBM, Wang et al. CVPR 2020) and the MoCo-style momentum key encoder used by IRT.
+
+XBM keeps the detached embeddings of recent batches so the contrastive loss also pairs the current batch with up
+to ``size`` past samples. Two fixes over the original implementation:
+
+* the ring wraps around: a batch crossing the end is split over the tail and the head (the original wrote it into
+  the last ``b`` slots and restarted at 0, overwriting entries younger than the oldest one);
+* every slot remembers the dataset index and the step that wrote it, so a sample is never paired with the copy of
+  itself enqueued in the same step (the original paired each sample with its own copy, s ~= 1).
+"""
+import copy
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["XBM", "MomentumEncoder"]
+
+
+class XBM(nn.Module):
+    """FIFO ring of ``size`` (features, labels, dataset indices, step) entries, stored as buffers (checkpointed)."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"XBM size must be positive, got {size}")
+        self.size = size
+        self.register_buffer("feats", torch.zeros(size, dim))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("indices", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("steps", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, feats: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, step: int) -> None:
+        """Write a batch at the pointer, wrapping around the end; a batch longer than the ring keeps its tail."""
+        feats, labels, indices = feats.detach()[-self.size:], labels[-self.size:], indices[-self.size:]
+        b = len(feats)
+        slots = (int(self.ptr) + torch.arange(b, device=self.feats.device)) % self.size
+        self.feats[slots] = feats.to(self.feats.dtype)
+        self.labels[slots] = labels.to(self.labels.device)
+        self.indices[slots] = indices.to(self.indices.device)
+        self.steps[slots] = step
+        self.ptr.fill_((int(self.ptr) + b) % self.size)
+        self.count.fill_(min(self.size, int(self.count) + b))
+
+    def get(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The filled entries (all of them once full): features, labels, dataset indices, steps."""
+        n = int(self.count)
+        return self.feats[:n], self.labels[:n], self.indices[:n], self.steps[:n]
+
+    def self_pairs(self, indices: torch.Tensor, step: int) -> torch.Tensor:
+        """(B, n) mask of the pairs (batch sample, its own copy written at ``step``) to leave out of the loss."""
+        _, _, mem_indices, mem_steps = self.get()
+        return (indices.to(mem_indices.device)[:, None] == mem_indices[None, :]) & (mem_steps == step)[None, :]
+
+
+class MomentumEncoder(nn.Module):
+    """Key encoder theta_k <- m * theta_k + (1 - m) * theta_q after every optimizer step (MoCo, He et al. 2020).
+
+    A frozen copy of the query model. Like the original it stays in train mode (drop-path on) and returns the
+    embedding the query model returns.
+    """
+
+    def __init__(self, query: nn.Module, momentum: float = 0.999):
+        super().__init__()
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"encoder momentum must be in [0, 1], got {momentum}")
+        self.momentum = momentum
+        self.encoder = copy.deepcopy(query)
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, query: nn.Module) -> None:
+        m = self.momentum
+        for k, q in zip(self.encoder.parameters(), query.parameters()):
+            k.mul_(m).add_(q.detach(), alpha=1.0 - m)
+        for k, q in zip(self.encoder.buffers(), query.buffers()):
+            k.copy_(q)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.encoder.train()
+        return self.encoder(x)
+
+    def state(self) -> Dict[str, torch.Tensor]:
+        return self.encoder.state_dict()

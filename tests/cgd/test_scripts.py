@@ -1,0 +1,175 @@
+"""End-to-end on tiny data: train -> test -> inference (database image and new file) -> ablation, resume, and
+the one-line refusals."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import cgd.train as train
+from cgd import ablation, inference, test as cgd_test
+from cgd.model import Model
+from cgd.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropyLoss
+from common.errors import UserError
+from tests.tiny import make_tiny_processed
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _name(gd):
+    return f"cub_uncropped_resnet18_{gd}_64_0.1_0.5_0.1_8"
+
+
+def _train_args(data, gd="SG", epochs=2, *extra):
+    return train.get_args_parser().parse_args(
+        ["--data_path", str(data), "--data_name", "cub", "--backbone_type", "resnet18", "--pretrained", "none",
+         "--image_size", "32", "--batch_size", "8", "--num_epochs", str(epochs), "--num_workers", "0",
+         "--feature_dim", "64", "--gd_config", gd, "--recalls", "1,2", *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Tiny CUB-like data and two trained runs (SG, 2 epochs; MG, 1 epoch) in one results folder."""
+    root = tmp_path_factory.mktemp("cgd")
+    data = make_tiny_processed(root / "data", "cub", num_classes=8, per_class=6, size=40)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RETRIEVAL_RESULTS", str(root / "results"))
+        train.main(_train_args(data, "SG", 2))
+        train.main(_train_args(data, "MG", 1))
+    return data, root / "results"
+
+
+@pytest.fixture
+def results(trained, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_RESULTS", str(trained[1]))
+    return trained[1] / "cgd"
+
+
+def test_train_writes_run_files(trained, results):
+    for suffix in ("statistics.csv", "statistics.png", "checkpoint.pth", "model.pth", "data_base.pth"):
+        assert (results / f"{_name('SG')}_{suffix}").is_file()
+    frame = pd.read_csv(results / f"{_name('SG')}_statistics.csv", index_col="epoch")
+    assert list(frame.index) == [0, 1, 2]
+    assert set(frame.columns) == {"train_loss", "train_accuracy", "test_recall@1", "test_recall@2"}
+    assert frame.loc[1:, "train_loss"].notna().all() and frame["test_recall@1"].between(0, 100).all()
+    db = torch.load(results / f"{_name('SG')}_data_base.pth", weights_only=True)
+    assert db["metric"] == "euclidean" and db["config"]["gd_config"] == "SG" and db["config"]["num_classes"] == 4
+    assert db["splits"]["test"]["features"].shape == (24, 64)
+
+
+def test_test_script_metrics_database_and_rendering(trained, results):
+    data = trained[0]
+    args = cgd_test.get_args_parser().parse_args(
+        ["--data_path", str(data), "--data_base", f"{_name('SG')}_data_base.pth", "--query_img_name",
+         "img_5_0.jpg", "--retrieval_num", "3", "--num_workers", "0", "--recalls", "1,2"])
+    metrics = cgd_test.main(args)
+    assert set(metrics) == {"test_recall@1", "test_recall@2", "test_map@r", "test_r_precision"}
+    best = pd.read_csv(results / f"{_name('SG')}_statistics.csv", index_col="epoch")["test_recall@1"].max()
+    assert metrics["test_recall@1"] == pytest.approx(best, abs=1e-6)  # same model, same features
+    assert (results / f"{_name('SG')}_test_metrics.csv").is_file()
+    out = results / "img_5_0"
+    assert (out / "query_img.jpg").is_file() and (out / "grid.png").is_file()
+    assert len(list(out.glob("retrieval_img_*_*.jpg"))) == 3
+
+
+def test_inference_database_image_and_new_file(trained, results, tmp_path):
+    data = trained[0]
+    common = ["--data_base", f"{_name('SG')}_data_base.pth", "--retrieval_num", "4"]
+    stored = inference.main(inference.get_args_parser().parse_args(common + ["--query_img_name", "img_6_1.jpg"]))
+    assert len(stored) == 4 and all("img_6_1.jpg" not in path for path, _, _ in stored)  # self excluded
+    distances = [d for _, _, d in stored]
+    assert distances == sorted(distances)
+    # the same picture as a NEW file (not in the database): embedded by the saved model, so it finds itself first
+    copy = tmp_path / "new_query.png"
+    Image.open(next(data.glob("cub/images/006.*/img_6_1.jpg"))).save(copy)
+    fresh = inference.main(inference.get_args_parser().parse_args(common + ["--query_img_name", str(copy)]))
+    assert fresh[0][0].endswith("img_6_1.jpg") and fresh[0][2] < 0.05
+    assert (results / "new_query" / "grid.png").is_file()
+
+
+def test_ablation_sg_vs_mg(trained, results):
+    args = ablation.get_args_parser().parse_args(
+        ["--better_data_base", f"{_name('SG')}_data_base.pth", "--worse_data_base", f"{_name('MG')}_data_base.pth",
+         "--retrieval_num", "4", "--save_results"])
+    metrics = ablation.main(args)
+    assert metrics["wins"] + metrics["ties"] + metrics["losses"] == 24
+    csv = results / f"{_name('SG')}----{_name('MG')}_ablation.csv"
+    assert pd.read_csv(csv)["wins"].item() == metrics["wins"]
+
+
+def test_other_gd_config_refused_in_one_line(trained, results):
+    proc = subprocess.run([sys.executable, "cgd/inference.py", "--data_base", f"{_name('SG')}_data_base.pth",
+                           "--query_img_name", "img_5_0.jpg", "--gd_config", "MG"],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "gd_config='SG' (expected 'MG')" in lines[0]
+
+
+def test_resume_equals_uninterrupted(trained, tmp_path, monkeypatch):
+    """Interrupt during epoch 2, resume: CSV and weights identical to the fixture's uninterrupted 2-epoch run."""
+    data, straight = trained
+
+    class Interrupted(Exception):
+        pass
+
+    real = train.train_one_epoch
+
+    def crash_in_epoch_2(*a, **k):
+        if a[5] == 2:
+            raise Interrupted
+        return real(*a, **k)
+
+    monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path))
+    monkeypatch.setattr(train, "train_one_epoch", crash_in_epoch_2)
+    with pytest.raises(Interrupted):
+        train.main(_train_args(data, "SG", 2))
+    monkeypatch.setattr(train, "train_one_epoch", real)
+    train.main(_train_args(data, "SG", 2, "--resume"))
+
+    name = _name("SG")
+    a = pd.read_csv(straight / "cgd" / f"{name}_statistics.csv")
+    b = pd.read_csv(tmp_path / "cgd" / f"{name}_statistics.csv")
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    wa = torch.load(straight / "cgd" / f"{name}_checkpoint.pth", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "cgd" / f"{name}_checkpoint.pth", weights_only=True)["model"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_refuses_other_config(trained, results):
+    with pytest.raises(UserError, match="num_epochs=2 .expected 3."):
+        train.main(_train_args(trained[0], "SG", 3, "--resume"))
+
+
+def _running_stats_unchanged(freeze):
+    """One training step on random data; which BatchNorm running statistics did not move."""
+    torch.manual_seed(0)
+    model = Model("resnet18", "SG", 16, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    loader = [(torch.randn(8, 3, 32, 32), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))]
+    criteria = {"class": LabelSmoothingCrossEntropyLoss(), "triplet": BatchHardTripletLoss()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    train.train_one_epoch(model, criteria, optimizer, loader, torch.device("cpu"), 1, 1, frozen_bn=freeze)
+    after = model.state_dict()
+    return {k: torch.equal(v, after[k]) for k, v in before.items()}
+
+
+def test_frozen_bn_running_stats_unchanged_after_step():
+    unchanged = _running_stats_unchanged(freeze=True)
+    backbone = {k: v for k, v in unchanged.items() if k.startswith("features.")}
+    assert backbone and all(backbone.values())
+    assert not unchanged["auxiliary_module.0.running_mean"]  # the auxiliary BatchNorm1d still trains
+    unchanged = _running_stats_unchanged(freeze=False)
+    assert not unchanged["features.1.running_mean"]
+
+
+def test_batch_size_must_be_multiple_of_four(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path))
+    args = _train_args(trained[0], "SG", 1)
+    args.batch_size = 10
+    with pytest.raises(UserError, match="multiple of 4"):
+        train.main(args)

@@ -1,0 +1,64 @@
+import argparse
+
+import pytest
+import torch
+
+from common.backbones import build_resnet
+from common.cli import common_parser, parse_recalls, validate_args
+from common.device import autocast, parse_gpu_ids, spread_groups
+from common.errors import UserError
+
+
+def test_recalls_parse_and_reject():
+    assert parse_recalls("1,2,4,8") == [1, 2, 4, 8]
+    for bad in ("1,x", "0,1", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_recalls(bad)
+
+
+def test_bad_combinations_are_one_line_errors():
+    args = common_parser().parse_args(["--data_name", "sop", "--crop_type", "cropped"])
+    with pytest.raises(UserError, match="only car, cub, demo"):
+        validate_args(args)
+    args = common_parser().parse_args(["--data_name", "cub", "--recalls", "1,100"])
+    with pytest.raises(UserError, match="--recalls 100 is larger than the gallery"):
+        validate_args(args, gallery_size=50)
+    validate_args(args, gallery_size=101)
+
+
+def test_spread_groups_is_balanced_and_contiguous():
+    devs = [torch.device(f"cuda:{i}") for i in range(3)]
+    placement = spread_groups(10, devs)
+    assert [d.index for d in placement] == [0] * 4 + [1] * 3 + [2] * 3
+    assert spread_groups(4, [torch.device("cpu")]) == [torch.device("cpu")] * 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_cpu_fallback_and_autocast_noop():
+    assert parse_gpu_ids(None) == [] and parse_gpu_ids("0,1") == []
+    with autocast(torch.device("cpu"), True):
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_backbone_from_local_state_dict(tmp_path):
+    torch.manual_seed(0)
+    src = build_resnet("resnet18", "none")
+    torch.save(src.state_dict(), tmp_path / "r18.pth")
+    loaded = build_resnet("resnet18", str(tmp_path / "r18.pth"))
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(UserError, match="does not fit resnet34"):
+        build_resnet("resnet34", str(tmp_path / "r18.pth"))
+    with pytest.raises(UserError, match="no such file"):
+        build_resnet("resnet18", str(tmp_path / "missing.pth"))
+
+
+def test_offline_imagenet_points_to_path_and_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    import urllib.request
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(UserError, match="--pretrained PATH .* --pretrained none"):
+        build_resnet("resnet18", "imagenet")

@@ -1,0 +1,27 @@
+import pytest
+import torch
+from PIL import Image
+
+from common.presets import DATASET_STATS, build_transform
+
+
+@pytest.mark.parametrize("method,train,image_size,expected", [
+    ("cgd", True, None, (224, 224)), ("cgd", False, None, (224, 224)), ("cgd", True, 64, (64, 64)),
+    ("reir", True, None, (256, 256)), ("reir", False, None, (256, 256)), ("reir", False, 32, (32, 32)),
+    ("sreml", True, None, (256, 256)), ("irt", True, None, (224, 224)), ("irt", False, 32, (32, 32)),
+])
+def test_output_sizes(method, train, image_size, expected):
+    img = Image.new("RGB", (300, 200), (120, 60, 30))
+    out = build_transform(method, train, "cub", "uncropped", image_size)(img)
+    assert tuple(out.shape) == (3, *expected)
+
+
+def test_cgd_resize_is_not_aspect_preserving_and_reir_uses_dataset_stats():
+    t = build_transform("cgd", False)
+    sizes = [op.size for op in t.transforms if op.__class__.__name__ == "Resize"]
+    assert sizes == [(224, 224)]
+    r = build_transform("reir", False, "car")
+    norm = r.transforms[-1]
+    assert tuple(norm.mean) == DATASET_STATS["car"][0]
+    flat = build_transform("reir", False, "car")(Image.new("RGB", (256, 256), (0, 0, 0)))
+    assert torch.allclose(flat[0], torch.full_like(flat[0], -0.4853 / 0.2237), atol=1e-4)

@@ -1,0 +1,63 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.errors import UserError
+from fastretri.config import flatten, load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "fastretri" / "configs"
+
+
+@pytest.mark.parametrize("name, epochs, lr, eta, momentum, nesterov, eps, size, ratio, cj, recalls", [
+    ("cub", 30, 0.02, 2e-5, 0.0, False, 0.3, [256], [0.75, 1.33], [0.25, 0.25, 0.25, 0.0], [1, 2, 4, 8, 16, 32]),
+    ("cars", 100, 0.05, 5e-4, 0.0, False, 0.4, [256, 256], [1.0, 1.0], [0.3, 0.3, 0.3, 0.1], [1, 2, 4, 8, 16, 32]),
+    ("sop", 100, 0.003, 3e-5, 0.99, True, 0.1, [256, 256], [0.75, 1.33], None, [1, 10, 100, 1000]),
+    ("inshop", 100, 0.003, 3e-5, 0.99, True, 0.1, [0], [0.75, 1.33], None, [1, 10, 20, 30, 40, 50]),
+])
+def test_dataset_configs_match_fastretri(name, epochs, lr, eta, momentum, nesterov, eps, size, ratio, cj, recalls):
+    c = flatten(load_config(CONFIGS / f"{name}.yml"))
+    assert (c["SOLVER.MAX_EPOCH"], c["SOLVER.BASE_LR"], c["SOLVER.ETA_MIN_LR"]) == (epochs, lr, eta)
+    assert (c["SOLVER.MOMENTUM"], c["SOLVER.NESTEROV"], c["MODEL.LOSSES.CE.EPSILON"]) == (momentum, nesterov, eps)
+    assert c["INPUT.SIZE_TRAIN"] == size and c["INPUT.CROP.RATIO"] == ratio and c["TEST.RECALLS"] == recalls
+    assert c["INPUT.CJ.ENABLED"] == (cj is not None)
+    if cj:
+        assert [c[f"INPUT.CJ.{k}"] for k in ("BRIGHTNESS", "CONTRAST", "SATURATION", "HUE")] == cj
+    # inherited from base.yml
+    assert c["SOLVER.IMS_PER_BATCH"] == 128 and c["SOLVER.WARMUP_ITERS"] == 1000 and c["SOLVER.WEIGHT_DECAY"] == 5e-4
+    assert c["SOLVER.CLIP_GRADIENTS.CLIP_VALUE"] == 5.0 and c["MODEL.BACKBONE.NORM"] == "FrozenBN"
+    assert c["INPUT.CROP.SCALE"] == [0.16, 1.0] and c["MODEL.BACKBONE.LAST_STRIDE"] == 1
+
+
+def test_overrides_are_coerced():
+    c = load_config(CONFIGS / "cub.yml", ["SOLVER.BASE_LR", "1", "TEST.RECALLS", "[1,5]", "SOLVER.AMP.ENABLED",
+                                          "False", "INPUT.SIZE_TEST", "300"])
+    assert c["SOLVER"]["BASE_LR"] == 1.0 and isinstance(c["SOLVER"]["BASE_LR"], float)
+    assert c["TEST"]["RECALLS"] == [1, 5] and c["SOLVER"]["AMP"]["ENABLED"] is False
+    assert c["INPUT"]["SIZE_TEST"] == [300]
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["SOLVER.BASE_LRR", "0.1"], "unknown config key SOLVER.BASE_LRR"),
+    (["SOLVER.MAX_EPOCH", "abc"], "SOLVER.MAX_EPOCH expects int"),
+    (["SOLVER.MAX_EPOCH"], "KEY VALUE pairs"),
+    (["SOLVER", "1"], "is a group"),
+])
+def test_bad_overrides(opts, message):
+    with pytest.raises(UserError, match=message):
+        load_config(CONFIGS / "cub.yml", opts)
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    (tmp_path / "bad.yml").write_text(f"_BASE_: {CONFIGS / 'cub.yml'}\nSOLVER:\n  LR: 1\n")
+    with pytest.raises(UserError, match=r"unknown config key SOLVER.LR \(in .*bad.yml\)"):
+        load_config(tmp_path / "bad.yml")
+
+
+def test_cli_unknown_key_is_one_line_error():
+    proc = subprocess.run([sys.executable, "fastretri/train.py", "--config-file", str(CONFIGS / "cub.yml"),
+                           "SOLVER.NOPE", "1"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: unknown config key SOLVER.NOPE (command line)"

@@ -1,0 +1,102 @@
+"""IRT embedding (CLS / distilled rule), weight loading, optimizer groups and the resumable batch stream."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.errors import UserError
+from irt.data import RandomBatchSampler, StepStream
+from irt.model import build_model, parse_model_kwargs
+from irt.train import build_optimizer, get_args_parser
+
+TINY = {"patch_size": 8, "depth": 2}
+
+
+def _tiny(name="vit_tiny_patch16_224", **kw):
+    torch.manual_seed(0)
+    return build_model(name, "none", 32, drop_path=0.0, model_kwargs=dict(TINY, **kw.pop("extra", {})), **kw)
+
+
+def test_embedding_is_normalised_final_norm_cls_token():
+    model = _tiny().eval()
+    x = torch.randn(3, 3, 32, 32)
+    z = model(x)
+    assert z.shape == (3, 192)
+    assert torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-6)
+    tokens = model.backbone.norm(model.backbone.blocks(model.backbone._pos_embed(model.backbone.patch_embed(x))))
+    assert torch.allclose(z, F.normalize(tokens[:, 0], dim=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["mean", "cls"])
+def test_distilled_rule_is_the_same_in_train_and_eval(rule):
+    model = _tiny("deit_tiny_distilled_patch16_224", distilled_embedding=rule)
+    assert model.distilled
+    x = torch.randn(2, 3, 32, 32)
+    tokens = model.forward_features(x)
+    expected = (tokens[:, 0] + tokens[:, 1]) / 2 if rule == "mean" else tokens[:, 0]
+    with torch.no_grad():
+        train_z = model.train()(x)
+        eval_z = model.eval()(x)
+    assert torch.allclose(train_z, eval_z, atol=1e-6)
+    assert torch.allclose(eval_z, F.normalize(expected, dim=1), atol=1e-5)
+
+
+def test_state_dict_path_loads_and_ignores_heads(tmp_path):
+    source = _tiny()
+    state = {f"backbone.{k}": v for k, v in source.backbone.state_dict().items()}
+    torch.save({"model": state, "config": {}}, tmp_path / "ours.pth")
+    plain = dict(source.backbone.state_dict(), **{"head.weight": torch.zeros(10, 192), "head.bias": torch.zeros(10)})
+    torch.save(plain, tmp_path / "timm.pth")
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("ours.pth", "timm.pth"):
+        loaded = build_model("vit_tiny_patch16_224", str(tmp_path / name), 32, drop_path=0.0, model_kwargs=TINY)
+        assert torch.allclose(loaded.eval()(x), source.eval()(x), atol=1e-6)
+
+
+def test_state_dict_of_other_size_resamples_position_embedding(tmp_path):
+    torch.save(_tiny().backbone.state_dict(), tmp_path / "w.pth")  # 32 px: 4x4 patches
+    model = build_model("vit_tiny_patch16_224", str(tmp_path / "w.pth"), 48, model_kwargs=TINY)  # 6x6 patches
+    assert model.backbone.pos_embed.shape == (1, 37, 192)
+
+
+@pytest.mark.parametrize("name, error", [("resnet18", "Vision Transformer"), ("no_such_vit", "not a timm model")])
+def test_bad_model_is_a_user_error(name, error):
+    with pytest.raises(UserError, match=error):
+        build_model(name, "none", None, model_kwargs={})
+
+
+def test_bad_pretrained_path_is_a_user_error(tmp_path):
+    torch.save({"blocks.0.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(UserError, match="does not fit"):
+        build_model("vit_tiny_patch16_224", str(tmp_path / "bad.pth"), 32, model_kwargs=TINY)
+    with pytest.raises(UserError, match="no such file"):
+        build_model("vit_tiny_patch16_224", str(tmp_path / "missing.pth"), 32, model_kwargs=TINY)
+
+
+def test_model_kwargs_parsing():
+    assert parse_model_kwargs(["depth=2", "mlp_ratio=2.5", "qkv_bias=false", "act=gelu"]) == \
+        {"depth": 2, "mlp_ratio": 2.5, "qkv_bias": False, "act": "gelu"}
+    with pytest.raises(UserError):
+        parse_model_kwargs(["depth"])
+
+
+def test_no_weight_decay_on_biases_norms_position_and_tokens():
+    model = _tiny("deit_tiny_distilled_patch16_224")
+    args = get_args_parser().parse_args([])
+    no_decay, decay = build_optimizer(model, args).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 5e-4
+    assert {"backbone.pos_embed", "backbone.cls_token", "backbone.dist_token", "backbone.norm.weight",
+            "backbone.blocks.0.attn.qkv.bias"} <= skipped
+    assert {names[id(p)] for p in decay["params"]} >= {"backbone.blocks.0.attn.qkv.weight",
+                                                        "backbone.patch_embed.proj.weight"}
+    assert len(no_decay["params"]) + len(decay["params"]) == len(list(model.parameters()))
+
+
+def test_step_stream_resumes_mid_pass():
+    full = StepStream(RandomBatchSampler(10, 4, seed=3), seed=3)
+    batches = [b for _, b in zip(range(8), full)]  # 3 batches per pass: crosses two pass boundaries
+    assert sorted(i for b in batches[:3] for i, _ in b) == list(range(10))
+    assert batches[:3] != batches[3:6]  # each pass is re-shuffled
+    resumed = [b for _, b in zip(range(4), StepStream(RandomBatchSampler(10, 4, seed=3), seed=3, start_step=4))]
+    assert resumed == batches[4:8]
