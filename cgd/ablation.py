@@ -13,23 +13,15 @@ from typing import Dict
 
 import pandas as pd
 
-from cgd.retrieval import DB_SUFFIX, database_path
 from common.compare import compare_databases
-from common.database import load_database
 from common.errors import UserError, run_cli
+from common.retrieval import DB_SUFFIX, open_database
 from common.runio import results_dir
 
 
-def _open(name: str):
-    path = database_path(name)
-    db = load_database(path)
-    if db.method != "cgd":
-        raise UserError(f"database {path} was written by {db.method!r}, not by CGD")
-    return path, db
-
-
 def main(args: argparse.Namespace) -> Dict[str, float]:
-    (better_path, better), (worse_path, worse) = _open(args.better_data_base), _open(args.worse_data_base)
+    better_path, better = open_database(args.better_data_base, "cgd")
+    worse_path, worse = open_database(args.worse_data_base, "cgd")
     for key in ("data_name", "crop_type"):
         if better.config.get(key) != worse.config.get(key):
             raise UserError(f"the databases were built on different data: {key} {better.config.get(key)!r} vs "

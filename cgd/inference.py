@@ -12,11 +12,14 @@ import os
 from pathlib import Path
 from typing import List, Tuple
 
-from cgd.retrieval import embed_file, open_database, open_model, rank_and_render
+from cgd.model import embed
+from cgd.retrieval import open_model, rank_and_render, requested_config
 from cgd.test import get_args_parser as test_parser
 from common.database import find_query
 from common.device import main_device, parse_gpu_ids
 from common.errors import UserError, run_cli
+from common.presets import build_transform
+from common.retrieval import embed_file, open_database
 
 
 def stored_query(images: List[str], name: str) -> int:
@@ -31,7 +34,7 @@ def stored_query(images: List[str], name: str) -> int:
 
 
 def main(args: argparse.Namespace) -> List[Tuple[str, int, float]]:
-    db_path, db = open_database(args)
+    db_path, db = open_database(args.data_base, "cgd", requested_config(args))
     query = db.split(db.query)
     i = stored_query(query.images, args.query_img_name)
     if i >= 0:
@@ -41,7 +44,9 @@ def main(args: argparse.Namespace) -> List[Tuple[str, int, float]]:
         return results
     device = main_device(parse_gpu_ids(args.gpu_ids))
     model = open_model(db_path, db, device)
-    feature = embed_file(model, args.query_img_name, db.config, device)
+    cfg = db.config
+    transform = build_transform("cgd", False, cfg["data_name"], cfg["crop_type"], cfg.get("image_size"))
+    feature = embed_file(model, args.query_img_name, transform, device, embed)
     _, results = rank_and_render(db, args.query_img_name, None, feature, args.retrieval_num)
     return results
 

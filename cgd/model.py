@@ -9,7 +9,7 @@ FC, carries the classification loss. Attribute names (``features``, ``global_des
 """
 import copy
 import warnings
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Mapping, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +18,9 @@ from torch import nn
 from common.backbones import build_resnet
 from common.errors import UserError
 from common.pooling import GeM  # p = 3 fixed, clamp(eps) before the power: no NaN gradient on all-zero channels
-from common.runio import check_config, safe_load
 
 __all__ = ["SPoC", "MAC", "GeM", "DESCRIPTORS", "GD_CONFIGS", "BACKBONE_TYPES", "MODEL_KEYS", "Model",
-           "build_features", "embed", "freeze_bn", "count_flops", "model_from_config", "load_trained_model"]
+           "build_features", "embed", "freeze_bn", "count_flops", "model_from_config"]
 
 GD_CONFIGS = ("S", "M", "G", "SM", "MS", "SG", "GS", "MG", "GM", "SMG", "MSG", "GSM")
 BACKBONE_TYPES = ("resnet50", "resnext50", "resnet18", "resnet34")
@@ -139,15 +138,3 @@ def model_from_config(config: Mapping[str, Any]) -> Model:
     """An untrained model with the architecture a stored configuration describes."""
     return Model(config["backbone_type"], config["gd_config"], int(config["feature_dim"]),
                  int(config["num_classes"]), pretrained="none")
-
-
-def load_trained_model(path, expected: Mapping[str, Any]) -> Tuple[Model, Dict[str, Any]]:
-    """Load ``<name>_model.pth`` (weights_only) after checking its config against ``expected`` on MODEL_KEYS."""
-    state = safe_load(path, "model")
-    check_config(state["config"], expected, f"model {path}", [k for k in MODEL_KEYS if k in expected])
-    model = model_from_config(state["config"])
-    try:
-        model.load_state_dict(state["model"], strict=True)
-    except RuntimeError as e:
-        raise UserError(f"model {path} does not fit its stored configuration: {str(e).splitlines()[0]}")
-    return model, state["config"]

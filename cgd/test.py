@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cgd.model import MODEL_KEYS, embed
-from cgd.retrieval import DB_SUFFIX, open_database, open_model, rank_and_render
+from cgd.retrieval import open_model, rank_and_render, requested_config
 from cgd.train import get_args_parser as train_parser
 from common.database import Database, Split, find_query, save_database
 from common.datasets import load_splits
@@ -24,6 +24,7 @@ from common.engine import extract_features
 from common.errors import UserError, run_cli
 from common.metrics import retrieval_metrics
 from common.presets import build_transform
+from common.retrieval import DB_SUFFIX, open_database, run_prefix
 from common.runio import results_dir
 
 DEFAULT_DATA_BASE = "car_uncropped_resnet50_SG_1536_0.1_0.5_0.1_128_data_base.pth"
@@ -59,7 +60,7 @@ def metrics_of(splits: Dict[str, Split], query: str, gallery: str, ranks) -> Dic
 
 
 def main(args: argparse.Namespace) -> Dict[str, float]:
-    db_path, db = open_database(args)
+    db_path, db = open_database(args.data_base, "cgd", requested_config(args))
     find_query(db.split(db.query).images, args.query_img_name)  # fail before the expensive part
     device = main_device(parse_gpu_ids(args.gpu_ids))
     model = open_model(db_path, db, device)
@@ -67,7 +68,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
     metrics = metrics_of(splits, db.query, db.gallery, args.recalls)
     print(" ".join(f"{k[5:]}: {v:.2f}%" for k, v in metrics.items()))
 
-    run = db_path.name[: -len(DB_SUFFIX)]
+    run = run_prefix(db_path)
     out = results_dir("cgd")
     pd.DataFrame([metrics]).to_csv(out / f"{run}_test_metrics.csv", index=False)
     save_database(out / f"{run}{DB_SUFFIX}", config=db.config, method="cgd", splits=splits, metric="euclidean",

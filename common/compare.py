@@ -8,7 +8,7 @@ The original decided "same set, exclude self" with ``is`` on strings, which was 
 excluded exactly when query and gallery are the same split.
 """
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
@@ -16,8 +16,10 @@ from tqdm import tqdm
 from common.database import Database, rank_gallery
 from common.errors import UserError
 from common.render import save_retrieval
+from common.retrieval import open_database, run_prefix
+from common.runio import results_dir
 
-__all__ = ["query_and_gallery", "compare_databases"]
+__all__ = ["query_and_gallery", "compare_databases", "compare_runs"]
 
 
 def query_and_gallery(db: Database, data_type: str) -> Tuple[str, str]:
@@ -75,3 +77,28 @@ def _save_example(out: Path, query_path: str, query_label: int, gallery, ranked,
         save_retrieval(out / key, query_path, query_label, results, size=size, width=width)
     (out / "better" / "query_img.jpg").replace(out / "query_img.jpg")
     (out / "worse" / "query_img.jpg").unlink()
+
+
+def compare_runs(better: str, worse: str, method: str, data_keys: Sequence[str], data_type: str = "test",
+                 k: int = 8, save_results: bool = False, size=(224, 224)) -> Dict[str, float]:
+    """The ablation script of REIR, SREML and FastRetri: two databases of ``method`` (paths or names under
+    ``results/<method>/``), refused unless built on the same data (``data_keys`` of their configs), compared and
+    printed; ``save_results`` draws the queries ``better`` wins under ``results/<method>/<better>----<worse>/``."""
+    if k < 1:
+        raise UserError(f"--retrieval_num must be positive, got {k}")
+    better_path, better_db = open_database(better, method)
+    worse_path, worse_db = open_database(worse, method)
+    for key in data_keys:
+        if better_db.config.get(key) != worse_db.config.get(key):
+            raise UserError(f"the databases differ in {key}: {better_db.config.get(key)} vs "
+                            f"{worse_db.config.get(key)}")
+    save_dir = None
+    if save_results:
+        save_dir = results_dir(method) / f"{run_prefix(better_path)}----{run_prefix(worse_path)}"
+    result = compare_databases(better_db, worse_db, data_type, k, save_dir, size=size)
+    print(f"better data base AR@{k}:{result[f'better_AR@{k}']:.2f}% | worse data base AR@{k}:"
+          f"{result[f'worse_AR@{k}']:.2f}% | GE Rate@{k}:{result[f'GE_Rate@{k}']:.2f}% | "
+          f"Better Ratio@{k}:{result[f'Better_Ratio@{k}']:.2f}")
+    if save_dir is not None:
+        print(f"wrote the {result['wins']} queries the better database wins to {save_dir}")
+    return result

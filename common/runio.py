@@ -8,7 +8,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,8 @@ import torch
 from common.errors import UserError
 
 __all__ = ["results_root", "results_dir", "run_name", "set_seed", "rng_state", "set_rng_state", "atomic_save",
-           "safe_load", "check_config", "save_checkpoint", "load_checkpoint", "Statistics", "plain_config"]
+           "safe_load", "check_config", "save_checkpoint", "load_checkpoint", "load_model_file", "Statistics",
+           "plain_config"]
 
 def results_root() -> Path:
     """``results/`` by default; the ``RETRIEVAL_RESULTS`` environment variable moves it (tests use a tmp dir)."""
@@ -140,6 +141,20 @@ def load_checkpoint(path: os.PathLike, config: Mapping[str, Any], keys: Sequence
     if restore_rng and "rng" in state:
         set_rng_state(state["rng"])
     return state
+
+
+def load_model_file(path: os.PathLike, expected: Mapping[str, Any], keys: Sequence[str],
+                    build: Callable[[Dict[str, Any]], torch.nn.Module], what: str = "model file") -> torch.nn.Module:
+    """A trained ``<run>_model.pth``: refused in one line when its configuration differs from ``expected`` on
+    ``keys``, then loaded (strictly) into ``build(state)``, the method's own untrained model for that file."""
+    state = safe_load(path, what)
+    check_config(state["config"], expected, f"{what} {path}", keys)
+    model = build(state)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{what} {path} does not fit its configuration: {str(e).splitlines()[0]}") from None
+    return model
 
 
 class Statistics:

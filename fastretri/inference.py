@@ -14,28 +14,15 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
-from common.database import Database, find_query, load_database, rank_gallery
-from common.datasets import open_image
+from common.database import Database, find_query
 from common.device import main_device, parse_gpu_ids
 from common.errors import UserError, run_cli
 from common.render import save_retrieval
+from common.retrieval import embed_file, model_path, open_database, run_prefix, search
 from common.runio import results_dir
 from fastretri.config import unflatten
 from fastretri.data import build_transforms
 from fastretri.model import load_model
-
-DB_SUFFIX = "_data_base.pth"
-
-
-def open_database(name: str) -> Tuple[Path, Database]:
-    """A database path as given, or a file name inside results/fastretri/."""
-    path = Path(name)
-    if not path.is_file() and not path.is_absolute():
-        path = results_dir("fastretri") / name
-    db = load_database(path)
-    if db.method != "fastretri":
-        raise UserError(f"{path} is a {db.method} database, not a FastRetri one")
-    return path, db
 
 
 def embed_new_image(db_path: Path, db: Database, image: str, gpu_ids) -> torch.Tensor:
@@ -43,19 +30,16 @@ def embed_new_image(db_path: Path, db: Database, image: str, gpu_ids) -> torch.T
     if not Path(image).is_file():
         raise UserError(f"{image} is neither in the database nor an image file")
     cfg = unflatten(db.config)
-    model_path = db_path.with_name(db_path.name[: -len(DB_SUFFIX)] + "_model.pth")
     device = main_device(parse_gpu_ids(gpu_ids))
-    model = load_model(cfg, str(model_path)).to(device)
+    model = load_model(cfg, str(model_path(db_path))).to(device)
     _, test_tf = build_transforms(cfg)
-    with torch.inference_mode():
-        feature = model(test_tf(open_image(image))[None].to(device)).float().cpu()[0]
-    return F.normalize(feature, dim=0)
+    return F.normalize(embed_file(model, image, test_tf, device), dim=0)
 
 
 def main(args: argparse.Namespace) -> List[Tuple[str, int, float]]:
     if args.retrieval_num < 1:
         raise UserError(f"--retrieval_num must be positive, got {args.retrieval_num}")
-    db_path, db = open_database(args.data_base)
+    db_path, db = open_database(args.data_base, "fastretri")
     query_split, gallery = db.split(db.query), db.split(db.gallery)
     try:
         index = find_query(query_split.images, args.query_img_name)
@@ -66,9 +50,8 @@ def main(args: argparse.Namespace) -> List[Tuple[str, int, float]]:
         exclude = index if db.query == db.gallery else None
     else:
         feature, label, exclude = embed_new_image(db_path, db, args.query_img_name, args.gpu_ids), -1, None
-    idx, scores = rank_gallery(feature, gallery.features, db.metric, args.retrieval_num, db.scale, exclude)
-    results = [(gallery.images[i], int(gallery.labels[i]), float(s)) for i, s in zip(idx.tolist(), scores)]
-    out = results_dir("fastretri") / db_path.name[: -len(DB_SUFFIX)] / Path(args.query_img_name).stem
+    results = search(feature, gallery, db.metric, args.retrieval_num, db.scale, exclude)
+    out = results_dir("fastretri") / run_prefix(db_path) / Path(args.query_img_name).stem
     save_retrieval(out, args.query_img_name, label, results)
     for rank, (path, lab, score) in enumerate(results, start=1):
         mark = "" if label < 0 else (" +" if lab == label else " -")

@@ -17,7 +17,7 @@ from common.backbones import build_resnet
 from common.distributed import all_reduce_sum_with_grad, get_world_size
 from common.errors import UserError
 from common.pooling import GeM
-from common.runio import check_config, safe_load
+from common.runio import load_model_file
 from fastretri.config import MODEL_KEYS, config_dict
 
 __all__ = ["GlobalBatchNorm1d", "FastRetri", "freeze_batchnorm", "build_model", "load_model"]
@@ -117,14 +117,9 @@ def build_model(cfg: dict, num_classes: int, pretrained: str) -> FastRetri:
 
 def load_model(cfg: Dict, path: str) -> FastRetri:
     """The model of ``cfg`` with the weights in ``path``, refused if they were trained for another model."""
-    state = safe_load(path, "model")
-    check_config(state["config"], config_dict(cfg), f"model {path}", MODEL_KEYS)
-    weights = state.get("model", {})
-    if "classifier.weight" not in weights:
-        raise UserError(f"{path} holds no FastRetri weights")
-    model = build_model(cfg, weights["classifier.weight"].shape[0], "none")
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"model {path} does not fit this config: {str(e).splitlines()[0]}")
-    return model.eval()
+    def build(state: Dict) -> FastRetri:
+        if "classifier.weight" not in state.get("model", {}):
+            raise UserError(f"{path} holds no FastRetri weights")
+        return build_model(cfg, state["model"]["classifier.weight"].shape[0], "none")
+
+    return load_model_file(path, config_dict(cfg), MODEL_KEYS, build, "model").eval()

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from common.database import find_query, load_database, rank_gallery
-from common.datasets import open_image
+from common.database import find_query
 from common.errors import UserError, run_cli
 from common.presets import build_transform
 from common.render import save_retrieval
+from common.retrieval import embed_file, open_database, search
 from common.runio import plain_config
 from irt.test import load_trained
 from irt.train import MODEL_KEYS, get_args_parser as train_parser, prepare_args, resolve_device, run_files
@@ -25,19 +25,15 @@ def embed_image(args, path: str) -> torch.Tensor:
     """Embedding of a new image file with the saved model and the evaluation transform."""
     device = resolve_device(args.device)
     model = load_trained(args, args.checkpoint).to(device).eval()
-    try:
-        image = open_image(path)
-    except OSError as e:
-        raise UserError(f"--query-img {path}: cannot read the image ({e})") from None
-    x = build_transform("irt", False, args.data_name, args.crop_type, args.input_size)(image)
-    with torch.inference_mode():
-        return model(x[None].to(device))[0].float().cpu()
+    transform = build_transform("irt", False, args.data_name, args.crop_type, args.input_size)
+    return embed_file(model, path, transform, device)
 
 
 def main(args):
     args = prepare_args(args)
     run = run_files(args)
-    db = load_database(args.database or run.database, plain_config(args), MODEL_KEYS)
+    config = plain_config(args)
+    _, db = open_database(args.database or str(run.database), "irt", {k: config[k] for k in MODEL_KEYS})
     query, gallery = db.split(db.query), db.split(db.gallery)
     known = {os.path.realpath(p) for p in query.images}
     if os.path.isfile(args.query_img) and os.path.realpath(args.query_img) not in known:
@@ -49,8 +45,7 @@ def main(args):
         exclude = i if db.query == db.gallery else None
     if args.retrieval_num < 1:
         raise UserError("--retrieval-num must be positive")
-    idx, scores = rank_gallery(feature, gallery.features, db.metric, args.retrieval_num, db.scale, exclude)
-    results = [(gallery.images[j], gallery.labels[j], float(s)) for j, s in zip(idx.tolist(), scores)]
+    results = search(feature, gallery, db.metric, args.retrieval_num, db.scale, exclude)
     out = save_retrieval(run.directory / f"{run.name}_retrieval" / Path(path).stem, path, label, results,
                          size=(max(args.input_size, 224),) * 2)
     print(f"query {path} (label {label if label >= 0 else 'unknown'})")

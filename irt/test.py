@@ -14,7 +14,7 @@ from common.database import Split, save_database
 from common.engine import extract_features
 from common.errors import UserError, run_cli
 from common.metrics import retrieval_metrics
-from common.runio import check_config, plain_config, safe_load
+from common.runio import load_model_file, plain_config
 from irt.data import build_datasets, eval_loader
 from irt.train import MODEL_KEYS, get_args_parser as train_parser, model_from_args, prepare_args, resolve_device, \
     run_files
@@ -25,14 +25,7 @@ __all__ = ["load_trained", "main", "get_args_parser"]
 def load_trained(args, checkpoint=None) -> torch.nn.Module:
     """The network described by ``args`` with the weights of ``checkpoint`` (default: the run's best model)."""
     path = Path(checkpoint or run_files(args).model)
-    state = safe_load(path, "model file")
-    check_config(state["config"], plain_config(args), f"model file {path}", MODEL_KEYS)
-    model = model_from_args(args, pretrained="none")
-    try:
-        model.load_state_dict(state["model"], strict=True)
-    except RuntimeError as e:
-        raise UserError(f"model file {path} does not fit {args.model}: {str(e).splitlines()[0]}") from None
-    return model
+    return load_model_file(path, plain_config(args), MODEL_KEYS, lambda state: model_from_args(args, pretrained="none"))
 
 
 def main(args):

@@ -9,40 +9,17 @@ Self is excluded only when query and gallery are one split (the original's ``is`
     python reir/ablation.py --save_results
 """
 import argparse
-from pathlib import Path
 
-from common.compare import compare_databases
-from common.errors import UserError, run_cli
-from common.runio import results_dir
-from reir.retrieval import DB_SUFFIX, open_database
+from common.compare import compare_runs
+from common.errors import run_cli
 
 BETTER = "car_uncropped_fixed_unrandom_layer1_resnet18_48_12_data_base.pth"
 WORSE = "car_uncropped_random_unrandom_layer1_resnet18_48_12_data_base.pth"
 
 
-def _prefix(path: Path) -> str:
-    return path.name[: -len(DB_SUFFIX)] if path.name.endswith(DB_SUFFIX) else path.stem
-
-
 def main(args: argparse.Namespace):
-    if args.retrieval_num < 1:
-        raise UserError(f"--retrieval_num must be positive, got {args.retrieval_num}")
-    better_path, better = open_database(args.better_data_base, args.method)
-    worse_path, worse = open_database(args.worse_data_base, args.method)
-    for key in ("data_name", "crop_type"):
-        if better.config.get(key) != worse.config.get(key):
-            raise UserError(f"the databases differ in {key}: {better.config.get(key)} vs {worse.config.get(key)}")
-    save_dir = None
-    if args.save_results:
-        save_dir = results_dir(args.method) / f"{_prefix(better_path)}----{_prefix(worse_path)}"
-    result = compare_databases(better, worse, args.data_type, args.retrieval_num, save_dir, size=(256, 256))
-    k = args.retrieval_num
-    print(f"better data base AR@{k}:{result[f'better_AR@{k}']:.2f}% | worse data base AR@{k}:"
-          f"{result[f'worse_AR@{k}']:.2f}% | GE Rate@{k}:{result[f'GE_Rate@{k}']:.2f}% | "
-          f"Better Ratio@{k}:{result[f'Better_Ratio@{k}']:.2f}")
-    if save_dir is not None:
-        print(f"wrote the {result['wins']} queries the better database wins to {save_dir}")
-    return result
+    return compare_runs(args.better_data_base, args.worse_data_base, args.method, ("data_name", "crop_type"),
+                        args.data_type, args.retrieval_num, args.save_results, size=(256, 256))
 
 
 def get_args_parser(add_help: bool = True, method: str = "reir", better: str = BETTER,

@@ -13,12 +13,15 @@ import argparse
 from pathlib import Path
 
 from common.compare import query_and_gallery
-from common.database import find_query, rank_gallery
+from common.database import find_query
 from common.device import parse_gpu_ids
 from common.errors import UserError, run_cli
+from common.presets import build_transform
 from common.render import save_retrieval
+from common.retrieval import embed_file, open_database, search
 from common.runio import results_dir
-from reir.retrieval import embed_file, open_database, open_model, save_unlabelled
+from reir.retrieval import open_model
+from reir.train import ensemble_embed
 
 DEFAULT_QUERY = "data/car/car_ims/008055.jpg"  # the original's data/car/uncropped/008055.jpg in our layout
 DEFAULT_DATA_BASE = "car_uncropped_fixed_random_layer1_resnet18_48_12_data_base.pth"
@@ -39,14 +42,11 @@ def main(args: argparse.Namespace):
             raise UserError(f"{args.query_img_name} not found in the database's {q_name} split nor as a file")
         model = open_model(db_path, db, parse_gpu_ids(args.gpu_ids))
         path, label, exclude = args.query_img_name, None, None
-        feature = embed_file(model, path, db.config)
-    order, scores = rank_gallery(feature, gallery.features, db.metric, args.retrieval_num, db.scale, exclude)
-    results = [(gallery.images[j], gallery.labels[j], float(s)) for j, s in zip(order.tolist(), scores)]
-    out = results_dir(args.method) / Path(path).stem
-    if label is None:
-        save_unlabelled(out, path, results)
-    else:
-        save_retrieval(out, path, label, results, size=(256, 256), width=8)
+        cfg = db.config
+        transform = build_transform(cfg["method"], False, cfg["data_name"], cfg["crop_type"], cfg.get("image_size"))
+        feature = embed_file(model, path, transform, next(model.parameters()).device, ensemble_embed)
+    results = search(feature, gallery, db.metric, args.retrieval_num, db.scale, exclude)
+    out = save_retrieval(results_dir(args.method) / Path(path).stem, path, label, results, size=(256, 256), width=8)
     for rank, (p, lab, s) in enumerate(results, start=1):
         mark = "" if label is None else (" +" if lab == label else " -")
         print(f"{rank:3d} {s:.4f} {p}{mark}")

@@ -16,7 +16,8 @@ from common.device import get_devices, parse_gpu_ids
 from common.engine import extract_features
 from common.errors import UserError, run_cli
 from common.metrics import retrieval_metrics
-from reir.retrieval import DB_SUFFIX, open_database, open_model, runtime_args
+from common.retrieval import open_database, run_prefix
+from reir.retrieval import open_model, runtime_args
 from reir.train import MODEL_KEYS, ensemble_embed, eval_loaders
 from reir.train import get_args_parser as train_parser
 
@@ -46,7 +47,7 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
         raise UserError("recomputed features do not match the database's dimension")
     metrics = metrics_of(splits, query, gallery, args.recalls)
     print(" ".join(f"{k.replace('test_', '')}:{v:.2f}%" for k, v in metrics.items()))
-    prefix = db_path.name[: -len(DB_SUFFIX)]
+    prefix = run_prefix(db_path)
     csv = db_path.with_name(f"{prefix}_test_results.csv")
     pd.DataFrame([metrics]).to_csv(csv, index=False)
     save_database(db_path, config=db.config, method=db.method, splits=splits, metric=db.metric, scale=db.scale,
