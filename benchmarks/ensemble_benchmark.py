@@ -3,20 +3,25 @@
 One step = forward + cross-entropy over meta-classes + backward + Adam, at E learners sharing stem + layer1.
 Forms:
 * ``original``: the originals' code shape: E separate torchvision branches (ModuleList) run one after another;
-* ``loop``: ``reir.model.Model`` learner by learner on slices of its grouped weights (the CPU default);
-* ``grouped``: ``Model`` as one network with ``groups = E`` convolutions (the GPU default);
+* ``loop``: ``reir.model.Model`` learner by learner, each on its own weights (the CPU default);
+* ``grouped``: ``Model`` as one network with ``groups = E`` convolutions on the concatenated weights (GPU default);
 * ``grouped_cl``: grouped in channels-last memory format (CUDA only);
 * ``compiled``: ``torch.compile`` of the grouped model (CUDA only, ``--compile``).
 All start from the same weights; the first step's logits and the parameters after one Adam step are compared with
-``original`` and printed (max abs difference).
+``original`` and printed (max abs difference). ``--rounds 2`` times the forms in interleaved rounds (each form
+rebuilt from the same weights in every round; the median is over all rounds' timed steps), which evens out other
+jobs' load. Peak memory: CUDA max allocated, or on CPU the process's peak RSS while the form ran (sampled every
+10 ms; it includes the ~4 bytes/parameter of the reference model every form is copied from).
 
-    python benchmarks/ensemble_benchmark.py --device cpu --image_size 64 --steps 3
+    python benchmarks/ensemble_benchmark.py --device cpu --image_size 64 --steps 3 --rounds 2 --forms original loop
     python benchmarks/ensemble_benchmark.py --device cuda --image_size 256 --steps 20 --compile
 """
 import argparse
 import copy
 import json
+import os
 import platform
+import threading
 import time
 from typing import Dict, List
 
@@ -44,7 +49,7 @@ class Original(nn.Module):
             with torch.no_grad():
                 for e, r in zip(ens, mine):
                     n = r.out_channels if isinstance(r, nn.Conv2d) else r.num_features
-                    r.weight.copy_(e.weight[i * n:(i + 1) * n])
+                    r.weight.copy_(e.weights[i] if isinstance(e, EnsembleConv) else e.weight[i * n:(i + 1) * n])
                     if isinstance(r, nn.BatchNorm2d):
                         r.bias.copy_(e.bias[i * n:(i + 1) * n])
                 head = nn.Linear(block.weight.shape[2], block.weight.shape[1])
@@ -82,6 +87,32 @@ def head_weight(model: nn.Module) -> torch.Tensor:
     return base.branches[0].weight
 
 
+class PeakRSS:
+    """Peak resident memory of this process (GiB) while the ``with`` block runs, sampled every 10 ms (Linux)."""
+
+    def __enter__(self):
+        self.peak, self._stop = self.now(), threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    @staticmethod
+    def now() -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+        except OSError:
+            return float("nan")
+
+    def _poll(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self.now())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def time_form(name: str, model: nn.Module, images, labels, args, device) -> Dict[str, float]:
     fused = device.type == "cuda"
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused)
@@ -97,10 +128,8 @@ def time_form(name: str, model: nn.Module, images, labels, args, device) -> Dict
         step()
         sync(device)
         times.append(time.perf_counter() - t0)
-    times.sort()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"form": name, "median_s": times[len(times) // 2], "min_s": times[0], "first_logits": first,
-            "head_after_step": after, "peak_gib": peak}
+    return {"form": name, "times": times, "first_logits": first, "head_after_step": after, "peak_gib": peak}
 
 
 def main(args: argparse.Namespace) -> List[Dict]:
@@ -117,21 +146,36 @@ def main(args: argparse.Namespace) -> List[Dict]:
         if args.compile:
             forms["compiled"] = lambda: torch.compile(copy.deepcopy(base).set_impl("grouped").to(device))
     forms = {k: v for k, v in forms.items() if k in args.forms or args.forms == ["all"]}
-    rows = []
-    for name, make in forms.items():
-        model = make().to(device).train()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        rows.append(time_form(name, model, images, labels, args, device))
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        print(f"{name:12s} median {rows[-1]['median_s'] * 1000:9.1f} ms/step", flush=True)
+    results: Dict[str, Dict] = {}
+    for rnd in range(args.rounds):
+        for name, make in forms.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with PeakRSS() as rss:
+                model = make().to(device).train()
+                r = time_form(name, model, images, labels, args, device)
+                del model
+            if device.type == "cpu":
+                r["peak_gib"] = rss.peak
+            else:
+                torch.cuda.empty_cache()
+            if name in results:  # later rounds: more timed steps; the first round's outputs are kept
+                results[name]["times"] += r["times"]
+                results[name]["peak_gib"] = max(results[name]["peak_gib"], r["peak_gib"])
+            else:
+                results[name] = r
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            print(f"round {rnd + 1} {name:12s} " + " ".join(f"{t * 1000:.0f}" for t in r["times"])
+                  + f" ms/step, peak {r['peak_gib']:.2f} GiB, load {load:.2f}", flush=True)
+    rows = list(results.values())
+    for r in rows:
+        times = sorted(r["times"])
+        r["median_s"], r["min_s"] = times[len(times) // 2], times[0]
     ref = rows[0]
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads, device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"E={args.ensemble_size} M={args.meta_class_size} {args.model_type} batch {args.batch_size} "
-          f"image {args.image_size}px, amp={args.amp}, steps {args.steps} (median)")
+          f"image {args.image_size}px, amp={args.amp}, {args.rounds} round(s) x {args.steps} steps (median)")
     print(f"{'form':12s} {'ms/step':>9s} {'speed-up':>9s} {'max|dlogits|':>13s} {'max|dW| step1':>14s} {'peak GiB':>9s}")
     out = []
     for r in rows:
@@ -139,7 +183,9 @@ def main(args: argparse.Namespace) -> List[Dict]:
         dw = (r["head_after_step"] - ref["head_after_step"]).abs().max().item()
         print(f"{r['form']:12s} {r['median_s'] * 1000:9.1f} {ref['median_s'] / r['median_s']:8.2f}x {dl:13.2e} "
               f"{dw:14.2e} {r['peak_gib']:9.2f}")
-        out.append({k: v for k, v in r.items() if not isinstance(v, torch.Tensor)} | {"dlogits": dl, "dw": dw})
+        out.append({k: v for k, v in r.items() if not isinstance(v, torch.Tensor)} | {"dlogits": dl, "dw": dw,
+                   "image_size": args.image_size, "ensemble_size": args.ensemble_size,
+                   "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
@@ -156,6 +202,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--image_size", default=256, type=int)
     p.add_argument("--steps", default=5, type=int)
     p.add_argument("--warmup", default=1, type=int)
+    p.add_argument("--rounds", default=1, type=int, help="interleaved rounds over the forms (median of all steps)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the grouped model (CUDA)")
     p.add_argument("--forms", default=["all"], nargs="+", help="subset of original loop grouped grouped_cl compiled")

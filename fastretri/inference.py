@@ -49,12 +49,12 @@ def main(args: argparse.Namespace) -> List[Tuple[str, int, float]]:
         feature, label = query_split.features[index], query_split.labels[index]
         exclude = index if db.query == db.gallery else None
     else:
-        feature, label, exclude = embed_new_image(db_path, db, args.query_img_name, args.gpu_ids), -1, None
+        feature, label, exclude = embed_new_image(db_path, db, args.query_img_name, args.gpu_ids), None, None
     results = search(feature, gallery, db.metric, args.retrieval_num, db.scale, exclude)
     out = results_dir("fastretri") / run_prefix(db_path) / Path(args.query_img_name).stem
     save_retrieval(out, args.query_img_name, label, results)
     for rank, (path, lab, score) in enumerate(results, start=1):
-        mark = "" if label < 0 else (" +" if lab == label else " -")
+        mark = "" if label is None else (" +" if lab == label else " -")
         print(f"{rank:3d} {score:.4f} label {lab}{mark} {path}")
     print(f"wrote {out}")
     return results

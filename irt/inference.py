@@ -37,7 +37,7 @@ def main(args):
     query, gallery = db.split(db.query), db.split(db.gallery)
     known = {os.path.realpath(p) for p in query.images}
     if os.path.isfile(args.query_img) and os.path.realpath(args.query_img) not in known:
-        path, feature, label, exclude = args.query_img, embed_image(args, args.query_img), -1, None
+        path, feature, label, exclude = args.query_img, embed_image(args, args.query_img), None, None
         print(f"{args.query_img} is not in the database: embedded with the saved model")
     else:
         i = find_query(query.images, args.query_img)
@@ -48,7 +48,7 @@ def main(args):
     results = search(feature, gallery, db.metric, args.retrieval_num, db.scale, exclude)
     out = save_retrieval(run.directory / f"{run.name}_retrieval" / Path(path).stem, path, label, results,
                          size=(max(args.input_size, 224),) * 2)
-    print(f"query {path} (label {label if label >= 0 else 'unknown'})")
+    print(f"query {path} (label {'unknown' if label is None else label})")
     for rank, (image, lab, score) in enumerate(results, start=1):
         print(f"{rank:3d}  {score:.4f}  label {lab}  {'ok ' if lab == label else '   '} {image}")
     print(f"rendered in {out}")

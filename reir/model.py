@@ -1,12 +1,14 @@
 """The REIR / SREML ensemble: a shared ResNet trunk and E private branches, each ending in a meta-class head.
 
-The E private branches are stored *once*, as one ResNet whose channels are E times wider and whose
-convolutions use ``groups = E`` (per-channel BatchNorm over the E·C channels, one [E, M, d] head tensor).
-That is exactly E independent ResNet branches: the same maths and the same parameter count as the original's
-``ModuleList`` of 48 torchvision layers, but it can be run two ways on the same weights:
+The E private branches form one ResNet whose channels are E times wider and whose convolutions use
+``groups = E`` (per-channel BatchNorm over the E·C channels, one [E, M, d] head tensor). That is exactly E
+independent ResNet branches: the same maths and the same parameter count as the original's ``ModuleList`` of 48
+torchvision layers. Convolution weights are kept as one Parameter per learner (the originals' memory layout, see
+``EnsembleConv``) and saved as one [E*out, ...] tensor per layer. The same weights run two ways:
 
-* ``grouped``: one grouped convolution per layer (a handful of kernel launches per batch; the GPU form);
-* ``loop``: the original order, learner after learner, on slices of the same weights (oneDNN runs 48 small
+* ``grouped``: one grouped convolution per layer on the concatenated weights (a handful of kernel launches per
+  batch; the GPU form);
+* ``loop``: the original order, learner after learner, each on its own weights (oneDNN runs 48 small
   convolutions faster than one grouped convolution at these shapes, so this is the CPU default).
 
 The shared feature x enters branch i as ``w_i * x`` (``with_random``: w = softmax(U[0,1)^E), drawn anew at every
@@ -57,7 +59,14 @@ def _map(fn, x: Ens) -> Ens:
 
 
 class EnsembleConv(nn.Module):
-    """E bias-free convolutions stored as one [E*out, in/groups, k, k] weight."""
+    """E bias-free convolutions: one [out, in/groups, k, k] Parameter per learner (``weights``).
+
+    Per-learner parameters are the originals' memory layout, and it matters on CPU: a single [E*out, ...] Parameter
+    gets a fresh E-times larger gradient every step (assembled by a concatenation) and Adam allocates temporaries of
+    the same size; allocations of hundreds of MB are served by mmap and page-faulted anew on every step, which made
+    the learner-by-learner form ~1.7x slower than 48 separate branches at E = 48. The state dict still holds one
+    [E*out, ...] ``weight`` tensor (hooks below); the grouped form concatenates the E weights at every forward.
+    """
 
     loop = False  # set by Model.set_impl: run learner by learner instead of one grouped convolution
 
@@ -65,7 +74,15 @@ class EnsembleConv(nn.Module):
         super().__init__()
         self.e, self.out = e, conv.out_channels
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self.weight = nn.Parameter(conv.weight.detach().repeat(e, 1, 1, 1))
+        w = conv.weight.detach()
+        self.weights = nn.ParameterList([nn.Parameter(w.clone()) for _ in range(e)])
+        self._register_state_dict_hook(_join_weights)
+        self._register_load_state_dict_pre_hook(_split_weight, with_module=True)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """All learners' weights as one [E*out, in/groups, k, k] tensor (a copy that carries gradients)."""
+        return torch.cat(list(self.weights))
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
         return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, groups)
@@ -74,13 +91,28 @@ class EnsembleConv(nn.Module):
         if isinstance(x, Shared):
             if self.groups != 1:
                 raise ValueError("a shared input must enter an ungrouped convolution")
-            if self.loop:  # split(): one concatenation in backward, not E full-size slice gradients
+            if self.loop:
                 return [self._conv(x.x, w, 1) * (1 if x.scale is None else x.scale[i])
-                        for i, w in enumerate(self.weight.split(self.out))]
+                        for i, w in enumerate(self.weights)]
             return _per_learner(self._conv(x.x, self.weight, 1), x.scale, self.e)
         if isinstance(x, list):
-            return [self._conv(t, w, self.groups) for t, w in zip(x, self.weight.split(self.out))]
+            return [self._conv(t, w, self.groups) for t, w in zip(x, self.weights)]
         return self._conv(x, self.weight, self.groups * self.e)
+
+
+def _join_weights(module: EnsembleConv, state_dict, prefix, local_metadata) -> None:
+    """State-dict hook: the E per-learner weights are saved as one [E*out, ...] ``weight`` tensor."""
+    parts = [state_dict.pop(f"{prefix}weights.{i}") for i in range(module.e)]
+    state_dict[prefix + "weight"] = torch.cat([p.detach() for p in parts])
+
+
+def _split_weight(module: EnsembleConv, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: a saved [E*out, ...] ``weight`` back into the E per-learner parameters."""
+    weight = state_dict.get(prefix + "weight")
+    if weight is not None and weight.dim() > 0 and weight.shape[0] == module.e * module.out:
+        del state_dict[prefix + "weight"]
+        for i, part in enumerate(weight.split(module.out)):
+            state_dict[f"{prefix}weights.{i}"] = part
 
 
 class EnsembleBatchNorm(nn.BatchNorm2d):
@@ -192,9 +224,8 @@ def _init_private(branches: EnsembleBranches) -> None:
     """torchvision's ResNet initialisation, learner by learner (random backbones differ across learners)."""
     for module in branches.modules():
         if isinstance(module, EnsembleConv):
-            for i in range(module.e):
-                nn.init.kaiming_normal_(module.weight[i * module.out:(i + 1) * module.out], mode="fan_out",
-                                        nonlinearity="relu")
+            for w in module.weights:
+                nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
 
 
 class Model(nn.Module):

@@ -34,7 +34,7 @@ CLASS_CAP = 300  # images per training class, as in the originals
 # Configuration a model file / database must match to be used with these flags.
 MODEL_KEYS = ("method", "data_name", "crop_type", "label_type", "with_random", "share_type", "model_type",
               "ensemble_size", "meta_class_size", "image_size")
-RESUME_KEYS = MODEL_KEYS + ("batch_size", "num_epochs", "seed", "learner_blocks", "load_ids")
+RESUME_KEYS = MODEL_KEYS + ("batch_size", "num_epochs", "seed", "learner_blocks", "load_ids", "lr")
 
 
 class MetaLabelled(Dataset):
@@ -176,7 +176,7 @@ def main(args: argparse.Namespace) -> None:
                               batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
                               pin_memory=torch.cuda.is_available())
     model = build_model(args, gpu_ids, args.ensemble_impl, "none" if args.resume else args.pretrained)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     milestones = [int(0.5 * args.num_epochs), int(0.7 * args.num_epochs)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     config = {**plain_config(args), "num_classes": num_classes, "learner_blocks": len(model.sizes)}
@@ -206,6 +206,7 @@ def add_model_args(parser: argparse.ArgumentParser, method: str = "reir") -> Non
         bool_pair(g, "with_random", False, "with branch random weight")
     else:
         parser.set_defaults(label_type="random", share_type="layer1", with_random=False)
+    g.add_argument("--lr", default=1e-4, type=float, help="Adam learning rate (default: 1e-4, the original's fixed value)")
     bool_pair(g, "load_ids", False, "load already generated meta-class ids instead of drawing (and saving) new ones")
     parser.set_defaults(method=method)
 

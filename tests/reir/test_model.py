@@ -101,10 +101,8 @@ def test_ensemble_equals_independent_learners(model_type, share_type, impl):
         if share_type != "layer4" else None
     if first is not None:
         ref_first = [next(mod for mod in r.modules() if isinstance(mod, nn.Conv2d)) for r in refs]
-        n = first.out
         for i in range(e):
-            torch.testing.assert_close(first.weight.grad[i * n:(i + 1) * n], ref_first[i].weight.grad,
-                                       rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(first.weights[i].grad, ref_first[i].weight.grad, rtol=1e-9, atol=1e-10)
         bn = next(mod for mod in model.branches[0].features.modules() if isinstance(mod, EnsembleBatchNorm))
         ref_bn = next(mod for mod in refs[e - 1].modules() if isinstance(mod, nn.BatchNorm2d))
         torch.testing.assert_close(bn.running_mean[(e - 1) * bn.c:], ref_bn.running_mean, rtol=1e-9, atol=1e-10)
@@ -138,3 +136,21 @@ def test_state_dict_independent_of_device_blocks():
         torch.testing.assert_close(one(images), two(images))
     for k, v in two.state_dict().items():
         assert torch.equal(v, one.state_dict()[k]), k
+
+
+def test_per_learner_conv_parameters_saved_as_one_tensor():
+    """Conv weights are one Parameter per learner (small gradients and Adam temporaries on CPU), saved as one
+    [E*out, ...] tensor per layer; loading such a file fills every learner's weights."""
+    torch.manual_seed(0)
+    e = 3
+    model = Model("resnet18", "layer3", e, 4)
+    conv = next(m for m in model.branches[0].features.modules() if isinstance(m, EnsembleConv))
+    assert len(conv.weights) == e and all(w.shape[0] == conv.out for w in conv.weights)
+    sd = model.state_dict()
+    assert not any(".weights." in k for k in sd)
+    key = next(k for k in sd if k.startswith("branches.0.features.0.0.conv1."))
+    assert key.endswith(".weight") and sd[key].shape[0] == e * conv.out
+    other = Model("resnet18", "layer3", e, 4)
+    other.load_state_dict(sd)
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, sd[k]), k
