@@ -129,12 +129,8 @@ def save_checkpoint(path: os.PathLike, *, model: torch.nn.Module, config: Mappin
 def load_checkpoint(path: os.PathLike, config: Mapping[str, Any], keys: Sequence[str], *, model: torch.nn.Module,
                     optimizer=None, scheduler=None, scaler=None, restore_rng: bool = True) -> Dict[str, Any]:
     """Load a checkpoint into the given objects after checking its configuration; returns the raw dict."""
-    state = safe_load(path, "checkpoint")
-    check_config(state["config"], config, f"checkpoint {path}", keys)
-    try:
-        model.load_state_dict(state["model"], strict=True)
-    except RuntimeError as e:
-        raise UserError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}")
+    state = _checked_state(path, "checkpoint", config, keys)
+    _load_weights(model, state, f"checkpoint {path} does not fit this model")
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         if obj is not None and name in state:
             obj.load_state_dict(state[name])
@@ -147,14 +143,25 @@ def load_model_file(path: os.PathLike, expected: Mapping[str, Any], keys: Sequen
                     build: Callable[[Dict[str, Any]], torch.nn.Module], what: str = "model file") -> torch.nn.Module:
     """A trained ``<run>_model.pth``: refused in one line when its configuration differs from ``expected`` on
     ``keys``, then loaded (strictly) into ``build(state)``, the method's own untrained model for that file."""
+    state = _checked_state(path, what, expected, keys)
+    model = build(state)
+    _load_weights(model, state, f"{what} {path} does not fit its configuration")
+    return model
+
+
+def _checked_state(path: os.PathLike, what: str, expected: Mapping[str, Any], keys: Sequence[str]) -> Dict[str, Any]:
+    """A toolkit file whose stored configuration matches ``expected`` on ``keys`` (else one-line refusal)."""
     state = safe_load(path, what)
     check_config(state["config"], expected, f"{what} {path}", keys)
-    model = build(state)
+    return state
+
+
+def _load_weights(model: torch.nn.Module, state: Mapping[str, Any], refusal: str) -> None:
+    """Strict state-dict load; a shape/key mismatch becomes ``refusal: <first line of torch's message>``."""
     try:
         model.load_state_dict(state["model"], strict=True)
     except RuntimeError as e:
-        raise UserError(f"{what} {path} does not fit its configuration: {str(e).splitlines()[0]}") from None
-    return model
+        raise UserError(f"{refusal}: {str(e).splitlines()[0]}") from None
 
 
 class Statistics:
