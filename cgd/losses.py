@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.device import upcast
+
 __all__ = ["LabelSmoothingCrossEntropyLoss", "BatchHardTripletLoss"]
 
 
@@ -21,7 +23,7 @@ class LabelSmoothingCrossEntropyLoss(nn.Module):
         self.smoothing, self.temperature = smoothing, temperature
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # (B, C), (B,) -> scalar
-        log_p = F.log_softmax(logits.float() / self.temperature, dim=-1)
+        log_p = F.log_softmax(upcast(logits) / self.temperature, dim=-1)
         nll = -log_p.gather(-1, labels[:, None]).squeeze(-1)
         uniform = -log_p.mean(dim=-1)
         return ((1.0 - self.smoothing) * nll + self.smoothing * uniform).mean()
@@ -40,7 +42,7 @@ class BatchHardTripletLoss(nn.Module):
         self.margin = margin
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # (B, D), (B,) -> scalar
-        dist = _euclidean(embeddings.float())
+        dist = _euclidean(upcast(embeddings))
         same = labels[:, None] == labels[None, :]
         eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
         positive, negative = same & ~eye, ~same

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.backbones import build_resnet
+from common.device import unwrap
 from common.errors import UserError
 from common.pooling import GeM  # p = 3 fixed, clamp(eps) before the power: no NaN gradient on all-zero channels
 
@@ -117,9 +118,10 @@ def freeze_bn(model: nn.Module) -> None:
     """Put every BatchNorm2d (the backbone's) in eval mode: running statistics stay at their loaded values.
 
     Their affine weights still train; the auxiliary BatchNorm1d is untouched. Call after ``model.train()``.
+    (Any BatchNorm of the backbone counts, so the global-batch BatchNorm of a DDP run is frozen too.)
     """
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
+    for module in unwrap(model).features.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
 
 
@@ -127,7 +129,7 @@ def count_flops(model: nn.Module, image_size: int = 224) -> Tuple[int, float]:
     """(parameters, thop FLOPs) for one image; profiles a deep copy so no thop buffers leak into the model."""
     import thop  # optional at import time: only training prints FLOPs
 
-    probe = copy.deepcopy(model).cpu().eval()
+    probe = copy.deepcopy(model).cpu().float().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # thop's distutils version check
         flops, _ = thop.profile(probe, inputs=(torch.randn(1, 3, image_size, image_size),), verbose=False)

@@ -2,120 +2,138 @@
 
 M-per-class batches (m = 4), Adam lr 1e-4, lr x0.1 at 60 % and 80 % of the epochs, loss = label-smoothing
 cross-entropy (auxiliary classifier) + batch-hard triplet (combined embedding). After every epoch: Recall@K on
-the test split (In-shop: query vs gallery), CSV + plot, a checkpoint for ``--resume``; the best R@1 model and its
-database go to ``results/cgd/<run name>_{model,data_base}.pth``.
+the test split (In-shop: query vs gallery), CSV + plot, a checkpoint for ``--resume``; the best model on the first
+requested rank (among trained epochs) and its database go to ``results/cgd/<run name>_{model,data_base}.pth``.
 
     python cgd/train.py --feature_dim 512 --gd_config SM
+    torchrun --standalone --nproc_per_node 4 cgd/train.py --feature_dim 512   # DDP, same global batch of 128
 """
 import argparse
 from typing import Dict
 
 import torch
-from torch import nn
 from thop import clever_format
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cgd.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropyLoss
 from cgd.model import BACKBONE_TYPES, GD_CONFIGS, MODEL_KEYS, Model, count_flops, embed, freeze_bn
+from cgd.spec import cgd_run_name
 from common.cli import bool_pair, common_parser, validate_args
 from common.database import Split
 from common.datasets import eval_splits, load_splits
-from common.device import autocast, channels_last, data_parallel, main_device, parse_gpu_ids
-from common.engine import Evaluation, RunFiles, check_finite, eval_recalls, extract_features, fit
+from common.device import autocast, channels_last, data_parallel, first_device, main_device, upcast
+from common.distributed import (DistInfo, RankBatchSampler, all_gather_no_grad, all_gather_with_grad,
+                                all_reduce_mean, init_distributed, is_main_process, wrap_ddp)
+from common.engine import Evaluation, Run, RunFiles, check_finite, embed_dataset, eval_recalls
 from common.errors import UserError, run_cli
 from common.preprocess import ensure_dataset
 from common.presets import build_transform
-from common.runio import plain_config, results_dir, run_name, set_seed
+from common.runio import plain_config, results_dir, set_seed
 from common.samplers import MPerClassSampler
 
 M_PER_CLASS = 4  # images per class in a batch (the original's MPerClassSampler m)
 # Keys a resumed run must share with its checkpoint (besides the model-defining ones).
 RESUME_KEYS = MODEL_KEYS + ("smoothing", "temperature", "margin", "batch_size", "num_epochs", "seed", "freeze_bn",
-                             "lr")
+                             "lr", "float64", "augment")
 
 
 def train_one_epoch(model: nn.Module, criteria: Dict[str, nn.Module], optimizer: torch.optim.Optimizer,
                     loader: DataLoader, device: torch.device, epoch: int, num_epochs: int, *,
-                    amp: bool = False, frozen_bn: bool = True) -> Dict[str, float]:
-    """One pass over the sampler's batches; returns the mean loss and the auxiliary classifier's accuracy (%)."""
+                    amp: bool = False, frozen_bn: bool = True, dtype: torch.dtype = torch.float32) -> Dict[str, float]:
+    """One pass over the sampler's batches; returns the mean loss and the auxiliary classifier's accuracy (%).
+
+    Under DDP the batch-hard triplet loss sees the embeddings of the global batch (gathered with gradients), the
+    cross-entropy its own slice (DDP averages it over ranks), so the step is the 1-process step."""
     model.train()
     if frozen_bn:
         freeze_bn(model)
-    total_loss, total_correct, total_num = 0.0, 0, 0
-    bar = tqdm(loader, dynamic_ncols=True)
+    sums, steps = torch.zeros(2, dtype=torch.float64), 0
+    bar = tqdm(loader, dynamic_ncols=True, disable=not is_main_process())
     for images, labels in bar:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = images.to(device, dtype, non_blocking=True), labels.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             embeddings, logits = model(images)
-        loss = criteria["class"](logits.float(), labels) + criteria["triplet"](embeddings.float(), labels)
+        triplet = criteria["triplet"](all_gather_with_grad(upcast(embeddings)), all_gather_no_grad(labels))
+        loss = criteria["class"](upcast(logits), labels) + triplet
         check_finite(loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        n = labels.numel()
-        total_num += n
-        total_loss += loss.item() * n
-        total_correct += (logits.argmax(dim=-1) == labels).sum().item()
-        bar.set_description(f"Train Epoch {epoch}/{num_epochs} Loss:{total_loss / total_num:.4f} "
-                            f"Acc:{100.0 * total_correct / total_num:.2f}%")
-    return {"train_loss": total_loss / max(1, total_num), "train_accuracy": 100.0 * total_correct / max(1, total_num)}
+        accuracy = (logits.argmax(dim=-1) == labels).double().mean()
+        sums += all_reduce_mean(torch.stack([loss.detach().double(), accuracy]).cpu())
+        steps += 1
+        bar.set_description(f"Train Epoch {epoch}/{num_epochs} Loss:{sums[0] / steps:.4f} "
+                            f"Acc:{100.0 * sums[1] / steps:.2f}%")
+    steps = max(1, steps)
+    return {"train_loss": float(sums[0] / steps), "train_accuracy": 100.0 * float(sums[1] / steps)}
 
 
-def evaluate(model: nn.Module, loaders: Dict[str, DataLoader], query: str, gallery: str, device: torch.device,
-             ranks, amp: bool = False) -> Evaluation:
+def evaluate(model: nn.Module, datasets, query: str, gallery: str, device: torch.device, ranks, *,
+             batch_size: int, num_workers: int, amp: bool = False) -> Evaluation:
     """Recall@K of the query split against the gallery split (the same split, self excluded, except In-shop)."""
     splits = {}
-    for name, loader in loaders.items():
-        features = extract_features(model, loader, device, amp, embed=embed, desc=f"{name} features")
-        splits[name] = Split(loader.dataset.images, loader.dataset.labels, features)
-    metrics = eval_recalls(splits[query], splits[gallery], ranks, same_set=query == gallery)
-    return Evaluation(metrics, splits)
+    for name in dict.fromkeys((query, gallery)):
+        features = embed_dataset(model, datasets[name], batch_size=batch_size, num_workers=num_workers,
+                                 device=device, embed=embed, amp=amp, desc=f"{name} features")
+        splits[name] = Split(datasets[name].images, datasets[name].labels, features)
+    return Evaluation(eval_recalls(splits[query], splits[gallery], ranks, same_set=query == gallery), splits)
 
 
-def build_data(args: argparse.Namespace):
-    """Train loader (m-per-class batches) and one sequential loader per evaluation split."""
+def build_data(args: argparse.Namespace, info: DistInfo):
+    """Datasets, and the train loader: global m-per-class batches, each rank taking its slice (classes intact)."""
     ensure_dataset(args.data_path, args.data_name, args.crop_type)
     query, gallery = eval_splits(args.data_name)
     test_tf = build_transform("cgd", False, args.data_name, args.crop_type, args.image_size)
-    transforms = {"train": build_transform("cgd", True, args.data_name, args.crop_type, args.image_size),
-                  query: test_tf, gallery: test_tf}
-    datasets = load_splits(args.data_path, args.data_name, args.crop_type, transforms)
+    train_tf = build_transform("cgd", True, args.data_name, args.crop_type, args.image_size) if args.augment \
+        else test_tf
+    datasets = load_splits(args.data_path, args.data_name, args.crop_type,
+                           {"train": train_tf, query: test_tf, gallery: test_tf})
     validate_args(args, gallery_size=len(datasets[gallery]), self_excluded=query == gallery)
     try:
         sampler = MPerClassSampler(datasets["train"].labels, args.batch_size, M_PER_CLASS, seed=args.seed)
     except ValueError as e:
-        raise UserError(f"--batch_size {args.batch_size}: {e}")
-    pin = torch.cuda.is_available()
+        raise UserError(f"--batch_size {args.batch_size}: {e}") from None
+    sampler = RankBatchSampler(sampler, info.rank, info.world_size, datasets["train"].labels)
     train_loader = DataLoader(datasets["train"], batch_sampler=sampler, num_workers=args.num_workers,
-                              pin_memory=pin)
-    eval_loaders = {name: DataLoader(datasets[name], batch_size=args.batch_size, shuffle=False,
-                                     num_workers=args.num_workers, pin_memory=pin)
-                    for name in dict.fromkeys((query, gallery))}
-    return train_loader, eval_loaders, query, gallery
+                              pin_memory=torch.cuda.is_available())
+    return train_loader, datasets, query, gallery
+
+
+def check_args(args: argparse.Namespace, info: DistInfo) -> None:
+    if args.batch_size % M_PER_CLASS != 0:
+        raise UserError(f"--batch_size {args.batch_size} must be a multiple of {M_PER_CLASS} (images per class)")
+    if args.batch_size % (M_PER_CLASS * info.world_size) != 0:
+        raise UserError(f"--batch_size {args.batch_size} (the global batch) must split into {info.world_size} "
+                        f"processes x a multiple of {M_PER_CLASS} images")
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.batch_size % M_PER_CLASS != 0:
-        raise UserError(f"--batch_size {args.batch_size} must be a multiple of {M_PER_CLASS} (images per class)")
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())), flush=True)
-    if args.freeze_bn and args.pretrained == "none" and not args.resume:
-        print("note: --freeze_bn with --pretrained none keeps the BatchNorm statistics of a random network "
-              "(mean 0, var 1); use --no-freeze_bn when training from scratch", flush=True)
+    info = init_distributed(use_cuda=torch.cuda.is_available() and args.gpu_ids != "")
+    check_args(args, info)
+    if info.rank == 0:
+        print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())), flush=True)
+        if args.freeze_bn and args.pretrained == "none" and not args.resume:
+            print("note: --freeze_bn with --pretrained none keeps the BatchNorm statistics of a random network "
+                  "(mean 0, var 1); use --no-freeze_bn when training from scratch", flush=True)
     set_seed(args.seed)
-    gpu_ids = parse_gpu_ids(args.gpu_ids)
-    device = main_device(gpu_ids)
-    train_loader, eval_loaders, query, gallery = build_data(args)
+    gpu_ids = [] if info.distributed else first_device(args.gpu_ids)
+    device = info.device if info.distributed else main_device(gpu_ids)
+    dtype = torch.float64 if args.float64 else torch.float32
+    train_loader, datasets, query, gallery = build_data(args, info)
     num_classes = train_loader.dataset.num_classes
 
-    # ---- model
+    # ---- model: one process (DataParallel over --gpu_ids) or one DDP process per GPU/CPU under torchrun
     model = Model(args.backbone_type, args.gd_config, args.feature_dim, num_classes,
-                  pretrained="none" if args.resume else args.pretrained)
-    params, flops = count_flops(model, args.image_size or 224)
-    print("# Model Params: {} FLOPs: {}".format(*clever_format([params, flops])), flush=True)
-    model = data_parallel(channels_last(model, device), gpu_ids)
+                  pretrained="none" if args.resume else args.pretrained).to(dtype)
+    if info.rank == 0:
+        params, flops = count_flops(model, args.image_size or 224)
+        print("# Model Params: {} FLOPs: {}".format(*clever_format([params, flops])), flush=True)
+    model = channels_last(model.to(device), device)
+    model = wrap_ddp(model, info) if info.distributed else data_parallel(model, gpu_ids)
 
     # ---- optimisation
     criteria = {"class": LabelSmoothingCrossEntropyLoss(args.smoothing, args.temperature),
@@ -126,19 +144,25 @@ def main(args: argparse.Namespace) -> None:
 
     # ---- epochs
     config = {**plain_config(args), "num_classes": num_classes, "method": "cgd"}
-    name = run_name(args.data_name, args.crop_type, args.backbone_type, args.gd_config, args.feature_dim,
-                    args.smoothing, args.temperature, args.margin, args.batch_size)
+    run = Run(RunFiles(results_dir("cgd"), cgd_run_name(config)), config, RESUME_KEYS, "cgd", args.num_epochs,
+              recalls=args.recalls, selection=args.model_selection,
+              database={"metric": "euclidean", "query": query, "gallery": gallery})
+    start, _ = run.resume(args.resume, model, optimizer, scheduler)
 
-    def one_epoch(epoch: int) -> Dict[str, float]:
+    def evaluate_now() -> Evaluation:
+        return evaluate(model, datasets, query, gallery, device, args.recalls, batch_size=args.batch_size,
+                        num_workers=args.num_workers, amp=args.amp)
+
+    if start == 1:
+        run.log(0, {}, evaluate_now(), model)
+    for epoch in range(start, args.num_epochs + 1):
         train_loader.batch_sampler.set_epoch(epoch)
-        return train_one_epoch(model, criteria, optimizer, train_loader, device, epoch, args.num_epochs,
-                               amp=args.amp, frozen_bn=args.freeze_bn)
-
-    fit(RunFiles(results_dir("cgd"), name), model=model, config=config, config_keys=RESUME_KEYS,
-        num_epochs=args.num_epochs, train_one_epoch=one_epoch,
-        evaluate=lambda: evaluate(model, eval_loaders, query, gallery, device, args.recalls, args.amp),
-        optimizer=optimizer, scheduler=scheduler, resume=args.resume, method="cgd",
-        database_kwargs={"metric": "euclidean", "query": query, "gallery": gallery})
+        train_stats = train_one_epoch(model, criteria, optimizer, train_loader, device, epoch, args.num_epochs,
+                                      amp=args.amp, frozen_bn=args.freeze_bn, dtype=dtype)
+        scheduler.step()
+        run.log(epoch, train_stats, evaluate_now(), model)
+        run.checkpoint(epoch, model, optimizer, scheduler)
+    run.finish()
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -161,6 +185,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = parser.add_argument_group("optimizer")
     g.add_argument("--lr", default=1e-4, type=float,
                    help="Adam learning rate, x0.1 at 60%% and 80%% of the epochs (default: 1e-4, the original's)")
+    g.add_argument("--model_selection", default="best", choices=["best", "last"],
+                   help="model and database kept: best R@<first of --recalls> among trained epochs (the "
+                        "original's, on R@1) or the last epoch (default: best)")
     return parser
 
 

@@ -4,14 +4,26 @@ Each method's ``get_args_parser`` starts from :func:`common_parser` and only set
 (``parser.set_defaults(batch_size=10)``) and adds the flags its paper needs.
 """
 import argparse
+import re
 from typing import List, Optional, Sequence
 
 from common.errors import UserError
 
-__all__ = ["DATASETS", "common_parser", "parse_recalls", "validate_args", "bool_pair"]
+__all__ = ["DATASETS", "dataset_name", "common_parser", "parse_recalls", "validate_args", "bool_pair",
+           "add_check_flags"]
 
-DATASETS = ("car", "cub", "sop", "isc", "demo")
+DATASETS = ("car", "cub", "sop", "isc", "demo")  # the benchmarks; any dataset processed by data_utils.py also works
 CROPPABLE = ("car", "cub", "demo")
+_DATA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+
+
+def dataset_name(text: str) -> str:
+    """A benchmark name or a plain folder name; whether ``<data_path>/<name>/`` holds an index is checked when the
+    data is loaded (common.preprocess.ensure_dataset), where --data_path is known."""
+    if text not in DATASETS and not _DATA_NAME.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dataset name: {', '.join(DATASETS)} or a dataset "
+                                         f"processed by data_utils.py (letters, digits, '_', '-', '.')")
+    return text
 
 
 def parse_recalls(text: str) -> List[int]:
@@ -39,9 +51,12 @@ def common_parser(data_name: str = "car", batch_size: int = 128, num_epochs: int
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default="data", type=str, help="root holding <data_name>/ folders (default: data)")
-    g.add_argument("--data_name", default=data_name, choices=DATASETS, help=f"dataset (default: {data_name})")
+    g.add_argument("--data_name", default=data_name, type=dataset_name, metavar="NAME",
+                   help=f"dataset: {' '.join(DATASETS)}, or your own processed by data_utils.py --from_folder / "
+                        f"--from_csv into <data_path>/NAME/ (default: {data_name})")
     g.add_argument("--crop_type", default="uncropped", choices=["uncropped", "cropped"],
-                   help="bounding-box cropped images, car/cub only (default: uncropped)")
+                   help="bounding-box cropped images: car, cub, demo, or own data from a CSV with boxes "
+                        "(default: uncropped)")
     g.add_argument("--image_size", default=None, type=int,
                    help="scale the method's transform preset to this crop size (default: the paper's size)")
     g.add_argument("--num_workers", default=4, type=int, help="DataLoader workers (default: 4)")
@@ -58,14 +73,25 @@ def common_parser(data_name: str = "car", batch_size: int = 128, num_epochs: int
     g.add_argument("--recalls", default=parse_recalls(recalls), type=parse_recalls,
                    help=f"ranks K for Recall@K, comma separated (default: {recalls})")
     g = p.add_argument_group("device")
-    g.add_argument("--gpu_ids", default=None, type=str, help="GPUs to use, e.g. '0,1' (default: all visible; CPU if none)")
+    g.add_argument("--gpu_ids", default=None, type=str,
+                   help="GPUs of a single process, e.g. '0,1' (default: the first visible; CPU if none); under "
+                        "torchrun each process takes GPU LOCAL_RANK")
     bool_pair(g, "amp", False, "bf16 autocast on CUDA")
+    add_check_flags(p)
     return p
+
+
+def add_check_flags(parser: argparse.ArgumentParser) -> None:
+    """Switches for equivalence checks (N processes vs 1): float64 and no random augmentation."""
+    g = parser.add_argument_group("equivalence checks")
+    bool_pair(g, "float64", False, "train and evaluate in float64 (slow; makes N-process vs 1-process runs comparable)")
+    bool_pair(g, "augment", True, "random training augmentation; --no-augment trains on the evaluation transform")
 
 
 def validate_args(args: argparse.Namespace, gallery_size: Optional[int] = None, self_excluded: bool = True) -> None:
     """Reject bad combinations with one line instead of an assertion deep inside training."""
-    if getattr(args, "crop_type", "uncropped") == "cropped" and args.data_name not in CROPPABLE:
+    if getattr(args, "crop_type", "uncropped") == "cropped" and args.data_name in DATASETS \
+            and args.data_name not in CROPPABLE:  # own data: cropped exists iff its CSV had boxes (ensure_dataset)
         raise UserError(f"--crop_type cropped needs bounding boxes: only {', '.join(CROPPABLE)} have them, "
                         f"not {args.data_name}")
     for name in ("batch_size", "num_epochs"):

@@ -8,7 +8,7 @@ The original decided "same set, exclude self" with ``is`` on strings, which was 
 excluded exactly when query and gallery are the same split.
 """
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -79,19 +79,19 @@ def _save_example(out: Path, query_path: str, query_label: int, gallery, ranked,
     (out / "worse" / "query_img.jpg").unlink()
 
 
-def compare_runs(better: str, worse: str, method: str, data_keys: Sequence[str], data_type: str = "test",
-                 k: int = 8, save_results: bool = False, size=(224, 224)) -> Dict[str, float]:
-    """The ablation script of REIR, SREML and FastRetri: two databases of ``method`` (paths or names under
-    ``results/<method>/``), refused unless built on the same data (``data_keys`` of their configs), compared and
-    printed; ``save_results`` draws the queries ``better`` wins under ``results/<method>/<better>----<worse>/``."""
+def compare_runs(better: str, worse: str, method: str, dataset: Callable[[Mapping[str, Any]], Tuple[str, str]],
+                 data_type: str = "test", k: int = 8, save_results: bool = False, size=(224, 224)) -> Dict[str, float]:
+    """The ablation script of every method: two databases of ``method`` (paths or names under
+    ``results/<method>/``), refused unless built on the same data (``dataset(config)``: name and crop type),
+    compared and printed; ``save_results`` draws the queries ``better`` wins under
+    ``results/<method>/<better>----<worse>/``."""
     if k < 1:
         raise UserError(f"--retrieval_num must be positive, got {k}")
     better_path, better_db = open_database(better, method)
     worse_path, worse_db = open_database(worse, method)
-    for key in data_keys:
-        if better_db.config.get(key) != worse_db.config.get(key):
-            raise UserError(f"the databases differ in {key}: {better_db.config.get(key)} vs "
-                            f"{worse_db.config.get(key)}")
+    if dataset(better_db.config) != dataset(worse_db.config):
+        raise UserError(f"the databases were built on different data: {dataset(better_db.config)} vs "
+                        f"{dataset(worse_db.config)}")
     save_dir = None
     if save_results:
         save_dir = results_dir(method) / f"{run_prefix(better_path)}----{run_prefix(worse_path)}"

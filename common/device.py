@@ -8,7 +8,7 @@ from torch import nn
 from common.errors import UserError
 
 __all__ = ["parse_gpu_ids", "get_devices", "main_device", "data_parallel", "spread_groups", "autocast",
-           "channels_last", "unwrap"]
+           "channels_last", "unwrap", "upcast", "first_device"]
 
 
 def parse_gpu_ids(text: Optional[str]) -> List[int]:
@@ -74,3 +74,14 @@ def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfl
 def channels_last(model: nn.Module, device: torch.device) -> nn.Module:
     """Channels-last memory format for CNNs on GPU (faster convolutions with tensor cores); unchanged on CPU."""
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision (AMP) outputs, unchanged otherwise: losses keep float64 runs exact."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def first_device(text: Optional[str]) -> List[int]:
+    """``--gpu_ids`` for a method whose original used one GPU: the listed ids, or the first visible GPU."""
+    ids = parse_gpu_ids(text)
+    return ids if text not in (None, "") else ids[:1]

@@ -7,19 +7,27 @@
   (FastRetri's SyncBN crashed single-GPU runs exactly because it assumed a process group, fast-reid #667).
 * ``all_gather_by_index`` reassembles evaluation features that every rank computed for its own sample indices,
   so no sample is padded or duplicated the way ``DistributedSampler`` does.
+* The global batch stays the paper's at any number of processes: :class:`RankBatchSampler` cuts each global batch
+  into per-rank slices (class groups intact), :func:`all_gather_with_grad` lets a batch-dependent loss see the
+  global batch, and :class:`GlobalBatchNorm` normalises with global-batch statistics (on CPU/gloo as well, where
+  ``nn.SyncBatchNorm`` refuses to run).
 """
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import Sampler
 
 __all__ = ["DistInfo", "is_dist_avail_and_initialized", "get_world_size", "get_rank", "is_main_process",
            "barrier", "launched_by_torchrun", "launch", "init_process", "cleanup", "all_reduce_mean",
-           "all_reduce_sum_with_grad", "all_gather_by_index", "free_port"]
+           "all_reduce_sum_with_grad", "all_gather_by_index", "free_port", "init_distributed", "broadcast_object",
+           "all_gather_with_grad", "shard_batch", "RankBatchSampler", "GlobalBatchNorm",
+           "convert_global_batchnorm", "wrap_ddp"]
 
 
 @dataclass
@@ -167,9 +175,9 @@ def all_gather_by_index(features: torch.Tensor, indices: torch.Tensor, total: in
         dist.all_gather(sizes, torch.tensor([len(indices)], device=device))
         longest = max(int(s) for s in sizes)
         dim = features.shape[1] if features.dim() == 2 else 0
-        pad_f = torch.zeros(longest, dim, dtype=torch.float32, device=device)
+        pad_f = torch.zeros(longest, dim, dtype=features.dtype, device=device)
         pad_i = torch.full((longest,), -1, dtype=torch.long, device=device)
-        pad_f[:len(indices)], pad_i[:len(indices)] = features.float().to(device), indices.to(device)
+        pad_f[:len(indices)], pad_i[:len(indices)] = features.to(device), indices.to(device)
         all_f = [torch.empty_like(pad_f) for _ in sizes]
         all_i = [torch.empty_like(pad_i) for _ in sizes]
         dist.all_gather(all_f, pad_f)
@@ -180,6 +188,170 @@ def all_gather_by_index(features: torch.Tensor, indices: torch.Tensor, total: in
     if len(idx) != total or not torch.equal(torch.sort(idx).values, torch.arange(total)):
         raise RuntimeError(f"all_gather_by_index: ranks hold {len(idx)} rows for {total} samples "
                            "(missing or duplicated indices)")
-    out = torch.empty(total, gathered_feats[0].shape[1], dtype=torch.float32)
-    out[idx] = torch.cat(gathered_feats).float()
+    out = torch.empty(total, gathered_feats[0].shape[1], dtype=gathered_feats[0].dtype)
+    out[idx] = torch.cat(gathered_feats)
     return out
+
+
+def init_distributed(use_cuda: bool) -> DistInfo:
+    """Join the process group when started by ``torchrun`` (NCCL on GPUs, gloo on CPU); rank 0 of 1 otherwise.
+
+    Under torchrun each process takes GPU ``LOCAL_RANK``; CPU processes split the cores between them so N processes
+    on one machine do not starve each other.
+    """
+    if not launched_by_torchrun():
+        return DistInfo()
+    use_cuda = use_cuda and torch.cuda.is_available()
+    info = init_process("auto", use_cuda)
+    if not use_cuda:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
+    return info
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (metrics decided once, so every rank takes the same branch)."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Rows of every rank concatenated in rank order; backward sums the gradients of all ranks and returns this
+    rank's slice. Every rank computes the same loss on the global batch, so the summed gradient is N times the
+    loss's gradient, which DDP's averaging over N ranks brings back to exactly the 1-process gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(get_world_size())]
+        dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+        sizes = [int(n) for n in sizes]
+        longest = max(sizes)
+        padded = x.new_zeros((longest,) + tuple(x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        ctx.sizes, ctx.rank = sizes, get_rank()
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """The global batch of ``x`` (rank order) with gradients flowing back to every rank's own rows."""
+    if get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """The global batch of a tensor that needs no gradient (labels, sample indices, key-encoder embeddings)."""
+    if get_world_size() == 1:
+        return x
+    with torch.no_grad():
+        return _GatherWithGrad.apply(x.detach())
+
+
+def shard_batch(batch: Sequence[int], labels: Optional[Sequence[int]], rank: int, world_size: int) -> List[int]:
+    """Rank ``rank``'s contiguous slice of a global batch; with ``labels`` the batch is first ordered by class (in
+    order of first appearance) so each class group stays on one rank when the slice size is a multiple of m."""
+    batch = list(batch)
+    if labels is not None:
+        first = {}
+        for i in batch:
+            first.setdefault(labels[i], len(first))
+        batch = sorted(batch, key=lambda i: first[labels[i]])  # stable: order inside a class is kept
+    bounds = [round(len(batch) * r / world_size) for r in range(world_size + 1)]
+    return batch[bounds[rank] : bounds[rank + 1]]
+
+
+class RankBatchSampler(Sampler):
+    """This rank's slices of the global batches of ``batch_sampler`` (any sampler yielding index lists).
+
+    N processes therefore train on exactly the batches one process would; ``labels`` keeps class groups together
+    (m-per-class sampling).
+    """
+
+    def __init__(self, batch_sampler, rank: int = 0, world_size: int = 1, labels: Optional[Sequence[int]] = None):
+        self.batch_sampler, self.rank, self.world_size, self.labels = batch_sampler, rank, world_size, labels
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        for batch in self.batch_sampler:
+            yield shard_batch(batch, self.labels, self.rank, self.world_size)
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm (1d or 2d) normalising with the statistics of the global batch of all ranks in training.
+
+    One process: exactly ``nn.BatchNorm``. Several: sums and squared sums are all-reduced with gradients, so the
+    forward and backward equal one process's on the concatenated batch. Works on CPU (gloo) and GPU (NCCL).
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or get_world_size() == 1 or not self.track_running_stats:
+            return super().forward(x)
+        xc = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        dims = [0] + list(range(2, x.dim()))
+        count = xc.new_tensor([x.numel() / x.shape[1]])
+        total = all_reduce_sum_with_grad(torch.cat([xc.sum(dims), (xc * xc).sum(dims), count]))
+        c, n = x.shape[1], total[-1]
+        mean = total[:c] / n
+        var = (total[c : 2 * c] / n - mean * mean).clamp(min=0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - momentum).add_(momentum * mean.to(self.running_mean.dtype))
+            self.running_var.mul_(1 - momentum).add_(momentum * (var * n / (n - 1).clamp(min=1)).to(
+                self.running_var.dtype))
+        shape = [1, c] + [1] * (x.dim() - 2)
+        out = (xc - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out.to(x.dtype)
+
+
+def convert_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every trainable-statistics BatchNorm by :class:`GlobalBatchNorm` with the same parameters and
+    buffers (``nn.SyncBatchNorm.convert_sync_batchnorm``'s role). Layers in eval mode stay what they are: a frozen
+    BatchNorm does not depend on the batch."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats)
+        like = next((t for t in (module.running_mean, module.weight) if t is not None), None)
+        if like is not None:
+            new.to(device=like.device, dtype=like.dtype)
+        new.load_state_dict(module.state_dict())
+        if module.affine:
+            new.weight.requires_grad_(module.weight.requires_grad)
+            new.bias.requires_grad_(module.bias.requires_grad)
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, convert_global_batchnorm(child))
+    return module
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """DistributedDataParallel over the process group (global-batch BatchNorm first); the model itself alone."""
+    if not info.distributed:
+        return model
+    model = convert_global_batchnorm(model)
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

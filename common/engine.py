@@ -1,8 +1,6 @@
-"""Shared loop pieces: feature extraction, Recall@K evaluation of the eval splits, and the epoch loop.
-
-A method writes its own ``train_one_epoch`` and embedding; :func:`fit` then does what every method's ``main`` did
-the same way: an epoch-0 evaluation, per-epoch CSV + plot, an atomic checkpoint every epoch for ``--resume``,
-and the best-R@1 model and database.
+"""Shared loop pieces: feature extraction (sharded over ranks), Recall@K of the eval splits, and :class:`Run`, the
+bookkeeping of an epoch loop that every method writes out in its own ``main``: an epoch-0 evaluation, per-epoch CSV
++ plot, an atomic checkpoint every epoch for ``--resume``, and the kept model and database — on rank 0 only.
 """
 import math
 import sys
@@ -13,39 +11,64 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from common.database import Split, save_database
 from common.device import autocast, unwrap
+from common.distributed import all_gather_by_index, barrier, broadcast_object, get_rank, get_world_size, is_main_process
 from common.errors import UserError
 from common.metrics import recall_at_k
 from common.runio import Statistics, atomic_save, load_checkpoint, save_checkpoint
 
-__all__ = ["extract_features", "eval_recalls", "RunFiles", "Evaluation", "fit", "check_finite"]
+__all__ = ["extract_features", "embed_dataset", "eval_recalls", "RunFiles", "Evaluation", "Run", "check_finite"]
 
 
 @torch.inference_mode()
 def extract_features(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False,
                      embed: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
                      desc: str = "features") -> torch.Tensor:
-    """Embeddings of ``loader``'s dataset in dataset order (loader must not shuffle), float32 on CPU."""
+    """Embeddings of ``loader``'s dataset in dataset order (loader must not shuffle), on CPU: float32, or float64
+    for a float64 model."""
     model.eval()
+    dtype = next(model.parameters()).dtype  # float64 models (equivalence checks) get float64 images
     chunks = []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        images = batch[0].to(device, non_blocking=True)
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main_process()):
+        images = batch[0].to(device, dtype, non_blocking=True)
         with autocast(device, amp):
             out = embed(model, images) if embed is not None else model(images)
-        chunks.append(out.float().cpu())
+        chunks.append(out.cpu() if out.dtype == torch.float64 else out.float().cpu())
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
+def embed_dataset(model: nn.Module, dataset: Dataset, *, batch_size: int, num_workers: int, device: torch.device,
+                  embed: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None, amp: bool = False,
+                  desc: str = "features") -> torch.Tensor:
+    """Embeddings of a whole split in dataset order, on every rank: under DDP rank r embeds samples r, r+N, ...
+    and the rows are gathered by index (no padding, no duplicates); one process embeds everything."""
+    rank, world = get_rank(), get_world_size()
+    indices = list(range(rank, len(dataset), world))
+    subset = dataset if world == 1 else Subset(dataset, indices)
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    features = extract_features(unwrap(model), loader, device, amp, embed=embed, desc=desc)
+    if world == 1:
+        return features
+    return all_gather_by_index(features.reshape(len(indices), -1), torch.tensor(indices), len(dataset))
+
+
 def eval_recalls(query: Split, gallery: Split, ranks: Sequence[int], same_set: bool) -> Dict[str, float]:
-    """``test_recall@K`` in % (the originals' CSV columns); self excluded by index when query is gallery."""
-    if same_set:
-        values = recall_at_k(query.features, query.labels, ranks)
-    else:
-        values = recall_at_k(query.features, query.labels, ranks, gallery.features, gallery.labels)
+    """``test_recall@K`` in % (the originals' CSV columns); self excluded by index when query is gallery.
+
+    Computed once on rank 0 and broadcast, so every rank takes the same best-model decision."""
+    values: Optional[List[float]] = None
+    if is_main_process():
+        if same_set:
+            values = recall_at_k(query.features, query.labels, ranks)
+        else:
+            values = recall_at_k(query.features, query.labels, ranks, gallery.features, gallery.labels)
+        values = [float(v) for v in values]
+    values = broadcast_object(values)
     return {f"test_recall@{k}": 100.0 * v for k, v in zip(ranks, values)}
 
 
@@ -95,48 +118,100 @@ def _print_row(epoch: int, num_epochs: int, row: Mapping[str, float]) -> None:
     print(f"Epoch {epoch}/{num_epochs} - {text}", flush=True)
 
 
-def fit(run: RunFiles, *, model: nn.Module, config: Mapping[str, Any], config_keys: Sequence[str],
-        num_epochs: int, train_one_epoch: Callable[[int], Dict[str, float]], evaluate: Callable[[], Evaluation],
-        optimizer=None, scheduler=None, scaler=None, resume: Optional[str] = None, method: str = "",
-        database_kwargs: Optional[Dict[str, Any]] = None, extra_state: Optional[Callable[[], Dict]] = None,
-        load_extra: Optional[Callable[[Dict], None]] = None, key_metric: str = "test_recall@1") -> Statistics:
-    """Run epochs ``start..num_epochs``; scheduler steps once per epoch after training."""
-    bare = unwrap(model)
-    start, stats = 1, Statistics(run.statistics)
-    if resume:
-        path = run.checkpoint if resume == "auto" else Path(resume)
+class Run:
+    """The bookkeeping of one training run, used the same way on every rank; only rank 0 writes or prints.
+
+    A method's ``main`` keeps its epoch loop visible (torchvision references style)::
+
+        run = Run(files, config, RESUME_KEYS, "cgd", num_epochs, recalls=args.recalls)
+        start = run.resume(args.resume, model, optimizer, scheduler)
+        if start == 1:
+            run.log(0, {}, evaluate(...), model)
+        for epoch in range(start, num_epochs + 1):
+            train_stats = train_one_epoch(...)
+            scheduler.step()
+            run.log(epoch, train_stats, evaluate(...), model)
+            run.checkpoint(epoch, model, optimizer, scheduler)
+
+    The model (and database) kept is the best on the first requested rank (``--recalls 2,4`` keeps the best R@2)
+    among the trained epochs (``selection="best"``, CGD/REIR/SREML's originals) or the last one
+    (``selection="last"``, IRT's and FastRetri's). Epoch 0, the untrained model, is always a CSV row but becomes
+    the model only for an evaluation-only run (no training epochs).
+    """
+
+    def __init__(self, files: RunFiles, config: Mapping[str, Any], resume_keys: Sequence[str], method: str,
+                 num_epochs: int, *, recalls: Sequence[int], selection: str = "best",
+                 database: Optional[Mapping[str, Any]] = None):
+        if selection not in ("best", "last"):
+            raise UserError(f"model selection must be 'best' or 'last', got {selection!r}")
+        self.files, self.config, self.resume_keys, self.method = files, dict(config), list(resume_keys), method
+        self.num_epochs, self.selection = num_epochs, selection
+        self.key_metric = f"test_recall@{recalls[0]}"
+        self.database = dict(database or {})
+        self.main = is_main_process()
+        self.stats = Statistics(files.statistics)
+        self.best = float("-inf")
+        self.saved_epoch: Optional[int] = None
+        self.started = time.time()
+
+    def resume(self, resume: Optional[str], model: nn.Module, optimizer=None, scheduler=None,
+               scaler=None) -> Tuple[int, Dict[str, Any]]:
+        """``(first epoch to train, checkpoint dict)``: 1 and {} for a new run, else after the checkpoint's epoch
+        (weights, optimizer, scheduler, scaler and RNG restored on every rank)."""
+        if not resume:
+            return 1, {}
+        path = self.files.checkpoint if resume == "auto" else Path(resume)
         if resume == "auto" and not path.is_file():
             raise UserError(f"--resume: no checkpoint of this run at {path}")
-        state = load_checkpoint(path, config, config_keys, model=bare, optimizer=optimizer, scheduler=scheduler,
-                                scaler=scaler)
-        if load_extra is not None:
-            load_extra(state)
-        start = state["epoch"] + 1
-        stats = Statistics.resume(run.statistics, state["epoch"])
-        print(f"resumed from {path} at epoch {state['epoch']}")
-    best = stats.best(key_metric)
+        state = load_checkpoint(path, self.config, self.resume_keys, model=unwrap(model), optimizer=optimizer,
+                                scheduler=scheduler, scaler=scaler)
+        self.stats = Statistics.resume(self.files.statistics, state["epoch"])
+        trained = [r.get(self.key_metric) for e, r in self.stats.rows.items() if e > 0 and self.key_metric in r]
+        self.best = max(trained, default=float("-inf"))
+        if self.main:
+            print(f"resumed from {path} at epoch {state['epoch']}", flush=True)
+        return state["epoch"] + 1, state
 
-    def _evaluate_and_save(epoch: int, train_row: Dict[str, float]) -> None:
-        nonlocal best
-        result = evaluate()
-        stats.log(epoch, **train_row, **result.metrics)
-        _print_row(epoch, num_epochs, {**train_row, **result.metrics})
-        if result.metrics.get(key_metric, float("-inf")) > best:
-            best = result.metrics[key_metric]
-            atomic_save({"model": bare.state_dict(), "config": dict(config), "epoch": epoch}, run.model)
-            if result.splits:
-                save_database(run.database, config=config, method=method, splits=result.splits,
-                              **(database_kwargs or {}))
+    def _keep(self, epoch: int, metrics: Mapping[str, float]) -> bool:
+        if epoch == 0:
+            return self.num_epochs == 0
+        if self.selection == "last":
+            return True
+        if self.key_metric not in metrics:
+            return False
+        if metrics[self.key_metric] > self.best:
+            self.best = metrics[self.key_metric]
+            return True
+        return False
 
-    if start == 1 and 0 not in stats.rows:
-        _evaluate_and_save(0, {})
-    for epoch in range(start, num_epochs + 1):
-        t0 = time.time()
-        train_row = train_one_epoch(epoch)
-        if scheduler is not None:
-            scheduler.step()
-        _evaluate_and_save(epoch, {**train_row})
-        save_checkpoint(run.checkpoint, model=bare, config=config, epoch=epoch, optimizer=optimizer,
-                        scheduler=scheduler, scaler=scaler, **(extra_state() if extra_state else {}))
-        print(f"epoch {epoch} took {time.time() - t0:.1f}s", flush=True)
-    return stats
+    def log(self, epoch: int, train_stats: Mapping[str, float], evaluation: "Evaluation", model: nn.Module) -> None:
+        """One CSV row and printout; the model and database when this epoch is the one to keep."""
+        row = {**train_stats, **evaluation.metrics}
+        if self.main:
+            self.stats.log(epoch, **row)
+            _print_row(epoch, self.num_epochs, row)
+        if not evaluation.metrics or not self._keep(epoch, evaluation.metrics):
+            return
+        splits = {name: Split(s.images, s.labels, s.features) for name, s in evaluation.splits.items()}  # all ranks
+        if self.main:
+            atomic_save({"model": unwrap(model).state_dict(), "config": self.config, "epoch": epoch},
+                        self.files.model)
+            if splits:
+                save_database(self.files.database, config=self.config, method=self.method, splits=splits,
+                              **self.database)
+        self.saved_epoch = epoch
+
+    def checkpoint(self, epoch: int, model: nn.Module, optimizer=None, scheduler=None, scaler=None,
+                   **extra: Any) -> None:
+        """Everything ``--resume`` needs, written atomically by rank 0 after every epoch."""
+        if self.main:
+            save_checkpoint(self.files.checkpoint, model=unwrap(model), config=self.config, epoch=epoch,
+                            optimizer=optimizer, scheduler=scheduler, scaler=scaler, **extra)
+            print(f"epoch {epoch} done, {time.time() - self.started:.1f}s since start", flush=True)
+        barrier()
+
+    def finish(self) -> Statistics:
+        """Fail loudly when the run promised a model file and none exists (nothing was ever evaluated)."""
+        if self.main and not self.files.model.is_file():
+            raise UserError(f"no evaluation produced {self.key_metric}; {self.files.model} was not written")
+        return self.stats

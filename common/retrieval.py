@@ -70,7 +70,7 @@ def embed_file(model: nn.Module, path: str, transform: Callable[[Any], torch.Ten
         image = open_image(path)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read image {path}: {e}")
-    images = transform(image)[None].to(device)
+    images = transform(image)[None].to(device, next(model.parameters()).dtype)
     out = embed(model, images) if embed is not None else model(images)
     return out[0].float().cpu()
 

@@ -66,29 +66,77 @@ def test_test_script_metrics_database_and_rendering(trained, results):
     args = cgd_test.get_args_parser().parse_args(
         ["--data_path", str(data), "--data_base", f"{_name('SG')}_data_base.pth", "--query_img_name",
          "img_5_0.jpg", "--retrieval_num", "3", "--num_workers", "0", "--recalls", "1,2"])
+    training_db = (results / f"{_name('SG')}_data_base.pth").read_bytes()
     metrics = cgd_test.main(args)
+    assert (results / f"{_name('SG')}_data_base.pth").read_bytes() == training_db  # never overwritten
     assert set(metrics) == {"test_recall@1", "test_recall@2", "test_map@r", "test_r_precision"}
     best = pd.read_csv(results / f"{_name('SG')}_statistics.csv", index_col="epoch")["test_recall@1"].max()
     assert metrics["test_recall@1"] == pytest.approx(best, abs=1e-6)  # same model, same features
     assert (results / f"{_name('SG')}_test_metrics.csv").is_file()
+    assert not (results / f"{_name('SG')}_test_data_base.pth").exists()
     out = results / "img_5_0"
     assert (out / "query_img.jpg").is_file() and (out / "grid.png").is_file()
     assert len(list(out.glob("retrieval_img_*_*.jpg"))) == 3
 
 
+def _infer(*args):
+    return [results for _, results in inference.main(inference.get_args_parser().parse_args(list(args)))]
+
+
 def test_inference_database_image_and_new_file(trained, results, tmp_path):
     data = trained[0]
     common = ["--data_base", f"{_name('SG')}_data_base.pth", "--retrieval_num", "4"]
-    stored = inference.main(inference.get_args_parser().parse_args(common + ["--query_img_name", "img_6_1.jpg"]))
+    stored = _infer(*common, "--query_img_name", "img_6_1.jpg")[0]
     assert len(stored) == 4 and all("img_6_1.jpg" not in path for path, _, _ in stored)  # self excluded
     distances = [d for _, _, d in stored]
     assert distances == sorted(distances)
+    ranking = pd.read_csv(results / "img_6_1" / "ranking.csv")
+    assert list(ranking.columns) == ["rank", "path", "label", "score"] and list(ranking["rank"]) == [1, 2, 3, 4]
+    assert ranking["score"].tolist() == pytest.approx(distances, abs=1e-6)
     # the same picture as a NEW file (not in the database): embedded by the saved model, so it finds itself first
     copy = tmp_path / "new_query.png"
     Image.open(next(data.glob("cub/images/006.*/img_6_1.jpg"))).save(copy)
-    fresh = inference.main(inference.get_args_parser().parse_args(common + ["--query_img_name", str(copy)]))
+    fresh = _infer(*common, "--query_img_name", str(copy))[0]
     assert fresh[0][0].endswith("img_6_1.jpg") and fresh[0][2] < 0.05
     assert (results / "new_query" / "grid.png").is_file()
+
+
+def test_new_file_sharing_a_stored_name_gets_its_own_ranking(trained, results, tmp_path):
+    """A new image named like a stored one (img_6_1.jpg) is embedded, not confused with the stored image."""
+    data = trained[0]
+    other = tmp_path / "img_6_1.jpg"
+    Image.open(next(data.glob("cub/images/007.*/img_7_2.jpg"))).save(other)
+    common = ["--data_base", f"{_name('SG')}_data_base.pth", "--retrieval_num", "3"]
+    by_name = _infer(*common, "--query_img_name", "img_6_1.jpg")[0]
+    by_file = _infer(*common, "--query_img_name", str(other))[0]
+    assert by_file[0][0].endswith("img_7_2.jpg") and by_file[0][2] < 0.05  # finds the picture it really is
+    assert by_file != by_name
+
+
+def test_folder_of_queries(trained, results, tmp_path):
+    folder = tmp_path / "queries"
+    for name in ("a.jpg", "b.png"):
+        (folder / "sub").mkdir(parents=True, exist_ok=True)
+        Image.open(next(trained[0].glob("cub/images/005.*/img_5_0.jpg"))).save(folder / "sub" / name)
+    out = _infer("--data_base", f"{_name('SG')}_data_base.pth", "--retrieval_num", "2", "--query_img_name",
+                 str(folder))
+    assert len(out) == 2 and (results / "a" / "ranking.csv").is_file() and (results / "b" / "grid.png").is_file()
+
+
+def test_model_of_another_configuration_refused_in_one_line(trained, results, tmp_path):
+    """A database whose model file beside it was trained with another gd_config is refused, in one line."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / f"{_name('SG')}_data_base.pth").write_bytes((results / f"{_name('SG')}_data_base.pth").read_bytes())
+    (folder / f"{_name('SG')}_model.pth").write_bytes((results / f"{_name('MG')}_model.pth").read_bytes())
+    new = tmp_path / "q.png"
+    Image.open(next(trained[0].glob("cub/images/005.*/img_5_0.jpg"))).save(new)
+    proc = subprocess.run([sys.executable, "cgd/inference.py", "--data_base", str(folder / f"{_name('SG')}_data_base.pth"),
+                           "--query_img_name", str(new)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "RETRIEVAL_RESULTS": str(tmp_path / "r")})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "gd_config='MG' (expected 'SG')" in lines[0]
 
 
 def test_ablation_sg_vs_mg(trained, results):
@@ -99,15 +147,6 @@ def test_ablation_sg_vs_mg(trained, results):
     assert metrics["wins"] + metrics["ties"] + metrics["losses"] == 24
     csv = results / f"{_name('SG')}----{_name('MG')}_ablation.csv"
     assert pd.read_csv(csv)["wins"].item() == metrics["wins"]
-
-
-def test_other_gd_config_refused_in_one_line(trained, results):
-    proc = subprocess.run([sys.executable, "cgd/inference.py", "--data_base", f"{_name('SG')}_data_base.pth",
-                           "--query_img_name", "img_5_0.jpg", "--gd_config", "MG"],
-                          cwd=REPO, capture_output=True, text=True, env={**os.environ})
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "gd_config='SG' (expected 'MG')" in lines[0]
 
 
 def test_resume_equals_uninterrupted(trained, tmp_path, monkeypatch):

@@ -1,0 +1,295 @@
+"""``test.py``, ``inference.py`` and ``ablation.py`` of every method, written once on a :class:`MethodSpec`.
+
+The contract (README "One contract for all five methods"):
+
+* ``test.py --data_base <run>_data_base.pth`` (or ``--model <run>_model.pth``) re-embeds the run's evaluation
+  splits from the images under ``--data_path`` and writes ``results/<method>/<run>_test_metrics.csv`` (the training
+  CSV's ``test_recall@K`` columns plus ``test_map@r`` and ``test_r_precision``); it never overwrites the training
+  database (``--save_data_base FILE`` writes a new one). ``--query_img_name`` also renders one query.
+* ``inference.py --query_img_name Q --data_base DB``: Q is a file path when that file exists (a new image, embedded
+  now; the same file as a stored image uses the stored feature), otherwise a database image named by its stored
+  path (a bare file name only when unambiguous); a folder queries every image in it. Each query writes
+  ``results/<method>/<query stem>/`` with the originals' ``query_img.jpg`` + ``retrieval_img_<rank>_<score>.jpg``,
+  ``grid.png`` and ``ranking.csv`` (``rank,path,label,score``).
+* ``ablation.py --better_data_base A --worse_data_base B`` compares two databases query by query.
+"""
+import argparse
+import csv
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import pandas as pd
+import torch
+from torch import nn
+
+from common.cli import parse_recalls
+from common.compare import compare_runs, query_and_gallery
+from common.database import Database, Split, find_query, save_database
+from common.datasets import eval_splits, load_splits
+from common.device import main_device, parse_gpu_ids
+from common.engine import embed_dataset
+from common.errors import UserError
+from common.metrics import retrieval_metrics
+from common.render import save_retrieval
+from common.retrieval import DB_SUFFIX, embed_file, model_path, open_database, run_prefix, search
+from common.runio import load_model_file, results_dir, safe_load
+from common.spec import MethodSpec
+
+__all__ = ["test_parser", "run_test", "inference_parser", "run_inference", "ablation_parser", "run_ablation",
+           "open_run_model", "stored_or_new", "IMAGE_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def _flag(group, name: str, **kwargs) -> None:
+    """``--name_with_underscores`` with the hyphenated spelling as an alias (IRT's and fast-reid's style)."""
+    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    group.add_argument(*names, dest=name, **kwargs)
+
+
+# ---------------------------------------------------------------- loading a run
+
+
+def open_run_model(spec: MethodSpec, path: Path, expected: Dict[str, Any], device: torch.device) -> nn.Module:
+    """A trained ``<run>_model.pth`` in eval mode, refused in one line if its model-defining configuration differs
+    from ``expected`` (the database's)."""
+    model = load_model_file(path, expected, spec.model_keys, lambda state: spec.build_model(state["config"]), "model")
+    return model.to(device).eval()
+
+
+def _load_for_test(spec: MethodSpec, args: argparse.Namespace,
+                   device: torch.device) -> Tuple[str, Dict[str, Any], nn.Module]:
+    """(run name, configuration, model) from ``--model`` or from the model file next to ``--data_base``."""
+    if args.model:
+        path = Path(args.model)
+        state = safe_load(path, "model")
+        config = state["config"]
+        if config.get("method", spec.name) != spec.name:
+            raise UserError(f"model {path} was trained by {config.get('method')!r}, not by {spec.display}")
+        run = path.name[: -len("_model.pth")] if path.name.endswith("_model.pth") else path.stem
+        return run, config, open_run_model(spec, path, spec.model_config(config), device)
+    db_path, db = open_database(args.data_base, spec.name)
+    model = open_run_model(spec, model_path(db_path), spec.model_config(db.config), device)
+    return run_prefix(db_path), db.config, model
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    return main_device(parse_gpu_ids(getattr(args, "gpu_ids", None))[:1])
+
+
+# ---------------------------------------------------------------- test.py
+
+
+def test_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentParser:
+    """The flags of every method's ``test.py`` (originals' underscore names, hyphenated aliases)."""
+    parser = argparse.ArgumentParser(description=f"Test a trained {spec.display} run: Recall@K, MAP@R, "
+                                     "R-precision on its evaluation splits", add_help=add_help)
+    g = parser.add_argument_group("run")
+    _flag(g, "data_base", default=spec.default_data_base, type=str,
+          help=f"the run's database, a path or a name under results/{spec.name}/; its model is the "
+               f"<run>_model.pth beside it (default: {spec.default_data_base})")
+    _flag(g, "model", default=None, type=str, help="a <run>_model.pth to test instead of --data_base's model")
+    g = parser.add_argument_group("data and evaluation")
+    _flag(g, "data_path", default="data", type=str, help="root of the processed datasets (default: data)")
+    _flag(g, "recalls", default=None, type=parse_recalls,
+          help="ranks K, comma separated (default: the run's own, else " + spec.default_recalls + ")")
+    _flag(g, "batch_size", default=64, type=int, help="images per forward pass (default: 64)")
+    _flag(g, "num_workers", default=4, type=int, help="DataLoader workers (default: 4)")
+    _flag(g, "gpu_ids", default=None, type=str, help="GPU to embed on, e.g. '0' (default: first visible; CPU if none)")
+    _flag(g, "save_data_base", default=None, type=str,
+          help="also write the recomputed features as a new database FILE (the training database is never "
+               "overwritten)")
+    g = parser.add_argument_group("rendering one query (CGD's original test.py)")
+    _flag(g, "query_img_name", default=None, type=str, help="render this query (a file or a database image)")
+    _flag(g, "retrieval_num", default=8, type=int, help="results rendered (default: 8)")
+    return parser
+
+
+def _recalls(args: argparse.Namespace, spec: MethodSpec, config: Dict[str, Any]) -> List[int]:
+    if args.recalls:
+        return list(args.recalls)
+    stored = config.get("recalls") or config.get("rank") or config.get("TEST.RECALLS")
+    return list(stored) if isinstance(stored, (list, tuple)) and stored else parse_recalls(spec.default_recalls)
+
+
+def evaluation_splits(spec: MethodSpec, config: Dict[str, Any], model: nn.Module, args: argparse.Namespace,
+                      device: torch.device) -> Tuple[Dict[str, Split], str, str]:
+    """Features of the run's query and gallery splits, recomputed from the images."""
+    data_name, crop_type = spec.dataset(config)
+    query, gallery = eval_splits(data_name)
+    transform = spec.eval_transform(config)
+    names = list(dict.fromkeys((query, gallery)))
+    datasets = load_splits(args.data_path, data_name, crop_type, {n: transform for n in names})
+    splits = {}
+    for name, dataset in datasets.items():
+        features = embed_dataset(model, dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                                 device=device, embed=spec.embed, desc=f"{name} features")
+        splits[name] = Split(dataset.images, dataset.labels, features)
+    return splits, query, gallery
+
+
+def test_metrics(splits: Dict[str, Split], query: str, gallery: str, ranks: Sequence[int]) -> Dict[str, float]:
+    """``test_recall@K``, ``test_map@r``, ``test_r_precision`` in % (self excluded by index on one split)."""
+    q, g = splits[query], splits[gallery]
+    available = len(g.images) - (1 if query == gallery else 0)
+    if max(ranks) > available:
+        raise UserError(f"--recalls {max(ranks)} is larger than the gallery ({available} images to rank)")
+    if query == gallery:
+        values = retrieval_metrics(q.features, q.labels, ranks)
+    else:
+        values = retrieval_metrics(q.features, q.labels, ranks, g.features, g.labels)
+    return {f"test_{k}": 100.0 * v for k, v in values.items()}
+
+
+def run_test(spec: MethodSpec, args: argparse.Namespace) -> Dict[str, float]:
+    """``test.py``: metrics CSV (+ optional new database and one rendered query)."""
+    device = _device(args)
+    run, config, model = _load_for_test(spec, args, device)
+    splits, query, gallery = evaluation_splits(spec, config, model, args, device)
+    metrics = test_metrics(splits, query, gallery, _recalls(args, spec, config))
+    print(" | ".join(f"{k[5:]}: {v:.2f}%" for k, v in metrics.items()))
+    out = results_dir(spec.name) / f"{run}_test_metrics.csv"
+    pd.DataFrame([metrics]).to_csv(out, index=False)
+    print(f"metrics saved to {out}")
+    db = Database(dict(config), spec.name, spec.metric, spec.scale(config), query, gallery, splits)
+    if args.save_data_base:
+        target = Path(args.save_data_base)
+        if target.resolve() == (results_dir(spec.name) / f"{run}{DB_SUFFIX}").resolve():
+            raise UserError(f"--save_data_base {target} is the training database; choose another file name")
+        save_database(target, config=config, method=spec.name, splits=splits, metric=spec.metric,
+                      scale=db.scale, query=query, gallery=gallery)
+        print(f"database saved to {target}")
+    if args.query_img_name:
+        answer_query(spec, db, args.query_img_name, args.retrieval_num, query, gallery, lambda: model, device)
+    return metrics
+
+
+# ---------------------------------------------------------------- inference.py
+
+
+def inference_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentParser:
+    """The flags of every method's ``inference.py`` (CGD/REIR names; hyphenated aliases)."""
+    parser = argparse.ArgumentParser(description=f"{spec.display} retrieval: rank a database's gallery for a query "
+                                     "image (new file or database image) or a folder of them", add_help=add_help)
+    _flag(parser, "query_img_name", required=True, type=str,
+          help="an image file (embedded now), a database image (its stored path or unique file name), or a folder")
+    _flag(parser, "data_base", default=spec.default_data_base, type=str,
+          help=f"queried database, a path or a name under results/{spec.name}/ (default: {spec.default_data_base})")
+    _flag(parser, "data_type", default="test", choices=["test", "train"],
+          help="search the database's query/gallery splits (test) or its train split (default: test)")
+    _flag(parser, "retrieval_num", default=8, type=int, help="results per query (default: 8)")
+    _flag(parser, "gpu_ids", default=None, type=str, help="GPU for embedding new images (default: first; CPU if none)")
+    return parser
+
+
+def stored_or_new(images: Sequence[str], name: str) -> int:
+    """Index of the query among the stored images, or -1 for a new image file.
+
+    An existing file is stored only if it IS a stored file (same real path): a new file that merely shares a
+    stored image's name gets its own embedding. A name that is no file must be a stored image."""
+    if Path(name).is_file():
+        target = Path(name).resolve()
+        return next((i for i, p in enumerate(images) if Path(p).resolve() == target), -1)
+    try:
+        return find_query(images, name)
+    except UserError as e:
+        raise UserError(f"{name} is neither an image file nor an image of the database ({e})") from None
+
+
+def _queries(name: str) -> List[str]:
+    """One query, or every image below a folder (sorted, recursive)."""
+    path = Path(name)
+    if not path.is_dir():
+        return [name]
+    files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}")
+    return files
+
+
+def write_ranking(out_dir: Path, results: Sequence[Tuple[str, Optional[int], float]]) -> Path:
+    """``ranking.csv``: rank, path, label (empty when unknown), score (distance for euclidean, else similarity)."""
+    path = Path(out_dir) / "ranking.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["rank", "path", "label", "score"])
+        for rank, (p, label, score) in enumerate(results, start=1):
+            writer.writerow([rank, p, "" if label is None else label, f"{score:.6f}"])
+    return path
+
+
+def answer_query(spec: MethodSpec, db: Database, name: str, k: int, q_name: str, g_name: str, get_model,
+                 device: torch.device) -> Tuple[Path, list]:
+    """Rank the gallery for one query and write its folder; ``get_model()`` is only called for a new image."""
+    query, gallery = db.split(q_name), db.split(g_name)
+    index = stored_or_new(query.images, name)
+    if index >= 0:
+        path, label, feature = query.images[index], query.labels[index], query.features[index]
+        exclude = index if q_name == g_name else None
+    else:
+        transform = spec.eval_transform(db.config)
+        path, label, exclude = name, None, None
+        feature = embed_file(get_model(), name, transform, device, spec.embed)
+    available = len(gallery.images) - (1 if exclude is not None else 0)
+    if not 1 <= k <= available:
+        raise UserError(f"--retrieval_num {k} must be between 1 and the {available} gallery images")
+    results = search(feature, gallery, db.metric, k, db.scale, exclude)
+    out = save_retrieval(results_dir(spec.name) / Path(path).stem, path, label, results, size=spec.render_size,
+                         width=spec.frame_width)
+    write_ranking(out, results)
+    known = "unknown" if label is None else label
+    print(f"query {path} (label {known}): {k} best of {len(gallery.images)} gallery images by {db.metric}")
+    for rank, (p, lab, score) in enumerate(results, start=1):
+        mark = "" if label is None else ("  correct" if lab == label else "  wrong")
+        print(f"{rank:3d}. {score:.4f}  label {lab}  {p}{mark}")
+    print(f"saved to {out}")
+    return out, results
+
+
+def run_inference(spec: MethodSpec, args: argparse.Namespace) -> List[Tuple[Path, list]]:
+    """``inference.py``: one folder of results per query."""
+    db_path, db = open_database(args.data_base, spec.name)
+    q_name, g_name = query_and_gallery(db, args.data_type)
+    device = _device(args)
+    cache: Dict[str, nn.Module] = {}
+
+    def get_model() -> nn.Module:
+        if "model" not in cache:
+            cache["model"] = open_run_model(spec, model_path(db_path), spec.model_config(db.config), device)
+        return cache["model"]
+
+    return [answer_query(spec, db, q, args.retrieval_num, q_name, g_name, get_model, device)
+            for q in _queries(args.query_img_name)]
+
+
+# ---------------------------------------------------------------- ablation.py
+
+
+def ablation_parser(spec: MethodSpec, better: str = "", worse: str = "",
+                    add_help: bool = True) -> argparse.ArgumentParser:
+    """The flags of every method's ``ablation.py`` (REIR's names; IRT's ``--better-db`` / ``--worse-db`` too)."""
+    parser = argparse.ArgumentParser(description=f"Compare two {spec.display} databases query by query",
+                                     add_help=add_help)
+    parser.add_argument("--better_data_base", "--better-data-base", "--better-db", dest="better_data_base",
+                        default=better or None, required=not better, type=str,
+                        help=f"the database expected to be better (path or name under results/{spec.name}/)")
+    parser.add_argument("--worse_data_base", "--worse-data-base", "--worse-db", dest="worse_data_base",
+                        default=worse or None, required=not worse, type=str,
+                        help="the database it is compared with")
+    _flag(parser, "data_type", default="test", choices=["test", "train"],
+          help="compare on the query/gallery splits (test) or the train split (default: test)")
+    _flag(parser, "retrieval_num", default=8, type=int, help="K of the top-K lists (default: 8)")
+    _flag(parser, "save_results", action="store_true", help="render every query the better database wins")
+    return parser
+
+
+def run_ablation(spec: MethodSpec, args: argparse.Namespace) -> Dict[str, float]:
+    """``ablation.py``: AR@K, GE Rate@K, Better Ratio@K printed and saved as ``<better>----<worse>_ablation.csv``."""
+    result = compare_runs(args.better_data_base, args.worse_data_base, spec.name, spec.dataset, args.data_type,
+                          args.retrieval_num, args.save_results, size=spec.render_size)
+    name = f"{run_prefix(Path(args.better_data_base))}----{run_prefix(Path(args.worse_data_base))}"
+    out = results_dir(spec.name) / f"{name}_ablation.csv"
+    pd.DataFrame([result]).to_csv(out, index=False)
+    print(f"saved {out}")
+    return result
+
