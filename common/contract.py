@@ -2,7 +2,7 @@
 
 The contract (README "One contract for all five methods"):
 
-* ``test.py --data_base <run>_data_base.pth`` (or ``--model <run>_model.pth``) re-embeds the run's evaluation
+* ``test.py --data_base <run>_data_base.pth`` (or ``--model_file <run>_model.pth``) re-embeds the run's evaluation
   splits from the images under ``--data_path`` and writes ``results/<method>/<run>_test_metrics.csv`` (the training
   CSV's ``test_recall@K`` columns plus ``test_map@r`` and ``test_r_precision``); it never overwrites the training
   database (``--save_data_base FILE`` writes a new one). ``--query_img_name`` also renders one query.
@@ -53,24 +53,43 @@ def _flag(group, name: str, **kwargs) -> None:
 def open_run_model(spec: MethodSpec, path: Path, expected: Dict[str, Any], device: torch.device) -> nn.Module:
     """A trained ``<run>_model.pth`` in eval mode, refused in one line if its model-defining configuration differs
     from ``expected`` (the database's)."""
-    model = load_model_file(path, expected, spec.model_keys, lambda state: spec.build_model(state["config"]), "model")
+    keys = [k for k in spec.model_keys if k in expected]
+    model = load_model_file(path, expected, keys, lambda state: spec.build_model(state["config"]), "model")
     return model.to(device).eval()
 
 
 def _load_for_test(spec: MethodSpec, args: argparse.Namespace,
                    device: torch.device) -> Tuple[str, Dict[str, Any], nn.Module]:
-    """(run name, configuration, model) from ``--model`` or from the model file next to ``--data_base``."""
-    if args.model:
-        path = Path(args.model)
-        state = safe_load(path, "model")
-        config = state["config"]
+    """(run name, configuration, model) from ``--model_file`` or from the model file next to ``--data_base``.
+
+    ``--model_file`` may also be a file of the original project (no stored configuration): the method's
+    ``import_original(path, args)`` then rebuilds configuration and model from the file name or flags.
+    ``args.expected_config`` (set by fast-reid's ``--eval-only``) must match the file's model-defining keys."""
+    if args.model_file:
+        path = Path(args.model_file)
+        run = path.name[: -len("_model.pth")] if path.name.endswith("_model.pth") else path.stem
+        if spec.import_original is not None and not _is_toolkit_file(path):
+            config, model = spec.import_original(path, args)
+            return run, config, model.to(device).eval()
+        config = safe_load(path, "model")["config"]
         if config.get("method", spec.name) != spec.name:
             raise UserError(f"model {path} was trained by {config.get('method')!r}, not by {spec.display}")
-        run = path.name[: -len("_model.pth")] if path.name.endswith("_model.pth") else path.stem
-        return run, config, open_run_model(spec, path, spec.model_config(config), device)
+        expected = getattr(args, "expected_config", None) or spec.model_config(config)
+        return run, config, open_run_model(spec, path, expected, device)
     db_path, db = open_database(args.data_base, spec.name)
     model = open_run_model(spec, model_path(db_path), spec.model_config(db.config), device)
     return run_prefix(db_path), db.config, model
+
+
+def _is_toolkit_file(path: Path) -> bool:
+    """True for a file this toolkit wrote (a dict with a stored ``config``); originals' files have none."""
+    try:
+        safe_load(path, "model")
+        return True
+    except UserError as e:
+        if "no stored configuration" in str(e) or "not a checkpoint of this toolkit" in str(e):
+            return False
+        raise
 
 
 def _device(args: argparse.Namespace) -> torch.device:
@@ -88,7 +107,8 @@ def test_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentPar
     _flag(g, "data_base", default=spec.default_data_base, type=str,
           help=f"the run's database, a path or a name under results/{spec.name}/; its model is the "
                f"<run>_model.pth beside it (default: {spec.default_data_base})")
-    _flag(g, "model", default=None, type=str, help="a <run>_model.pth to test instead of --data_base's model")
+    g.add_argument("--model_file", "--model-file", "--checkpoint", dest="model_file", default=None, type=str,
+                   help="a <run>_model.pth to test instead of --data_base's model (or an original project's file)")
     g = parser.add_argument_group("data and evaluation")
     _flag(g, "data_path", default="data", type=str, help="root of the processed datasets (default: data)")
     _flag(g, "recalls", default=None, type=parse_recalls,

@@ -6,6 +6,7 @@ dotted keys followed by values (``SOLVER.BASE_LR 0.01``), parsed as YAML and coe
 Unknown keys and uncoercible values are one-line :class:`UserError` s.
 """
 import argparse
+import ast
 import copy
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -85,6 +86,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     elif isinstance(default, list):
+        if isinstance(value, str) and value.strip().startswith(("(", "[")):
+            value = _literal(key, value)  # fast-reid's yacs tuples: NAMES: ("Cars196",)
         items = list(value) if isinstance(value, (list, tuple)) else [value]
         if default and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in items):
             kind = float if any(isinstance(x, float) for x in default) else type(default[0])
@@ -94,6 +97,14 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if not default or all(isinstance(x, str) for x in items):
             return items
     raise UserError(f"config key {key} expects {type(default).__name__}, got {value!r}")
+
+
+def _literal(key: str, text: str) -> Any:
+    """A Python literal such as ``("CUB",)`` (YAML reads it as a string; yacs evaluates it)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise UserError(f"config key {key} expects a list, got {text!r}") from None
 
 
 def set_value(cfg: Dict[str, Any], key: str, value: Any, where: str = "command line") -> None:
@@ -126,7 +137,7 @@ def _read_yaml(path: Path, seen: Sequence[Path] = ()) -> List[tuple]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})")
+        raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of keys")
     base = data.pop("_BASE_", None)
@@ -167,9 +178,10 @@ def flatten(cfg: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-# fast-reid dataset names (DATASETS.NAMES) -> this repository's processed datasets
-DATASET_NAMES = {"cub": "cub", "cars": "car", "car": "car", "sop": "sop", "inshop": "isc", "isc": "isc",
-                 "demo": "demo"}
+# DATASETS.NAMES (case-insensitive) -> this repository's processed datasets: the names fast-reid's FastRetri
+# registers (projects/FastRetri/fastretri/datasets.py: Cars196, CUB, SOP, InShop) and this repository's own
+DATASET_NAMES = {"cub": "cub", "cars196": "car", "cars": "car", "car": "car", "sop": "sop", "inshop": "isc",
+                 "isc": "isc", "demo": "demo"}
 # keys that must match to load a model or database; everything but these bookkeeping keys must match to resume
 MODEL_KEYS = ("MODEL.BACKBONE.NAME", "MODEL.BACKBONE.LAST_STRIDE", "MODEL.BACKBONE.NORM", "MODEL.HEADS.GEM_P",
               "MODEL.HEADS.WITH_BNNECK", "MODEL.HEADS.SCALE", "DATASETS.NAMES", "DATASETS.CROP_TYPE",
@@ -209,8 +221,8 @@ def resolve_config(args: argparse.Namespace) -> Dict:
 def data_name(cfg: Dict) -> str:
     names = cfg["DATASETS"]["NAMES"]
     if len(names) != 1 or names[0].lower() not in DATASET_NAMES:
-        raise UserError(f"DATASETS.NAMES must be one of {', '.join(['CUB', 'Cars', 'SOP', 'InShop', 'demo'])}, "
-                        f"got {names}")
+        raise UserError(f"DATASETS.NAMES must be one of {', '.join(['CUB', 'Cars196', 'SOP', 'InShop', 'demo'])} "
+                        f"(or cub, car, sop, isc), got {names}")
     return DATASET_NAMES[names[0].lower()]
 
 

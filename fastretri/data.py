@@ -1,20 +1,14 @@
-"""FastRetri data: transforms from the config, the datasets, the global-batch sampler and sharded embedding."""
+"""FastRetri data: transforms from the config, the datasets and the global-batch sampler."""
 from typing import Dict, Tuple
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from common.datasets import RetrievalDataset, eval_splits, label_space, load_index
-from common.device import unwrap
-from common.distributed import DistInfo, all_gather_by_index
-from common.engine import extract_features
 from common.preprocess import ensure_dataset
 from common.presets import fastretri_transform
 from fastretri.config import data_name
 
-__all__ = ["build_transforms", "build_datasets", "GlobalBatchSampler", "embed_split"]
+__all__ = ["build_transforms", "build_datasets", "GlobalBatchSampler"]
 
 
 def build_transforms(cfg: Dict) -> Tuple:
@@ -59,15 +53,3 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         for b in range(len(self)):
             start = b * self.global_batch + self.rank * self.per_rank
             yield perm[start:start + self.per_rank].tolist()
-
-
-def embed_split(model: nn.Module, dataset: RetrievalDataset, info: DistInfo, batch_size: int, workers: int,
-                 amp: bool) -> torch.Tensor:
-    """L2-normalised embeddings of a whole split: rank r embeds samples r, r+W, ... and all are gathered by index."""
-    indices = list(range(info.rank, len(dataset), info.world_size))
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=info.device.type == "cuda")
-    features = extract_features(unwrap(model), loader, info.device, amp=amp, desc=f"features {info.rank}")
-    features = features.reshape(len(indices), -1) if len(indices) else torch.zeros(0, unwrap(model).feat_dim)
-    full = all_gather_by_index(features, torch.tensor(indices, dtype=torch.long), len(dataset))
-    return F.normalize(full, dim=1)

@@ -3,46 +3,36 @@
 ResNet (last stride 1, every BatchNorm frozen: statistics and affine) -> GeM (p=3) -> BNNeck (BatchNorm1d whose
 bias is frozen; its output is the embedding) -> bias-free linear classifier initialised N(0, 0.01).
 
+The stem max-pool is fastreid's ``MaxPool2d(3, stride=2, padding=0, ceil_mode=True)``, not torchvision's
+``padding=1``: the same 56 x 56 map at 224 px, but on a grid shifted by one pixel (and other sizes at some odd
+inputs). Weights do not depend on it, so torchvision's ImageNet weights load unchanged.
+
 The neck's BatchNorm is fast-reid's SyncBN in spirit: with several processes it normalises with the statistics of
 the *global* batch (so 4 x 32 images behave like 1 x 128), but unlike ``nn.SyncBatchNorm`` it needs no GPU and no
 process group: a single process is a plain BatchNorm1d (the original crashed there, fast-reid #667).
 """
-from typing import Dict, Tuple, Union
+import os
+import re
+from typing import Any, Dict, Mapping, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from common.backbones import build_resnet
-from common.distributed import all_reduce_sum_with_grad, get_world_size
+from common.distributed import GlobalBatchNorm
 from common.errors import UserError
 from common.pooling import GeM
+from common.presets import IMAGENET_MEAN, IMAGENET_STD
 from common.runio import load_model_file
 from fastretri.config import MODEL_KEYS, config_dict
 
-__all__ = ["GlobalBatchNorm1d", "FastRetri", "freeze_batchnorm", "build_model", "load_model"]
+__all__ = ["GlobalBatchNorm1d", "FastRetri", "freeze_batchnorm", "fastreid_stem_pool", "build_model", "load_model",
+           "is_fastreid_state", "fastreid_to_fastretri", "load_fastreid_model"]
 
 
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d over the batch of all ranks in training (gradients flow through the all-reduce)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or get_world_size() == 1:
-            return super().forward(x)
-        x32 = x.float()
-        local = torch.cat([x32.sum(0), (x32 * x32).sum(0), x32.new_tensor([x.shape[0]])])
-        total = all_reduce_sum_with_grad(local)
-        c = x.shape[1]
-        n = total[-1]
-        mean = total[:c] / n
-        var = (total[c:2 * c] / n - mean * mean).clamp(min=0)
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            unbiased = var * n / (n - 1).clamp(min=1)
-            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.detach())
-            self.running_var.mul_(1 - self.momentum).add_(self.momentum * unbiased.detach())
-        out = (x32 - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
-        return out.to(x.dtype)
+class GlobalBatchNorm1d(GlobalBatchNorm):
+    """The BNNeck's BatchNorm1d over the batch of all ranks in training (common.distributed.GlobalBatchNorm)."""
 
 
 def freeze_batchnorm(module: nn.Module) -> None:
@@ -61,6 +51,11 @@ def _last_stride_one(layer4: nn.Sequential) -> None:
             m.stride = (1, 1)
 
 
+def fastreid_stem_pool() -> nn.MaxPool2d:
+    """fastreid ``ResNet.maxpool``: no padding, the last window may hang over the edge (``ceil_mode``)."""
+    return nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
+
+
 class FastRetri(nn.Module):
     """``forward`` returns the BNNeck embedding ``[N, D]`` in eval mode and ``(embedding, logits)`` in training.
 
@@ -74,7 +69,7 @@ class FastRetri(nn.Module):
         net = build_resnet(backbone, pretrained)
         if last_stride == 1:
             _last_stride_one(net.layer4)
-        self.backbone = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+        self.backbone = nn.Sequential(net.conv1, net.bn1, net.relu, fastreid_stem_pool(),
                                       net.layer1, net.layer2, net.layer3, net.layer4)
         self.feat_dim = net.fc.in_features
         self.frozen_bn = norm == "FrozenBN"
@@ -123,3 +118,100 @@ def load_model(cfg: Dict, path: str) -> FastRetri:
         return build_model(cfg, state["model"]["classifier.weight"].shape[0], "none")
 
     return load_model_file(path, config_dict(cfg), MODEL_KEYS, build, "model").eval()
+
+
+# ---- fast-reid's trained files (``model_final.pth``, ``model_best.pth``, ``model_00NN.pth``) ----
+
+# fastreid ResNet stage name -> index in FastRetri.backbone
+_FASTREID_STAGES = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
+# fast-reid's default MODEL.PIXEL_MEAN / PIXEL_STD (0-255 scale): what our transform's Normalize reproduces
+_FASTREID_PIXEL = {"pixel_mean": [255 * m for m in IMAGENET_MEAN], "pixel_std": [255 * s for s in IMAGENET_STD]}
+
+
+def _without_ddp_prefix(state: Mapping[str, Any]) -> Dict[str, Any]:
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def is_fastreid_state(state: Mapping[str, Any]) -> bool:
+    """Whether a state dict has fast-reid ``Baseline``'s layout (``backbone.conv1.*`` and ``heads.*``)."""
+    keys = _without_ddp_prefix(state)
+    return any(k.startswith("backbone.conv1.") for k in keys) and any(k.startswith("heads.") for k in keys)
+
+
+def fastreid_to_fastretri(state: Mapping[str, torch.Tensor], model: FastRetri) -> Dict[str, torch.Tensor]:
+    """fast-reid ``Baseline`` state dict -> ``model``'s key names (raises UserError naming what does not fit).
+
+    Backbone ``backbone.<stage>.*`` -> ``backbone.<index>.*``; BNNeck ``heads.bottleneck.0.*`` -> ``bottleneck.*``;
+    classifier ``heads.weight`` (fast-reid >= v1.2) or ``heads.classifier.weight`` (v1.0) -> ``classifier.weight``.
+    FrozenBN has no ``num_batches_tracked`` (taken from ``model``); the ``pixel_mean``/``pixel_std`` buffers of
+    v1.0 files are dropped when they are fast-reid's ImageNet defaults, which our transform applies.
+    """
+    state = _without_ddp_prefix(state)
+    out: Dict[str, torch.Tensor] = {}
+    odd = []
+    for key, value in state.items():
+        if key in _FASTREID_PIXEL:
+            expected = torch.tensor(_FASTREID_PIXEL[key], dtype=torch.float64)
+            if value.numel() != 3 or not torch.allclose(value.double().flatten(), expected, atol=1e-3):
+                odd.append(f"{key}={[round(v, 3) for v in value.flatten().tolist()]} (this model normalises with "
+                           f"{[round(v, 3) for v in _FASTREID_PIXEL[key]]})")
+            continue
+        m = re.match(r"backbone\.(conv1|bn1|layer[1-4])\.(.+)$", key)
+        if m:
+            out[f"backbone.{_FASTREID_STAGES[m.group(1)]}.{m.group(2)}"] = value
+        elif key.startswith("heads.bottleneck.0."):
+            out["bottleneck." + key[len("heads.bottleneck.0."):]] = value
+        elif key in ("heads.weight", "heads.classifier.weight"):
+            out["classifier.weight"] = value
+        else:
+            out[key] = value  # left as is: reported as unexpected below
+    if odd:
+        raise UserError("fast-reid weights were trained with other pixel statistics: " + "; ".join(odd))
+    own = model.state_dict()
+    for key, value in own.items():  # FrozenBatchNorm (fast-reid) has no num_batches_tracked buffer
+        if key.endswith("num_batches_tracked") and key not in out and key.rsplit(".", 1)[0] + ".weight" in out:
+            out[key] = value
+    missing = [k for k in own if k not in out]
+    unexpected = [k for k in out if k not in own]
+    shapes = [f"{k} {tuple(out[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in out and out[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label} ({len(keys)}): {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys]
+        raise UserError("does not fit " + "; ".join(parts))
+    return out
+
+
+def load_fastreid_model(cfg: Dict, path: Union[str, os.PathLike]) -> FastRetri:
+    """The model of ``cfg`` (``MODEL.*``) with the weights of a fast-reid checkpoint, in eval mode.
+
+    fast-reid's ``Checkpointer`` writes ``{"model": state_dict, "optimizer": ..., "lr_sched": ...,
+    "warmup_sched": ..., "epoch": int, "metric": float}``; only ``model`` is used (a bare state dict also loads).
+    Read with ``weights_only=True`` on the CPU; the number of classes comes from the classifier's weight.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"fast-reid model file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - anything unreadable is refused in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = f"{type(e).__name__}: {first[:150]}"
+        raise UserError(f"cannot read {path} with torch.load(weights_only=True) ({reason}); re-save only its "
+                        f"weights: torch.save({{'model': ckpt['model']}}, 'model_weights.pth')") from None
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not is_fastreid_state(state):
+        raise UserError(f"{path} holds no fast-reid Baseline weights (no 'model' dict with backbone.conv1.* and "
+                        f"heads.* keys)")
+    state = _without_ddp_prefix(state)
+    classifier = state.get("heads.weight", state.get("heads.classifier.weight"))
+    if classifier is None or classifier.dim() != 2:
+        raise UserError(f"{path}: no classifier weight (heads.weight) to take the number of classes from")
+    model = build_model(cfg, classifier.shape[0], "none")
+    try:
+        mapped = fastreid_to_fastretri(state, model)
+    except UserError as e:
+        raise UserError(f"{path} {e} (a {cfg['MODEL']['BACKBONE']['NAME']} FastRetri with "
+                        f"WITH_BNNECK={cfg['MODEL']['HEADS']['WITH_BNNECK']})") from None
+    model.load_state_dict(mapped, strict=True)
+    return model.eval()
+

@@ -4,18 +4,21 @@
   biases; frozen parameters are left out.
 * Learning rate: linear warm-up stepped per *iteration* for ``warmup_iters`` from ``warmup_factor`` x, then cosine
   annealing stepped once per *epoch* with ``T_max = max_epoch - ceil(warmup_iters / iters_per_epoch)`` down to
-  ``eta_min``. fast-reid steps the cosine after every epoch whose last iteration ends past the warm-up; here the
-  same value is a closed-form function of the global iteration, so ``--resume`` needs no scheduler state.
-* Gradient clipping per parameter tensor (fast-reid ``per_param_clipper``): every tensor's gradient L2 norm is
-  clipped to ``CLIP_VALUE`` on its own, not the global norm.
+  ``eta_min``. fast-reid's ``LRScheduler`` hook steps the cosine in ``after_epoch`` of every epoch whose last
+  iteration reaches the warm-up's end; here the same value is a closed-form function of the global iteration, so
+  ``--resume`` needs no scheduler state.
+* Gradient clipping of the *global* L2 norm: fast-reid's "per-parameter" clipper runs on ``ContiguousParams``
+  buffers (``build_optimizer(contiguous=True)``), one flat buffer per (lr, weight decay) group, so it clips the norm
+  of all of a group's gradients together with torch's ``clip_grad_norm_`` (``max_norm / (norm + 1e-6)``, at most 1).
+  With FrozenBN every trainable FastRetri tensor is in one group, i.e. the norm of all gradients is clipped at 5.
 """
 import math
-from typing import Dict, Iterable, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["lr_at", "build_optimizer", "clip_per_parameter", "set_lr"]
+__all__ = ["lr_at", "build_optimizer", "clip_grad_norm_groups", "set_lr"]
 
 
 def lr_at(iteration: int, *, base_lr: float, iters_per_epoch: int, max_epoch: int, warmup_iters: int = 1000,
@@ -25,8 +28,12 @@ def lr_at(iteration: int, *, base_lr: float, iters_per_epoch: int, max_epoch: in
         alpha = iteration / warmup_iters
         return base_lr * (warmup_factor * (1 - alpha) + alpha)
     epoch = iteration // iters_per_epoch
-    t_max = max(1, max_epoch - math.ceil(warmup_iters / iters_per_epoch))
-    steps = max(0, epoch - warmup_iters // iters_per_epoch)  # epochs finished after the warm-up
+    warmup_epochs = math.ceil(warmup_iters / iters_per_epoch)
+    t_max = max(1, max_epoch - warmup_epochs)
+    # the cosine steps after epoch e (0-based) when (e + 1) * iters_per_epoch >= warmup_iters: after epochs
+    # max(1, warmup_epochs) - 1 ... epoch - 1 (one epoch earlier than "after the warm-up's epoch" when warmup_iters
+    # is a multiple of iters_per_epoch: the warm-up then ends exactly with an epoch)
+    steps = max(0, epoch - max(1, warmup_epochs) + 1)
     return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * steps / t_max)) / 2
 
 
@@ -56,8 +63,18 @@ def build_optimizer(model: nn.Module, cfg: Dict) -> torch.optim.Optimizer:
                            nesterov=s["NESTEROV"] and s["MOMENTUM"] > 0)
 
 
-def clip_per_parameter(parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> None:
-    """Clip each parameter's gradient to ``max_norm`` separately (fast-reid ``per_param_clipper``)."""
-    for p in parameters:
-        if p.grad is not None:
-            torch.nn.utils.clip_grad_norm_(p, max_norm, norm_type)
+def clip_grad_norm_groups(optimizer: torch.optim.Optimizer, max_norm: float,
+                          norm_type: float = 2.0) -> List[torch.Tensor]:
+    """Clip the gradient norm of each fast-reid ``ContiguousParams`` buffer, i.e. of all parameters sharing a
+    (learning-rate factor, weight decay) pair, with torch's ``clip_grad_norm_``; returns each group's norm before
+    clipping (0-d tensors: no device synchronisation).
+
+    fast-reid groups parameters by ``freeze_status_lr_weightdecay`` into one flat buffer each and clips every buffer
+    with ``clip_grad_norm_(buffer, CLIP_VALUE, NORM_TYPE)``. FastRetri's configs (FrozenBN, no trainable bias) have
+    one group, so this is the global norm of all trainable gradients.
+    """
+    groups: Dict[Tuple[float, float], List[torch.Tensor]] = {}
+    for group in optimizer.param_groups:
+        key = (group.get("lr_factor", 1.0), group["weight_decay"])
+        groups.setdefault(key, []).extend(p for p in group["params"] if p.grad is not None)
+    return [torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type) for params in groups.values() if params]

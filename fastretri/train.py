@@ -1,14 +1,15 @@
 """Train FastRetri (fast-reid projects/FastRetri): a classification baseline for fine-grained image retrieval.
 
     python fastretri/train.py --config-file fastretri/configs/cub.yml --num-gpus 4 [KEY VALUE ...]
+    torchrun --standalone --nproc_per_node 4 fastretri/train.py --config-file fastretri/configs/cub.yml
+    python fastretri/train.py --config-file fastretri/configs/cub.yml --eval-only MODEL.WEIGHTS path/to/model.pth
 
 ResNet-50 with frozen BN and last stride 1, GeM, BNNeck and a bias-free classifier, trained with label-smoothed
-cross-entropy (SGD, 1k-iteration warm-up, per-epoch cosine, per-parameter gradient clipping, AMP). One process per
+cross-entropy (SGD, 1k-iteration warm-up, per-epoch cosine, global-norm gradient clipping, AMP). One process per
 GPU with DistributedDataParallel, or CPU processes with gloo; the global batch stays SOLVER.IMS_PER_BATCH.
 """
 import argparse
 import os
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -19,38 +20,48 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common.cli import common_parser, validate_args
+from common.contract import run_test
 from common.database import Split
 from common.datasets import RetrievalDataset, eval_splits
-from common.device import autocast, channels_last, parse_gpu_ids
+from common.device import autocast, channels_last, parse_gpu_ids, upcast
 from common.distributed import DistInfo, all_reduce_mean, launch, launched_by_torchrun
-from common.engine import Evaluation, check_finite, eval_recalls, fit
+from common.engine import Evaluation, Run, check_finite, embed_dataset, eval_recalls
 from common.errors import UserError, run_cli
-from common.runio import load_checkpoint, set_seed
-from fastretri.config import RESUME_FREE, config_dict, data_name, pretrained_source, resolve_config, run_files
-from fastretri.data import GlobalBatchSampler, build_datasets, embed_split
+from common.runio import set_seed
+from fastretri.config import (
+    MODEL_KEYS,
+    RESUME_FREE,
+    config_dict,
+    data_name,
+    pretrained_source,
+    resolve_config,
+    run_files,
+)
+from fastretri.data import GlobalBatchSampler, build_datasets, build_transforms
 from fastretri.losses import LabelSmoothingCrossEntropy
 from fastretri.model import build_model
-from fastretri.solver import build_optimizer, clip_per_parameter, lr_at, set_lr
+from fastretri.solver import build_optimizer, clip_grad_norm_groups, lr_at, set_lr
+from fastretri.spec import SPEC, embed
+
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                     device: torch.device, epoch: int, *, schedule, scaler=None, amp: bool = False,
                     amp_dtype: torch.dtype = torch.bfloat16, clip: Optional[float] = None,
-                    main: bool = True) -> Dict[str, float]:
+                    main: bool = True, dtype: torch.dtype = torch.float32) -> Dict[str, float]:
     """One epoch; ``schedule(global_iteration)`` sets the learning rate before every step."""
     model.train()
     loader.batch_sampler.set_epoch(epoch)
-    params = [p for p in model.parameters() if p.requires_grad]
     totals, n = torch.zeros(3), 0
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not main)
     for i, (images, labels) in enumerate(bar):
         lr = schedule((epoch - 1) * len(loader) + i)
         set_lr(optimizer, lr)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = images.to(device, dtype, non_blocking=True), labels.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp, amp_dtype):
             _, logits = model(images)
-        loss = criterion(logits.float(), labels)
+        loss = criterion(upcast(logits), labels)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -58,7 +69,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         else:
             loss.backward()
         if clip is not None:
-            clip_per_parameter(params, clip)
+            clip_grad_norm_groups(optimizer, clip)
         scaler.step(optimizer) if scaler is not None else optimizer.step()
         if scaler is not None:
             scaler.update()
@@ -72,38 +83,33 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     return {"train_loss": float(totals[0]), "train_accuracy": 100.0 * float(totals[1]), "lr": float(totals[2])}
 
 
-def evaluate(model: nn.Module, datasets: Dict[str, RetrievalDataset], data: str, info: DistInfo,
+def evaluate(model: nn.Module, datasets: Dict[str, RetrievalDataset], data: str, device: torch.device,
              recalls: List[int], batch_size: int = 256, workers: int = 0, amp: bool = False) -> Evaluation:
-    """Recall@K (cosine, self excluded by index) on rank 0; every rank takes part in the feature extraction."""
+    """Recall@K (cosine of L2-normalised BNNeck features, self excluded by index); every rank embeds its share."""
     q_name, g_name = eval_splits(data)
     splits = {}
     for name in dict.fromkeys((q_name, g_name)):
         ds = datasets[name]
-        splits[name] = Split(ds.images, ds.labels, embed_split(model, ds, info, batch_size, workers, amp))
-    if info.rank != 0:
-        return Evaluation({})
+        features = embed_dataset(model, ds, batch_size=batch_size, num_workers=workers, device=device, embed=embed,
+                                 amp=amp, desc=f"{name} features")
+        splits[name] = Split(ds.images, ds.labels, features)
     return Evaluation(eval_recalls(splits[q_name], splits[g_name], recalls, q_name == g_name), splits)
 
 
-def _follow_fit(start: int, num_epochs: int, train_one: callable, evaluate_now: callable) -> None:
-    """What :func:`common.engine.fit` does, minus every file write: the loop of ranks other than 0."""
-    if start == 1:
-        evaluate_now()
-    for epoch in range(start, num_epochs + 1):
-        train_one(epoch)
-        evaluate_now()
-
-
 def worker(args: argparse.Namespace, info: DistInfo) -> None:
-    """The per-process body of :func:`main` (rank ``info.rank`` of ``info.world_size``)."""
+    """The per-process body of :func:`main` (rank ``info.rank`` of ``info.world_size``); every rank runs the same
+    epoch loop, rank 0 alone writes files."""
     cfg, main_rank = resolve_config(args), info.rank == 0
     if info.device.type == "cpu" and info.world_size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
     set_seed(cfg["SEED"] + info.rank)
     data, solver = data_name(cfg), cfg["SOLVER"]
+    dtype = torch.float64 if args.float64 else torch.float32
     datasets = build_datasets(cfg)
+    if not args.augment:
+        datasets["train"].transform = build_transforms(cfg)[1]
     # ---- model, DDP ----
-    model = build_model(cfg, datasets["train"].num_classes, pretrained_source(cfg)).to(info.device)
+    model = build_model(cfg, datasets["train"].num_classes, pretrained_source(cfg)).to(info.device, dtype)
     model = channels_last(model, info.device)
     model_without_ddp = model
     if info.distributed:
@@ -117,7 +123,8 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
                         pin_memory=info.device.type == "cuda", persistent_workers=workers > 0)
     # ---- optimisation ----
     optimizer = build_optimizer(model_without_ddp, cfg)
-    criterion = LabelSmoothingCrossEntropy(cfg["MODEL"]["LOSSES"]["CE"]["EPSILON"], cfg["MODEL"]["LOSSES"]["CE"]["SCALE"])
+    ce = cfg["MODEL"]["LOSSES"]["CE"]
+    criterion = LabelSmoothingCrossEntropy(ce["EPSILON"], ce["SCALE"])
     amp = solver["AMP"]["ENABLED"] and info.device.type == "cuda"
     amp_dtype = torch.float16 if solver["AMP"]["DTYPE"] == "float16" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda") if amp and amp_dtype == torch.float16 else None
@@ -129,38 +136,34 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
                      eta_min=solver["ETA_MIN_LR"])
 
     clip = solver["CLIP_GRADIENTS"]["CLIP_VALUE"] if solver["CLIP_GRADIENTS"]["ENABLED"] else None
-    state = {"epoch": 0}
 
-    def train_one(epoch: int) -> Dict[str, float]:
-        state["epoch"] = epoch
-        return train_one_epoch(model, criterion, optimizer, loader, info.device, epoch, schedule=schedule,
-                               scaler=scaler, amp=amp, amp_dtype=amp_dtype, clip=clip, main=main_rank)
-
-    def evaluate_now() -> Evaluation:
-        epoch, period = state["epoch"], cfg["TEST"]["EVAL_PERIOD"]
-        if epoch not in (0, solver["MAX_EPOCH"]) and epoch % period:
+    def evaluate_now(epoch: int) -> Evaluation:
+        if epoch not in (0, solver["MAX_EPOCH"]) and epoch % cfg["TEST"]["EVAL_PERIOD"]:
             return Evaluation({})
-        return evaluate(model, datasets, data, info, cfg["TEST"]["RECALLS"], cfg["TEST"]["IMS_PER_BATCH"],
+        return evaluate(model, datasets, data, info.device, cfg["TEST"]["RECALLS"], cfg["TEST"]["IMS_PER_BATCH"],
                         workers, amp)
 
-    # ---- loop: rank 0 runs the shared fit (files), the others follow it step for step ----
-    run, config = run_files(cfg), config_dict(cfg)
-    keys = [k for k in config if k not in RESUME_FREE]
+    # ---- epochs: the same loop on every rank; Run writes on rank 0 only ----
+    files = run_files(cfg)
+    config = {**config_dict(cfg), "num_classes": datasets["train"].num_classes, "method": "fastretri",
+              "float64": args.float64, "augment": args.augment}
+    q, g = eval_splits(data)
+    run = Run(files, config, [k for k in config if k not in RESUME_FREE], "fastretri", solver["MAX_EPOCH"],
+              recalls=cfg["TEST"]["RECALLS"], selection=args.model_selection,
+              database={"metric": "cosine", "query": q, "gallery": g})
     if main_rank:
         print(f"FastRetri {data}: {len(datasets['train'])} training images, {ipe} iterations/epoch, "
-              f"{info.world_size} process(es) x {per_rank} images on {info.device}; writing {run.path('*')}")
-        q, g = eval_splits(data)
-        fit(run, model=model, config=config, config_keys=keys, num_epochs=solver["MAX_EPOCH"],
-            train_one_epoch=train_one, evaluate=evaluate_now, optimizer=optimizer, scaler=scaler,
-            resume=args.resume, method="fastretri", key_metric=f"test_recall@{cfg['TEST']['RECALLS'][0]}",
-            database_kwargs={"metric": "cosine", "query": q, "gallery": g})
-    else:
-        start = 1
-        if args.resume:
-            path = run.checkpoint if args.resume == "auto" else Path(args.resume)
-            start = load_checkpoint(path, config, keys, model=model_without_ddp, optimizer=optimizer,
-                                    scaler=scaler)["epoch"] + 1
-        _follow_fit(start, solver["MAX_EPOCH"], train_one, evaluate_now)
+              f"{info.world_size} process(es) x {per_rank} images on {info.device}; writing {files.path('*')}")
+    start, _ = run.resume(args.resume, model, optimizer, scaler=scaler)
+    if start == 1:
+        run.log(0, {}, evaluate_now(0), model)
+    for epoch in range(start, solver["MAX_EPOCH"] + 1):
+        train_stats = train_one_epoch(model, criterion, optimizer, loader, info.device, epoch, schedule=schedule,
+                                      scaler=scaler, amp=amp, amp_dtype=amp_dtype, clip=clip, main=main_rank,
+                                      dtype=dtype)
+        run.log(epoch, train_stats, evaluate_now(epoch), model)
+        run.checkpoint(epoch, model, optimizer, scaler=scaler)
+    run.finish()
 
 
 def plan_processes(args: argparse.Namespace) -> Tuple[int, bool, Optional[List[int]]]:
@@ -191,8 +194,21 @@ def check_setup(cfg: Dict, world_size: int) -> None:
     build_model(cfg, 2, pretrained_source(cfg))  # weights found and matching before spawning
 
 
+def evaluate_only(args: argparse.Namespace, cfg: Dict) -> Dict[str, float]:
+    """fast-reid's ``--eval-only``: the shared ``test.py`` on ``MODEL.WEIGHTS`` (default: this run's model file)."""
+    weights = cfg["MODEL"]["WEIGHTS"] or str(run_files(cfg).model)
+    test_args = argparse.Namespace(model_file=weights, data_base=None, data_path=cfg["DATASETS"]["ROOT"],
+                                   recalls=cfg["TEST"]["RECALLS"], batch_size=cfg["TEST"]["IMS_PER_BATCH"],
+                                   num_workers=cfg["DATALOADER"]["NUM_WORKERS"], gpu_ids=args.gpu_ids,
+                                   save_data_base=None, query_img_name=None, retrieval_num=8, fastreid_cfg=cfg,
+                                   expected_config={k: v for k, v in config_dict(cfg).items() if k in MODEL_KEYS})
+    return run_test(SPEC, test_args)
+
+
 def main(args: argparse.Namespace) -> None:
     cfg = resolve_config(args)
+    if args.eval_only:
+        return evaluate_only(args, cfg)
     num_procs, use_cuda, gpu_ids = plan_processes(args)
     check_setup(cfg, int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else num_procs)
     try:
@@ -200,7 +216,7 @@ def main(args: argparse.Namespace) -> None:
     except mp.ProcessRaisedException as e:
         last = str(e).strip().splitlines()[-1]
         if "UserError" in last:
-            raise UserError(last.split("UserError: ", 1)[-1])
+            raise UserError(last.split("UserError: ", 1)[-1]) from None
         raise
 
 
@@ -219,6 +235,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="CPU processes (gloo DDP) when no GPU is used (default: 1)")
     g.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
                    help="process-group backend (default: auto = nccl on GPU, gloo on CPU)")
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--eval-only", "--eval_only", dest="eval_only", action="store_true",
+                   help="only evaluate MODEL.WEIGHTS (default: this run's model file), as fast-reid's train_net.py")
+    g.add_argument("--model_selection", "--model-selection", default="last", choices=["best", "last"],
+                   help="model and database kept: the last epoch's (fast-reid's model_final) or the best on the "
+                        "first TEST.RECALLS rank (default: last)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides as KEY VALUE pairs, e.g. SOLVER.BASE_LR 0.01")
     return parser

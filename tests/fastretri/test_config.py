@@ -61,3 +61,41 @@ def test_cli_unknown_key_is_one_line_error():
                           cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: unknown config key SOLVER.NOPE (command line)"
+
+
+# the names fast-reid's FastRetri registers (projects/FastRetri/fastretri/datasets.py) and its configs use
+@pytest.mark.parametrize("name, data", [("Cars196", "car"), ("CUB", "cub"), ("SOP", "sop"), ("InShop", "isc"),
+                                        ("Cars", "car"), ("car", "car"), ("isc", "isc"), ("demo", "demo")])
+def test_fastreid_dataset_names(name, data):
+    from fastretri.config import data_name
+
+    assert data_name(load_config(CONFIGS / "cub.yml", ["DATASETS.NAMES", f"[{name}]"])) == data
+    # fast-reid writes tuples (yacs evaluates the string YAML reads): NAMES: ("Cars196",) in a file or on the CLI
+    assert data_name(load_config(CONFIGS / "cub.yml", ["DATASETS.NAMES", f'("{name}",)'])) == data
+
+
+def test_fastreid_tuple_syntax_in_a_yaml_file(tmp_path):
+    (tmp_path / "c.yml").write_text(f'_BASE_: {CONFIGS / "base.yml"}\nDATASETS:\n  NAMES: ("Cars196",)\n'
+                                    'MODEL:\n  LOSSES:\n    NAME: ("CrossEntropyLoss",)\n')
+    c = load_config(tmp_path / "c.yml")
+    assert c["DATASETS"]["NAMES"] == ["Cars196"] and c["MODEL"]["LOSSES"]["NAME"] == ["CrossEntropyLoss"]
+    assert load_config(CONFIGS / "cars.yml")["DATASETS"]["NAMES"] == ["Cars196"]
+
+
+def test_unknown_dataset_name_is_one_line():
+    from fastretri.config import data_name
+
+    with pytest.raises(UserError, match=r"DATASETS.NAMES must be one of CUB, Cars196, SOP, InShop, demo") as e:
+        data_name(load_config(CONFIGS / "cub.yml", ["DATASETS.NAMES", "[Market1501]"]))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="expects a list"):
+        load_config(CONFIGS / "cub.yml", ["DATASETS.NAMES", "(Cars196"])
+
+
+def test_demo_config_values():
+    """README's demo line is written from these values."""
+    c = flatten(load_config(CONFIGS / "demo.yml"))
+    assert (c["INPUT.CROP.SIZE"], c["INPUT.SIZE_TRAIN"], c["SOLVER.MAX_EPOCH"], c["SOLVER.WARMUP_ITERS"]) == (
+        [32], [36], 15, 30)
+    assert (c["SOLVER.BASE_LR"], c["SOLVER.MOMENTUM"], c["SOLVER.IMS_PER_BATCH"], c["MODEL.BACKBONE.NORM"]) == (
+        0.01, 0.9, 32, "BN")

@@ -2,7 +2,9 @@ import torch
 
 from common.distributed import all_gather_by_index, get_rank, get_world_size, is_main_process
 from fastretri.data import GlobalBatchSampler
+from fastretri.model import FastRetri
 from fastretri.train import get_args_parser, main
+from tests.ddp import compare_runs, run_script
 
 
 def test_rank_helpers_without_process_group():
@@ -22,29 +24,24 @@ def test_global_batches_are_split_across_ranks():
     assert [a + b for a, b in zip(*two)] == one  # rank 0 then rank 1 = the global batch
 
 
-def _run(config, data, procs, extra):
-    args = get_args_parser().parse_args(["--config-file", str(config), "--data_path", str(data), "--num-gpus", "0",
-                                         "--num-procs", str(procs), *extra])
-    main(args)
+def test_two_gloo_processes_equal_one(tiny_config, tiny_data, tmp_path):
+    """torchrun, 2 gloo processes vs 1 process, float64, no augmentation, the same global batches: equal to ~1e-9.
 
-
-def test_two_gloo_processes_equal_one(tiny_config, tiny_data, tmp_path, monkeypatch):
-    """Same global batches, deterministic inputs: 2-process DDP (gloo) = 1 process up to float rounding."""
-    extra = ["INPUT.CROP.ENABLED", "False", "INPUT.FLIP.ENABLED", "False", "INPUT.CJ.ENABLED", "False",
-             "SOLVER.MAX_EPOCH", "1", "TEST.EVAL_PERIOD", "9", "SOLVER.BASE_LR", "0.05"]
-    states = []
-    for procs in (1, 2):
-        monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path / f"p{procs}"))
-        _run(tiny_config, tiny_data, procs, extra)
-        ckpt = tmp_path / f"p{procs}" / "fastretri" / "cub_uncropped_resnet18_checkpoint.pth"
-        states.append(torch.load(ckpt, weights_only=True)["model"])
-    one, two = states
+    In float32 the same comparison differed by up to 4.8e-4 with torch 2.14.1 (oneDNN picks other convolution
+    algorithms for 4 and 8 images, and SGD with momentum over 3 steps amplifies the rounding); in float64 it is
+    ~1e-12, so that was rounding, not a difference in what the ranks compute."""
+    args = ["--config-file", str(tiny_config), "--data_path", str(tiny_data), "--num-gpus", "0", "--float64",
+            "--no-augment", "SOLVER.MAX_EPOCH", "2", "TEST.EVAL_PERIOD", "1", "SOLVER.BASE_LR", "0.05"]
+    for n in (1, 2):
+        run_script("fastretri/train.py", args, tmp_path / f"p{n}", nproc=n)
     torch.manual_seed(0)
-    from fastretri.model import FastRetri
-    init = FastRetri(4, "resnet18").state_dict()
-    moved = max((one[k].float() - init[k].float()).abs().max().item() for k in one)
-    diff = max((one[k].float() - two[k].float()).abs().max().item() for k in one)
-    assert moved > 1e-3, "training did not change the weights; the comparison would be vacuous"
-    assert diff < 1e-5, diff
-    # the BNNeck used the statistics of the global batch in both runs
-    assert torch.allclose(one["bottleneck.running_mean"], two["bottleneck.running_mean"], atol=1e-6)
+    initial = FastRetri(4, "resnet18").double().state_dict()
+    compare_runs(tmp_path / "p1" / "fastretri", tmp_path / "p2" / "fastretri", "cub_uncropped_resnet18", initial)
+
+
+def test_spawned_processes_run(tiny_config, tiny_data, tmp_path, monkeypatch):
+    """fast-reid's own launcher (--num-procs spawns gloo processes) still trains and writes the run's files."""
+    monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path))
+    main(get_args_parser().parse_args(["--config-file", str(tiny_config), "--data_path", str(tiny_data),
+                                       "--num-gpus", "0", "--num-procs", "2", "SOLVER.MAX_EPOCH", "1"]))
+    assert (tmp_path / "fastretri" / "cub_uncropped_resnet18_model.pth").is_file()

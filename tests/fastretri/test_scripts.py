@@ -27,21 +27,30 @@ def test_train_test_inference_ablation(tiny_config, tiny_data, results, tmp_path
     feats = db["splits"]["test"]["features"]
     assert db["metric"] == "cosine" and torch.allclose(feats.norm(dim=1), torch.ones(len(feats)), atol=1e-5)
 
-    metrics = test.main(test.get_args_parser().parse_args(["--config-file", str(tiny_config), "--data_path",
-                                                           str(tiny_data), "--num-gpus", "0"]))
-    assert set(metrics) == {"recall@1", "recall@2", "recall@4", "map@r", "r_precision"}
-    best_row = stats["test_recall@1"].max()
-    assert metrics["recall@1"] == pytest.approx(best_row, abs=1e-6)  # the saved model is the best-R@1 epoch
+    training_db = (results / f"{NAME}_data_base.pth").read_bytes()
+    metrics = test.main(test.get_args_parser().parse_args(["--data_base", f"{NAME}_data_base.pth", "--data_path",
+                                                           str(tiny_data), "--recalls", "1,2,4", "--num_workers", "0"]))
+    assert set(metrics) == {"test_recall@1", "test_recall@2", "test_recall@4", "test_map@r", "test_r_precision"}
+    assert metrics["test_recall@1"] == pytest.approx(stats.loc[2, "test_recall@1"], abs=1e-6)  # the last epoch
+    assert (results / f"{NAME}_test_metrics.csv").is_file()
+    assert (results / f"{NAME}_data_base.pth").read_bytes() == training_db
+    # fast-reid's spelling: train_net.py --eval-only on the run's model file
+    again = train.main(train.get_args_parser().parse_args(["--config-file", str(tiny_config), "--data_path",
+                                                           str(tiny_data), "--num-gpus", "0", "--eval-only"]))
+    assert again == pytest.approx(metrics)
 
     query = db["splits"]["test"]["images"][0]
-    found = inference.main(inference.get_args_parser().parse_args(["--query_img_name", query, "--data_base",
-                                                                   f"{NAME}_data_base.pth", "--retrieval_num", "3"]))
+
+    def infer(name):
+        args = ["--query_img_name", name, "--data_base", f"{NAME}_data_base.pth", "--retrieval_num", "3"]
+        return inference.main(inference.get_args_parser().parse_args(args))[0][1]
+
+    found = infer(query)
     assert len(found) == 3 and query not in [p for p, _, _ in found]
-    assert (results / NAME / "img_5_0" / "grid.png").is_file()
+    assert (results / "img_5_0" / "grid.png").is_file() and (results / "img_5_0" / "ranking.csv").is_file()
     new = tmp_path / "new_query.png"
     Image.open(query).save(new)  # a file outside the database is embedded with the model
-    found_new = inference.main(inference.get_args_parser().parse_args(["--query_img_name", str(new), "--data_base",
-                                                                       f"{NAME}_data_base.pth", "--retrieval_num", "3"]))
+    found_new = infer(str(new))
     assert found_new[0][0] == query and found_new[0][2] == pytest.approx(1.0, abs=1e-4)
 
     result = ablation.main(ablation.get_args_parser().parse_args([
@@ -49,13 +58,12 @@ def test_train_test_inference_ablation(tiny_config, tiny_data, results, tmp_path
     assert result["ties"] == 24 and result["GE_Rate@8"] == 100.0
 
 
-def test_test_refuses_other_model(tiny_config, tiny_data, results):
-    _train(tiny_config, tiny_data, "SOLVER.MAX_EPOCH", "0")  # epoch-0 evaluation only
+def test_eval_only_refuses_other_model(tiny_config, tiny_data, results):
+    _train(tiny_config, tiny_data, "SOLVER.MAX_EPOCH", "0")  # epoch-0 evaluation only: the model file is written
     path = results / f"{NAME}_model.pth"
+    assert path.is_file()
     with pytest.raises(UserError, match="MODEL.HEADS.GEM_P"):
-        test.main(test.get_args_parser().parse_args(["--config-file", str(tiny_config), "--data_path",
-                                                     str(tiny_data), "--num-gpus", "0", "MODEL.HEADS.GEM_P", "1",
-                                                     "MODEL.WEIGHTS", str(path)]))
+        _train(tiny_config, tiny_data, "--eval-only", "MODEL.HEADS.GEM_P", "1", "MODEL.WEIGHTS", str(path))
 
 
 def test_in_shop_query_gallery(tiny_config, tiny_data, results):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastretri.losses import LabelSmoothingCrossEntropy
-from fastretri.solver import build_optimizer, clip_per_parameter, lr_at
+from fastretri.solver import build_optimizer, clip_grad_norm_groups, lr_at
 
 CUB = dict(base_lr=0.02, iters_per_epoch=45, max_epoch=30, warmup_iters=1000, warmup_factor=0.1, eta_min=2e-5)
 
@@ -22,24 +22,137 @@ def test_schedule_values(iteration, expected):
     assert lr_at(iteration, **CUB) == pytest.approx(expected, rel=1e-9)
 
 
-def test_schedule_matches_torch_cosine_after_warmup():
-    """Per-epoch CosineAnnealingLR (fast-reid's lr_sched) stepped once per epoch after the warm-up."""
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.05)
-    cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100 - math.ceil(1000 / 62), eta_min=5e-4)
-    args = dict(base_lr=0.05, iters_per_epoch=62, max_epoch=100, warmup_iters=1000, eta_min=5e-4)
-    first = 1000 // 62  # epoch in which the warm-up ends
-    for epoch in range(first, 100):
-        assert lr_at(epoch * 62 + 61, **args) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-6)
-        opt.step()
-        cos.step()
+class _FastReidWarmupLR(torch.optim.lr_scheduler.LRScheduler):
+    """fast-reid ``WarmupLR`` (solver/lr_scheduler.py), linear method, re-stated."""
+
+    def __init__(self, optimizer, factor: float, iters: int):
+        self.factor, self.iters = factor, iters
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        it = self.last_epoch
+        f = 1.0 if it >= self.iters else self.factor * (1 - it / self.iters) + it / self.iters
+        return [b * f for b in self.base_lrs]
 
 
-def test_per_parameter_clipping():
+def fastreid_lrs(base_lr, iters_per_epoch, max_epoch, warmup_iters, warmup_factor, eta_min):
+    """The learning rate of every iteration as fast-reid's trainer produces it: build_lr_scheduler (cosine with
+    T_max = MAX_EPOCH - ceil(WARMUP_ITERS / iters), then WarmupLR on the same optimizer), TrainerBase.train's loop
+    and the LRScheduler hook (warm-up stepped in after_step while iter + 1 <= WARMUP_ITERS, cosine stepped in
+    after_epoch once iter + 1 > WARMUP_ITERS, iter being the count of iterations done)."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base_lr)
+    t_max = max_epoch - max(math.ceil(warmup_iters / iters_per_epoch), 0)
+    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max, eta_min=eta_min)
+    warmup_sched = _FastReidWarmupLR(opt, warmup_factor, warmup_iters) if warmup_iters > 0 else None
+    lrs, it = [], 0
+    for _epoch in range(max_epoch):
+        for _ in range(iters_per_epoch):
+            lrs.append(opt.param_groups[0]["lr"])  # the step runs with this lr
+            opt.step()
+            if it + 1 <= warmup_iters:  # after_step
+                warmup_sched.step()
+            it += 1
+        if it + 1 > warmup_iters:  # after_epoch
+            lr_sched.step()
+    return lrs
+
+
+# training images per dataset (anchors/datasets.md) -> iterations per epoch = N // IMS_PER_BATCH (drop last)
+TRAIN_IMAGES = {"cub": 5864, "car": 8054, "sop": 59551, "isc": 25882, "demo": 960}
+
+
+def _check_against_fastreid(base_lr, iters_per_epoch, max_epoch, warmup_iters, warmup_factor, eta_min):
+    args = dict(base_lr=base_lr, iters_per_epoch=iters_per_epoch, max_epoch=max_epoch, warmup_iters=warmup_iters,
+                warmup_factor=warmup_factor, eta_min=eta_min)
+    expected = fastreid_lrs(**args)
+    ours = [lr_at(i, **args) for i in range(len(expected))]
+    bad = [i for i, (a, b) in enumerate(zip(ours, expected)) if not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15)]
+    assert not bad, f"{len(bad)}/{len(expected)} iterations differ; first {bad[0]}: {ours[bad[0]]}, {expected[bad[0]]}"
+    if warmup_iters > 0:  # the last epoch runs at eta_min (without warm-up fast-reid's T_max is one epoch longer)
+        assert ours[-1] == pytest.approx(eta_min, rel=1e-9)
+
+
+@pytest.mark.parametrize("config", ["cub", "cars", "sop", "inshop", "demo", "base"])
+def test_schedule_matches_fastreid_hooks_for_every_config(config):
+    from fastretri.config import data_name, load_config
+    from tests.fastretri.conftest import CONFIGS
+
+    cfg = load_config(CONFIGS / f"{config}.yml")
+    s = cfg["SOLVER"]
+    ipe = TRAIN_IMAGES[data_name(cfg)] // s["IMS_PER_BATCH"]
+    if config == "demo":
+        assert s["WARMUP_ITERS"] % ipe == 0  # the case that was one cosine step late
+    _check_against_fastreid(s["BASE_LR"], ipe, s["MAX_EPOCH"], s["WARMUP_ITERS"], s["WARMUP_FACTOR"], s["ETA_MIN_LR"])
+
+
+@pytest.mark.parametrize("ipe, warmup", [(45, 90), (45, 45), (20, 1000), (45, 1), (45, 44), (45, 46), (7, 0)])
+def test_schedule_matches_fastreid_hooks_edge_cases(ipe, warmup):
+    """Warm-up a multiple of the epoch (ends with an epoch), one iteration either side, none at all."""
+    _check_against_fastreid(0.02, ipe, 60, warmup, 0.1, 2e-5)
+
+
+def test_schedule_multiple_of_epoch_values():
+    """WARMUP_ITERS 90 = 2 epochs of 45: the warm-up ends with epoch 1, whose after_epoch steps the cosine once,
+    so epoch 2 already runs at step 1 of T_max = 30 - 2 (the old code ran it at full lr)."""
+    args = dict(base_lr=0.02, iters_per_epoch=45, max_epoch=30, warmup_iters=90, warmup_factor=0.1, eta_min=2e-5)
+    assert lr_at(89, **args) == pytest.approx(0.02 * (0.1 / 90 + 89 / 90), rel=1e-12)
+    assert lr_at(90, **args) == pytest.approx(2e-5 + (0.02 - 2e-5) * (1 + math.cos(math.pi / 28)) / 2, rel=1e-12)
+    assert lr_at(29 * 45, **args) == pytest.approx(2e-5, rel=1e-12)
+
+
+def _grads(params):
+    return [p.grad.detach().clone().double() for p in params]
+
+
+def test_clipping_is_global_over_a_contiguous_group():
+    """fast-reid clips clip_grad_norm_(buffer, 5) on the one flat buffer of all trainable tensors: every gradient
+    is scaled by min(1, 5 / (||g||_2 + 1e-6)) with ||g|| the norm of all of them together."""
     a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
     a.grad, b.grad = torch.tensor([30.0, 40.0, 0.0]), torch.tensor([0.3, 0.4])  # norms 50 and 0.5
-    clip_per_parameter([a, b], 5.0)
-    assert torch.allclose(a.grad, torch.tensor([3.0, 4.0, 0.0]), atol=1e-5)  # clipped alone to norm 5
-    assert torch.equal(b.grad, torch.tensor([0.3, 0.4]))  # a global-norm clip would have shrunk this too
+    opt = torch.optim.SGD([{"params": [a], "weight_decay": 5e-4}, {"params": [b], "weight_decay": 5e-4}], lr=0.1)
+    norms = clip_grad_norm_groups(opt, 5.0)
+    total = math.sqrt(50.0 ** 2 + 0.5 ** 2)
+    coef = 5.0 / (total + 1e-6)
+    assert [float(n) for n in norms] == [pytest.approx(total, rel=1e-6)]
+    assert torch.allclose(a.grad.double(), torch.tensor([30.0, 40.0, 0.0], dtype=torch.float64) * coef, rtol=1e-6)
+    assert torch.allclose(b.grad.double(), torch.tensor([0.3, 0.4], dtype=torch.float64) * coef, rtol=1e-6)
+    # both tensors shrink together: b's own norm (0.5) was far below 5, per-tensor clipping would have kept it
+
+
+def test_clipping_groups_follow_contiguous_params_on_a_model():
+    """On a FastRetri with trainable BN biases (NORM BN, WEIGHT_DECAY_BIAS 0): fast-reid's ContiguousParams puts
+    weights (wd 5e-4) and biases (wd 0) in two buffers, each clipped on its own norm. Independent computation:
+    flatten each group's gradients (float64), as the buffers would hold them."""
+    from fastretri.config import load_config
+    from fastretri.model import FastRetri
+
+    torch.manual_seed(0)
+    model = FastRetri(5, "resnet18", norm="BN")
+    opt = build_optimizer(model, load_config(None))
+    _, logits = model.train()(torch.randn(4, 3, 32, 32))
+    (1e3 * F.cross_entropy(logits, torch.tensor([0, 1, 2, 3]))).backward()  # large enough to clip
+    named = dict(model.named_parameters())
+    groups = {}
+    for name, p in named.items():
+        if p.requires_grad:
+            groups.setdefault("bias" if name.endswith("bias") else "weight", []).append(p)
+    before = {k: _grads(v) for k, v in groups.items()}
+    flat = {k: torch.cat([g.flatten() for g in v]) for k, v in before.items()}
+    clip_grad_norm_groups(opt, 5.0)
+    for k, params in groups.items():
+        norm = flat[k].norm().item()
+        coef = min(1.0, 5.0 / (norm + 1e-6))
+        assert norm > 5.0
+        for g0, p in zip(before[k], params):
+            assert torch.allclose(p.grad.double(), g0 * coef, rtol=1e-5, atol=1e-12)
+        assert torch.cat([p.grad.double().flatten() for p in params]).norm().item() == pytest.approx(5.0, rel=1e-5)
+
+
+def test_clipping_leaves_small_gradients_alone():
+    a = nn.Parameter(torch.zeros(2))
+    a.grad = torch.tensor([3.0, 4.0 - 1e-3])
+    clip_grad_norm_groups(torch.optim.SGD([a], lr=0.1), 5.0)
+    assert torch.equal(a.grad, torch.tensor([3.0, 4.0 - 1e-3]))
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3, 0.4])
