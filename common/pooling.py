@@ -27,8 +27,10 @@ class GeM(nn.Module):
             self.register_buffer("p", p_tensor, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 inside: under fp16 autocast x ** 3 overflows for activations above ~40
-        pooled = x.float().clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
+        # half precision is computed in float32 (under fp16 autocast x ** 3 overflows for activations above ~40);
+        # float32 and float64 inputs keep their precision
+        xc = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        pooled = xc.clamp(min=self.eps).pow(self.p.to(xc.dtype)).mean(dim=(-2, -1)).pow(1.0 / self.p.to(xc.dtype))
         return pooled.to(x.dtype)
 
     def extra_repr(self) -> str:
