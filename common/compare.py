@@ -80,15 +80,17 @@ def _save_example(out: Path, query_path: str, query_label: int, gallery, ranked,
 
 
 def compare_runs(better: str, worse: str, method: str, dataset: Callable[[Mapping[str, Any]], Tuple[str, str]],
-                 data_type: str = "test", k: int = 8, save_results: bool = False, size=(224, 224)) -> Dict[str, float]:
+                 data_type: str = "test", k: int = 8, save_results: bool = False, size=(224, 224),
+                 opener: Optional[Callable[[str], Tuple[Path, Database]]] = None) -> Dict[str, float]:
     """The ablation script of every method: two databases of ``method`` (paths or names under
-    ``results/<method>/``), refused unless built on the same data (``dataset(config)``: name and crop type),
-    compared and printed; ``save_results`` draws the queries ``better`` wins under
+    ``results/<method>/``, opened by ``opener``), refused unless built on the same data (``dataset(config)``: name
+    and crop type), compared and printed; ``save_results`` draws the queries ``better`` wins under
     ``results/<method>/<better>----<worse>/``."""
     if k < 1:
         raise UserError(f"--retrieval_num must be positive, got {k}")
-    better_path, better_db = open_database(better, method)
-    worse_path, worse_db = open_database(worse, method)
+    opener = opener or (lambda name: open_database(name, method))
+    better_path, better_db = opener(better)
+    worse_path, worse_db = opener(worse)
     if dataset(better_db.config) != dataset(worse_db.config):
         raise UserError(f"the databases were built on different data: {dataset(better_db.config)} vs "
                         f"{dataset(worse_db.config)}")

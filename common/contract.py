@@ -31,7 +31,7 @@ from common.engine import embed_dataset
 from common.errors import UserError
 from common.metrics import retrieval_metrics
 from common.render import save_retrieval
-from common.retrieval import DB_SUFFIX, embed_file, model_path, open_database, run_prefix, search
+from common.retrieval import DB_SUFFIX, database_path, embed_file, model_path, open_database, run_prefix, search
 from common.runio import load_model_file, results_dir, safe_load
 from common.spec import MethodSpec
 
@@ -48,6 +48,14 @@ def _flag(group, name: str, **kwargs) -> None:
 
 
 # ---------------------------------------------------------------- loading a run
+
+
+def open_spec_database(spec: MethodSpec, name: str) -> Tuple[Path, Database]:
+    """This toolkit's database of ``spec``'s method, or the original project's (``spec.original_database``)."""
+    path = database_path(name, spec.name)
+    if spec.original_database is not None and path.is_file() and not _is_toolkit_file(path):
+        return path, spec.original_database(path)
+    return open_database(name, spec.name)
 
 
 def open_run_model(spec: MethodSpec, path: Path, expected: Dict[str, Any], device: torch.device) -> nn.Module:
@@ -76,9 +84,23 @@ def _load_for_test(spec: MethodSpec, args: argparse.Namespace,
             raise UserError(f"model {path} was trained by {config.get('method')!r}, not by {spec.display}")
         expected = getattr(args, "expected_config", None) or spec.model_config(config)
         return run, config, open_run_model(spec, path, expected, device)
-    db_path, db = open_database(args.data_base, spec.name)
-    model = open_run_model(spec, model_path(db_path), spec.model_config(db.config), device)
-    return run_prefix(db_path), db.config, model
+    db_path, db = open_spec_database(spec, args.data_base)
+    return run_prefix(db_path), db.config, _model_beside(spec, db_path, db, device)
+
+
+def _model_beside(spec: MethodSpec, db_path: Path, db: Database, device: torch.device) -> nn.Module:
+    """``<run>_model.pth`` beside the database, checked against the database's configuration (an original
+    database takes the original model file, read by ``spec.import_original``)."""
+    path = model_path(db_path)
+    if "original_file" in db.config and spec.import_original is not None and path.is_file() \
+            and not _is_toolkit_file(path):
+        config, model = spec.import_original(path, argparse.Namespace())
+        mismatch = {k: (config.get(k), db.config.get(k)) for k in spec.model_keys
+                    if k in db.config and k != "num_classes" and config.get(k) != db.config.get(k)}
+        if mismatch:
+            raise UserError(f"model {path} does not match database {db_path}: {mismatch}")
+        return model.to(device).eval()
+    return open_run_model(spec, path, spec.model_config(db.config), device)
 
 
 def _is_toolkit_file(path: Path) -> bool:
@@ -268,14 +290,14 @@ def answer_query(spec: MethodSpec, db: Database, name: str, k: int, q_name: str,
 
 def run_inference(spec: MethodSpec, args: argparse.Namespace) -> List[Tuple[Path, list]]:
     """``inference.py``: one folder of results per query."""
-    db_path, db = open_database(args.data_base, spec.name)
+    db_path, db = open_spec_database(spec, args.data_base)
     q_name, g_name = query_and_gallery(db, args.data_type)
     device = _device(args)
     cache: Dict[str, nn.Module] = {}
 
     def get_model() -> nn.Module:
         if "model" not in cache:
-            cache["model"] = open_run_model(spec, model_path(db_path), spec.model_config(db.config), device)
+            cache["model"] = _model_beside(spec, db_path, db, device)
         return cache["model"]
 
     return [answer_query(spec, db, q, args.retrieval_num, q_name, g_name, get_model, device)
@@ -306,7 +328,8 @@ def ablation_parser(spec: MethodSpec, better: str = "", worse: str = "",
 def run_ablation(spec: MethodSpec, args: argparse.Namespace) -> Dict[str, float]:
     """``ablation.py``: AR@K, GE Rate@K, Better Ratio@K printed and saved as ``<better>----<worse>_ablation.csv``."""
     result = compare_runs(args.better_data_base, args.worse_data_base, spec.name, spec.dataset, args.data_type,
-                          args.retrieval_num, args.save_results, size=spec.render_size)
+                          args.retrieval_num, args.save_results, size=spec.render_size,
+                          opener=lambda name: open_spec_database(spec, name))
     name = f"{run_prefix(Path(args.better_data_base))}----{run_prefix(Path(args.worse_data_base))}"
     out = results_dir(spec.name) / f"{name}_ablation.csv"
     pd.DataFrame([result]).to_csv(out, index=False)

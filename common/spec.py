@@ -35,7 +35,8 @@ class MethodSpec:
     * ``run_name(config)``: the original's run name (``<run>_model.pth``, ``<run>_data_base.pth``);
     * ``metric``: ``euclidean`` (distance, smaller first; CGD) or ``cosine`` (score, larger first), with
       ``scale(config)`` dividing inner products (REIR: E unit vectors concatenated -> mean per-learner cosine);
-    * ``model_keys``: configuration keys that define the model; files that differ on them are refused.
+    * ``model_keys``: configuration keys that define the model; files that differ on them are refused;
+    * ``import_original`` / ``original_database``: read the original project's files (no stored configuration).
     """
 
     name: str
@@ -52,7 +53,8 @@ class MethodSpec:
     frame_width: int = 8
     default_data_base: str = ""
     default_recalls: str = "1,2,4,8"
-    import_original: Optional[Callable[..., Any]] = None
+    import_original: Optional[Callable[..., Any]] = None  # (model file, args) -> (config, model), original's file
+    original_database: Optional[Callable[..., Any]] = None  # database file -> Database, original's layout
 
     def model_config(self, config: Config) -> dict:
         """The model-defining part of a configuration (what a model file and a database must share)."""

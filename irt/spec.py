@@ -1,0 +1,51 @@
+"""IRT as the shared test / inference / ablation / export code sees it."""
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from common.presets import build_transform
+from common.runio import run_name
+from common.spec import MethodSpec
+from irt.model import build_model, parse_model_kwargs
+
+__all__ = ["SPEC", "MODEL_KEYS", "irt_run_name", "model_from_config"]
+
+# a stored model is only reused for the same network
+MODEL_KEYS = ("model", "model_kwargs", "input_size", "distilled_embedding")
+
+
+def irt_run_name(config: Mapping[str, Any]) -> str:
+    """``<dataset>_<crop>_<model>_<size>_<iters>_<bs>_<lambda>_<margin>_<m>_<memory>_<momentum>``."""
+    kwargs = "-".join(f"{k}{v}" for k, v in parse_model_kwargs(config.get("model_kwargs")).items())
+    model = config["model"] + (f"-{kwargs}" if kwargs else "")
+    return run_name(config["data_name"], config.get("crop_type", "uncropped"), model, config["input_size"],
+                    config["max_iter"], config["batch_size"], config["lambda_reg"], config["margin"], config["m"],
+                    config["memory_ratio"], config.get("encoder_momentum") or 0)
+
+
+def model_from_config(config: Mapping[str, Any], pretrained: str = "none") -> nn.Module:
+    """The network a stored configuration (or the training flags as a dict) describes."""
+    return build_model(config["model"], pretrained, config["input_size"], config.get("drop", 0.0),
+                       config.get("drop_path", 0.1), parse_model_kwargs(config.get("model_kwargs")),
+                       config.get("distilled_embedding", "mean"))
+
+
+def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The L2-normalised embedding (the model's output in eval mode)."""
+    return model(images)
+
+
+SPEC = MethodSpec(
+    name="irt",
+    display="IRT",
+    metric="cosine",
+    model_keys=MODEL_KEYS,
+    build_model=model_from_config,
+    embed=embed,
+    eval_transform=lambda config: build_transform("irt", False, config["data_name"], config.get("crop_type", "uncropped"),
+                                                  config["input_size"]),
+    run_name=irt_run_name,
+    default_data_base="cub_uncropped_deit_small_distilled_patch16_224_224_2000_64_0.7_0.5_0_1.0_0_data_base.pth",
+    default_recalls="1,2,4,8",
+)
