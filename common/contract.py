@@ -21,16 +21,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from common.cli import parse_recalls
 from common.compare import compare_runs, query_and_gallery
 from common.database import Database, Split, find_query, save_database
-from common.datasets import eval_splits, load_splits
+from common.datasets import eval_splits, load_splits, open_image
 from common.device import main_device, parse_gpu_ids
 from common.engine import embed_dataset
 from common.errors import UserError
 from common.metrics import retrieval_metrics
-from common.render import save_retrieval
+from common.render import query_page, save_retrieval, summary_page
 from common.retrieval import DB_SUFFIX, database_path, embed_file, model_path, open_database, run_prefix, search
 from common.runio import load_model_file, results_dir, safe_load
 from common.spec import MethodSpec
@@ -91,7 +92,10 @@ def _load_for_test(spec: MethodSpec, args: argparse.Namespace,
 def _model_beside(spec: MethodSpec, db_path: Path, db: Database, device: torch.device) -> nn.Module:
     """``<run>_model.pth`` beside the database, checked against the database's configuration (an original
     database takes the original model file, read by ``spec.import_original``)."""
-    path = model_path(db_path)
+    stored = db.config.get("model_file")
+    path = Path(stored) if stored else model_path(db_path)
+    if stored and not path.is_file():
+        raise UserError(f"database {db_path} was embedded with {path}, which no longer exists")
     if "original_file" in db.config and spec.import_original is not None and path.is_file() \
             and not _is_toolkit_file(path):
         config, model = spec.import_original(path, argparse.Namespace())
@@ -213,7 +217,7 @@ def inference_parser(spec: MethodSpec, add_help: bool = True) -> argparse.Argume
     """The flags of every method's ``inference.py`` (CGD/REIR names; hyphenated aliases)."""
     parser = argparse.ArgumentParser(description=f"{spec.display} retrieval: rank a database's gallery for a query "
                                      "image (new file or database image) or a folder of them", add_help=add_help)
-    _flag(parser, "query_img_name", required=True, type=str,
+    _flag(parser, "query_img_name", default=None, type=str,
           help="an image file (embedded now), a database image (its stored path or unique file name), or a folder")
     _flag(parser, "data_base", default=spec.default_data_base, type=str,
           help=f"queried database, a path or a name under results/{spec.name}/ (default: {spec.default_data_base})")
@@ -221,6 +225,15 @@ def inference_parser(spec: MethodSpec, add_help: bool = True) -> argparse.Argume
           help="search the database's query/gallery splits (test) or its train split (default: test)")
     _flag(parser, "retrieval_num", default=8, type=int, help="results per query (default: 8)")
     _flag(parser, "gpu_ids", default=None, type=str, help="GPU for embedding new images (default: first; CPU if none)")
+    g = parser.add_argument_group("searching your own collection")
+    _flag(g, "gallery", default=None, type=str,
+          help="embed a collection into a new database: a folder (recursive) or a list file (one path per line, "
+               "or a CSV with a 'path' and an optional 'label' column); needs --save_data_base")
+    _flag(g, "save_data_base", default=None, type=str, help="where --gallery's database is written")
+    g.add_argument("--model_file", "--model-file", dest="model_file", default=None, type=str,
+                   help="the model that embeds --gallery (default: the <run>_model.pth beside --data_base)")
+    _flag(g, "batch_size", default=64, type=int, help="images per forward pass for --gallery (default: 64)")
+    _flag(g, "num_workers", default=4, type=int, help="DataLoader workers for --gallery (default: 4)")
     return parser
 
 
@@ -261,8 +274,10 @@ def write_ranking(out_dir: Path, results: Sequence[Tuple[str, Optional[int], flo
 
 
 def answer_query(spec: MethodSpec, db: Database, name: str, k: int, q_name: str, g_name: str, get_model,
-                 device: torch.device) -> Tuple[Path, list]:
-    """Rank the gallery for one query and write its folder; ``get_model()`` is only called for a new image."""
+                 device: torch.device, out_root: Optional[Path] = None) -> Tuple[Path, list]:
+    """Rank the gallery for one query and write its folder (the originals' files, grid.png, ranking.csv,
+    index.html) under ``out_root`` (default ``results/<method>/``); ``get_model()`` is only called for a new
+    image."""
     query, gallery = db.split(q_name), db.split(g_name)
     index = stored_or_new(query.images, name)
     if index >= 0:
@@ -276,9 +291,10 @@ def answer_query(spec: MethodSpec, db: Database, name: str, k: int, q_name: str,
     if not 1 <= k <= available:
         raise UserError(f"--retrieval_num {k} must be between 1 and the {available} gallery images")
     results = search(feature, gallery, db.metric, k, db.scale, exclude)
-    out = save_retrieval(results_dir(spec.name) / Path(path).stem, path, label, results, size=spec.render_size,
-                         width=spec.frame_width)
+    out = save_retrieval(Path(out_root or results_dir(spec.name)) / Path(path).stem, path, label, results,
+                         size=spec.render_size, width=spec.frame_width)
     write_ranking(out, results)
+    query_page(out, path, label, results, db.metric)
     known = "unknown" if label is None else label
     print(f"query {path} (label {known}): {k} best of {len(gallery.images)} gallery images by {db.metric}")
     for rank, (p, lab, score) in enumerate(results, start=1):
@@ -289,10 +305,18 @@ def answer_query(spec: MethodSpec, db: Database, name: str, k: int, q_name: str,
 
 
 def run_inference(spec: MethodSpec, args: argparse.Namespace) -> List[Tuple[Path, list]]:
-    """``inference.py``: one folder of results per query."""
-    db_path, db = open_spec_database(spec, args.data_base)
-    q_name, g_name = query_and_gallery(db, args.data_type)
+    """``inference.py``: optionally embed ``--gallery`` into a new database, then one folder of results per query
+    (a folder of queries also gets a summary ``index.html``)."""
     device = _device(args)
+    if getattr(args, "gallery", None):
+        db_path, db = build_gallery_database(spec, args, device)
+        if not args.query_img_name:
+            return []
+    else:
+        if not args.query_img_name:
+            raise UserError("give --query_img_name (a query image or folder), or --gallery to embed a collection")
+        db_path, db = open_spec_database(spec, args.data_base)
+    q_name, g_name = query_and_gallery(db, args.data_type)
     cache: Dict[str, nn.Module] = {}
 
     def get_model() -> nn.Module:
@@ -300,8 +324,102 @@ def run_inference(spec: MethodSpec, args: argparse.Namespace) -> List[Tuple[Path
             cache["model"] = _model_beside(spec, db_path, db, device)
         return cache["model"]
 
-    return [answer_query(spec, db, q, args.retrieval_num, q_name, g_name, get_model, device)
-            for q in _queries(args.query_img_name)]
+    queries = _queries(args.query_img_name)
+    if not Path(args.query_img_name).is_dir():
+        return [answer_query(spec, db, queries[0], args.retrieval_num, q_name, g_name, get_model, device)]
+    root = results_dir(spec.name) / Path(args.query_img_name).resolve().name
+    answers, entries = [], []
+    for q in tqdm(queries, desc="queries", dynamic_ncols=True):
+        out, results = answer_query(spec, db, q, args.retrieval_num, q_name, g_name, get_model, device, root)
+        answers.append((out, results))
+        entries.append((out, q, None))
+    print(f"summary page: {summary_page(root, entries)}")
+    return answers
+
+
+def _gallery_items(source: str) -> List[Tuple[str, int]]:
+    """(path, label) pairs of a folder (label -1 = unknown) or a list file (paths, or a CSV with path[,label])."""
+    path = Path(source)
+    if path.is_dir():
+        return [(p, -1) for p in _queries(str(path))]
+    if not path.is_file():
+        raise UserError(f"--gallery {source}: no such folder or list file")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if lines and "path" in [c.strip() for c in lines[0].split(",")]:
+        frame = pd.read_csv(path)
+        paths = [str(p) for p in frame["path"]]
+        if "label" not in frame.columns:
+            return [(p, -1) for p in paths]
+        names = sorted({str(x) for x in frame["label"]}, key=lambda x: (not x.lstrip("-").isdigit(), x))
+        numeric = all(x.lstrip("-").isdigit() for x in names)
+        ids = {x: (int(x) if numeric else i) for i, x in enumerate(names)}
+        return [(p, ids[str(x)]) for p, x in zip(paths, frame["label"])]
+    return [(line, -1) for line in lines]
+
+
+class _Images(torch.utils.data.Dataset):
+    """Images of a collection; an unreadable file yields None and is skipped by the collate function."""
+
+    def __init__(self, items: Sequence[Tuple[str, int]], transform):
+        self.items, self.transform = list(items), transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(open_image(self.items[i][0])), i
+        except (OSError, ValueError, SyntaxError):
+            return None, i
+
+
+def _collate(batch):
+    good = [(x, i) for x, i in batch if x is not None]
+    bad = [i for x, i in batch if x is None]
+    images = torch.stack([x for x, _ in good]) if good else None
+    return images, torch.tensor([i for _, i in good], dtype=torch.long), bad
+
+
+@torch.inference_mode()
+def build_gallery_database(spec: MethodSpec, args: argparse.Namespace,
+                           device: torch.device) -> Tuple[Path, Database]:
+    """Embed ``--gallery`` with the run's model into ``--save_data_base``: progress bar, unreadable images skipped,
+    counted and listed in ``<database>.errors.log``; the database stores the model's configuration and file."""
+    if not args.save_data_base:
+        raise UserError("--gallery needs --save_data_base FILE (where the new database is written)")
+    if args.model_file:
+        run, config, model = _load_for_test(spec, argparse.Namespace(model_file=args.model_file), device)
+        model_file = Path(args.model_file)
+    else:
+        src_path, src = open_spec_database(spec, args.data_base)
+        config, model, model_file = src.config, _model_beside(spec, src_path, src, device), model_path(src_path)
+    items = _gallery_items(args.gallery)
+    if not items:
+        raise UserError(f"--gallery {args.gallery} lists no images")
+    loader = torch.utils.data.DataLoader(_Images(items, spec.eval_transform(config)), batch_size=args.batch_size,
+                                         num_workers=args.num_workers, collate_fn=_collate)
+    dtype = next(model.parameters()).dtype
+    features, kept, failed = [], [], []
+    for images, index, bad in tqdm(loader, desc="embedding the gallery", dynamic_ncols=True):
+        failed += bad
+        if images is not None:
+            features.append(spec.embed(model, images.to(device, dtype)).float().cpu())
+            kept += index.tolist()
+    if not kept:
+        raise UserError(f"none of the {len(items)} images of --gallery {args.gallery} could be read")
+    target = Path(args.save_data_base)
+    log = Path(f"{target}.errors.log")
+    if failed:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(f"{items[i][0]}\n" for i in sorted(failed)))
+    split = Split([items[i][0] for i in kept], [items[i][1] for i in kept], torch.cat(features))
+    stored = {**dict(config), "model_file": str(model_file.resolve()), "gallery_source": str(args.gallery)}
+    save_database(target, config=stored, method=spec.name, splits={"gallery": split}, metric=spec.metric,
+                  scale=spec.scale(config), query="gallery", gallery="gallery")
+    print(f"embedded {len(kept)} images into {target}" + (f"; skipped {len(failed)} unreadable (listed in {log})"
+                                                          if failed else ""))
+    return target, Database(stored, spec.name, spec.metric, spec.scale(config), "gallery", "gallery",
+                            {"gallery": split})
 
 
 # ---------------------------------------------------------------- ablation.py

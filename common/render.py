@@ -1,4 +1,5 @@
 """Rendering a ranked retrieval: the originals' per-image files plus one grid PNG to see it at a glance."""
+import html
 import shutil
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -7,7 +8,7 @@ from PIL import Image, ImageDraw
 
 from common.datasets import open_image
 
-__all__ = ["GREEN", "RED", "BLUE", "framed", "save_retrieval", "retrieval_grid"]
+__all__ = ["GREEN", "RED", "BLUE", "framed", "save_retrieval", "retrieval_grid", "query_page", "summary_page"]
 
 GREEN, RED, BLUE = (0, 255, 0), (255, 0, 0), (0, 0, 255)
 Result = Tuple[str, int, float]  # (image path, label, score)
@@ -58,3 +59,53 @@ def retrieval_grid(query_path: str, query_label: Optional[int], results: Sequenc
         grid.paste(tile, (x, pad))
         draw.text((x + 4, pad + cell + 3), text, fill="black")
     return grid
+
+
+def _known(label: Optional[int]) -> bool:
+    return label is not None and int(label) >= 0
+
+
+def query_page(out_dir: Path, query_path: str, query_label: Optional[int], results: Sequence[Result],
+               metric: str) -> Path:
+    """``index.html`` beside the rendered files: the query, then the top-K thumbnails with rank and score, green /
+    red frames when both labels are known. Only relative links, so the folder can be zipped and shared."""
+    out_dir = Path(out_dir)
+    files = sorted(out_dir.glob("retrieval_img_*.jpg"), key=lambda p: int(p.name.split("_")[2]))
+    cells = []
+    for rank, ((path, label, score), file) in enumerate(zip(results, files), start=1):
+        colour = "" if not (_known(query_label) and _known(label)) else ("#0a0" if label == query_label else "#d00")
+        style = f"border:6px solid {colour}" if colour else "border:6px solid transparent"
+        cells.append(f'<figure><img src="{html.escape(file.name)}" style="{style}" width="160">'
+                     f"<figcaption>#{rank} {score:.4f}<br>{html.escape(Path(path).name)}"
+                     f"{'' if not _known(label) else f' (label {label})'}</figcaption></figure>")
+    order = "smaller is closer" if metric == "euclidean" else "larger is closer"
+    page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(Path(query_path).name)}</title>"
+            "<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px;text-align:center}"
+            "figcaption{font-size:12px;max-width:170px;word-wrap:break-word}</style>"
+            f"<h2>Query {html.escape(Path(query_path).name)}"
+            f"{'' if not _known(query_label) else f' (label {query_label})'}</h2>"
+            f'<figure><img src="query_img.jpg" style="border:6px solid #00f" width="160">'
+            f"<figcaption>query</figcaption></figure><h3>Top {len(cells)} ({metric}: {order})</h3>"
+            + "".join(cells) + '<p><a href="ranking.csv">ranking.csv</a></p>')
+    target = out_dir / "index.html"
+    target.write_text(page)
+    return target
+
+
+def summary_page(folder: Path, entries: Sequence[Tuple[Path, str, Optional[bool]]]) -> Path:
+    """``index.html`` linking every query's page: (its folder, query name, top-1 correct or None if unknown)."""
+    folder = Path(folder)
+    rows = []
+    for out, name, correct in entries:
+        rel = Path(out).relative_to(folder).as_posix()
+        mark = "" if correct is None else ("&#10003;" if correct else "&#10007;")
+        rows.append(f'<tr><td><a href="{html.escape(rel)}/index.html"><img src="{html.escape(rel)}/grid.png" '
+                    f'height="90"></a></td><td><a href="{html.escape(rel)}/index.html">{html.escape(name)}</a>'
+                    f"</td><td>{mark}</td></tr>")
+    known = [c for _, _, c in entries if c is not None]
+    score = f"<p>top-1 correct: {sum(known)} of {len(known)}</p>" if known else ""
+    page = ("<!doctype html><meta charset='utf-8'><title>Queries</title><style>body{font-family:sans-serif}"
+            "td{padding:4px}</style>" f"<h2>{len(entries)} queries</h2>{score}<table>" + "".join(rows) + "</table>")
+    target = folder / "index.html"
+    target.write_text(page)
+    return target

@@ -1,0 +1,98 @@
+"""inference.py on a collection that is no dataset split: --gallery (folder or list) -> new database -> queries,
+with unreadable images skipped and logged, per-query pages and a summary page."""
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from cgd import inference
+from cgd.model import model_from_config
+from cgd.spec import SPEC
+from common.database import Split, load_database, save_database
+from common.errors import UserError
+from common.runio import atomic_save
+from tests.tiny import make_tiny_processed
+
+RUN = "cub_uncropped_resnet18_SG_32_0.1_0.5_0.1_8"
+CONFIG = {"data_name": "cub", "crop_type": "uncropped", "backbone_type": "resnet18", "gd_config": "SG",
+          "feature_dim": 32, "num_classes": 4, "image_size": 32, "smoothing": 0.1, "temperature": 0.5,
+          "margin": 0.1, "batch_size": 8, "method": "cgd"}
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    """An (untrained) CGD run: model file + a database beside it, as cgd/train.py writes them."""
+    monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path / "results"))
+    data = make_tiny_processed(tmp_path / "data", "cub", num_classes=6, per_class=4, size=40)
+    torch.manual_seed(0)
+    folder = tmp_path / "results" / "cgd"
+    atomic_save({"model": model_from_config(CONFIG).state_dict(), "config": CONFIG, "epoch": 1},
+                folder / f"{RUN}_model.pth")
+    save_database(folder / f"{RUN}_data_base.pth", config=CONFIG, method="cgd", metric="euclidean",
+                  splits={"test": Split(["x.jpg"], [0], torch.zeros(1, 32))})
+    gallery = tmp_path / "my_photos"
+    shutil.copytree(data / "cub" / "images", gallery)
+    (gallery / "broken.jpg").write_bytes(b"not a jpeg")
+    return tmp_path, folder, gallery
+
+
+def _infer(*args):
+    return inference.main(inference.get_args_parser().parse_args(list(args)))
+
+
+def test_gallery_folder_to_database_and_folder_of_queries(run):
+    tmp_path, folder, gallery = run
+    target = tmp_path / "mine_data_base.pth"
+    assert _infer("--data_base", f"{RUN}_data_base.pth", "--gallery", str(gallery), "--save_data_base", str(target),
+                  "--num_workers", "0") == []
+    db = load_database(target)
+    images = sorted(str(p) for p in gallery.rglob("img_*.jpg"))
+    assert sorted(db.split("gallery").images) == images and set(db.split("gallery").labels) == {-1}
+    assert db.config["gd_config"] == "SG" and db.config["model_file"].endswith(f"{RUN}_model.pth")
+    assert (tmp_path / "mine_data_base.pth.errors.log").read_text().strip().endswith("broken.jpg")
+    # the features are the model's embeddings of those files, in the database's order
+    model = model_from_config(CONFIG).eval()
+    model.load_state_dict(torch.load(folder / f"{RUN}_model.pth", weights_only=True)["model"])
+    x = SPEC.eval_transform(CONFIG)(Image.open(db.split("gallery").images[3]).convert("RGB"))[None]
+    torch.testing.assert_close(db.split("gallery").features[3], SPEC.embed(model, x)[0], rtol=1e-4, atol=1e-5)
+
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for name in ("q1.jpg", "q2.jpg"):
+        shutil.copy(images[0], queries / name)
+    answers = _infer("--data_base", str(target), "--query_img_name", str(queries), "--retrieval_num", "3")
+    assert len(answers) == 2 and answers[0][1][0][0] == images[0]  # a copy finds its original first
+    page = (folder / "queries" / "q1" / "index.html").read_text()
+    assert 'src="query_img.jpg"' in page and page.count("<figure>") == 4 and "/" not in page.split("src=")[1][:40]
+    summary = (folder / "queries" / "index.html").read_text()
+    assert 'href="q1/index.html"' in summary and 'href="q2/index.html"' in summary
+
+
+def test_gallery_csv_with_labels(run):
+    tmp_path, folder, gallery = run
+    images = sorted(str(p) for p in gallery.rglob("img_*.jpg"))[:6]
+    listing = tmp_path / "list.csv"
+    pd.DataFrame({"path": images, "label": ["cat", "cat", "dog", "dog", "cow", "cow"]}).to_csv(listing, index=False)
+    target = tmp_path / "labelled_data_base.pth"
+    _infer("--data_base", f"{RUN}_data_base.pth", "--gallery", str(listing), "--save_data_base", str(target),
+           "--num_workers", "0")
+    labels = load_database(target).split("gallery").labels
+    assert labels == [0, 0, 2, 2, 1, 1]  # cat, cow, dog -> 0, 1, 2
+    out = _infer("--data_base", str(target), "--query_img_name", images[0], "--retrieval_num", "2")
+    assert images[0] not in [p for p, _, _ in out[0][1]]  # a stored image is excluded from its own results
+
+
+def test_gallery_needs_a_target_and_a_living_model(run):
+    tmp_path, folder, gallery = run
+    with pytest.raises(UserError, match="--save_data_base"):
+        _infer("--data_base", f"{RUN}_data_base.pth", "--gallery", str(gallery))
+    target = tmp_path / "g_data_base.pth"
+    _infer("--data_base", f"{RUN}_data_base.pth", "--gallery", str(gallery), "--save_data_base", str(target),
+           "--num_workers", "0")
+    (folder / f"{RUN}_model.pth").unlink()
+    new = tmp_path / "new.jpg"
+    shutil.copy(next(gallery.rglob("img_*.jpg")), new)
+    with pytest.raises(UserError, match="no longer exists"):
+        _infer("--data_base", str(target), "--query_img_name", str(new))
