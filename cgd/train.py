@@ -24,8 +24,17 @@ from common.cli import bool_pair, common_parser, validate_args
 from common.database import Split
 from common.datasets import eval_splits, load_splits
 from common.device import autocast, channels_last, data_parallel, first_device, main_device, upcast
-from common.distributed import (DistInfo, RankBatchSampler, all_gather_no_grad, all_gather_with_grad,
-                                all_reduce_mean, init_distributed, is_main_process, wrap_ddp)
+from common.distributed import (
+    DistInfo,
+    RankBatchSampler,
+    all_gather_no_grad,
+    all_gather_with_grad,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+    is_main_process,
+    wrap_ddp,
+)
 from common.engine import Evaluation, Run, RunFiles, check_finite, embed_dataset, eval_recalls
 from common.errors import UserError, run_cli
 from common.preprocess import ensure_dataset
@@ -85,8 +94,11 @@ def evaluate(model: nn.Module, datasets, query: str, gallery: str, device: torch
 
 def build_data(args: argparse.Namespace, info: DistInfo):
     """Datasets, and the train loader: global m-per-class batches, each rank taking its slice (classes intact)."""
+    if info.rank == 0:  # one process builds a missing dataset (the demo) while the others wait
+        ensure_dataset(args.data_path, args.data_name, args.crop_type)
+    barrier()
     ensure_dataset(args.data_path, args.data_name, args.crop_type)
-    query, gallery = eval_splits(args.data_name)
+    query, gallery = eval_splits(args.data_name, args.data_path)
     test_tf = build_transform("cgd", False, args.data_name, args.crop_type, args.image_size)
     train_tf = build_transform("cgd", True, args.data_name, args.crop_type, args.image_size) if args.augment \
         else test_tf

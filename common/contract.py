@@ -162,7 +162,7 @@ def evaluation_splits(spec: MethodSpec, config: Dict[str, Any], model: nn.Module
                       device: torch.device) -> Tuple[Dict[str, Split], str, str]:
     """Features of the run's query and gallery splits, recomputed from the images."""
     data_name, crop_type = spec.dataset(config)
-    query, gallery = eval_splits(data_name)
+    query, gallery = eval_splits(data_name, args.data_path)
     transform = spec.eval_transform(config)
     names = list(dict.fromkeys((query, gallery)))
     datasets = load_splits(args.data_path, data_name, crop_type, {n: transform for n in names})

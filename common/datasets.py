@@ -6,6 +6,7 @@ Labels are mapped to integers once per *label space*: the training split has its
 (the original CGD mapped query and gallery independently).
 """
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -14,8 +15,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from common.decode import env_draft
 from common.errors import UserError
-from common.preprocess import index_path
+from common.preprocess import DATASET_NAMES, custom_protocol, ensure_dataset, index_path
 
 __all__ = ["open_image", "load_index", "eval_splits", "label_space", "RetrievalDataset", "load_splits", "make_loader"]
 
@@ -23,13 +25,24 @@ __all__ = ["open_image", "load_index", "eval_splits", "label_space", "RetrievalD
 _LABEL_SPACES = {"train": ("train",), "test": ("test",), "query": ("query", "gallery"), "gallery": ("query", "gallery")}
 
 
-def open_image(path: str) -> Image.Image:
-    """Open any image as 3-channel RGB (grayscale, CMYK, palette and alpha images occur in the raw datasets)."""
+def open_image(path: str, draft: Optional[Tuple[int, int]] = None) -> Image.Image:
+    """Open any image as 3-channel RGB (grayscale, CMYK, palette and alpha images occur in the raw datasets).
+
+    An RGB file is returned as decoded (no converted copy: same pixels, less work per image). ``draft`` = (w, h), or
+    ``RETRIEVAL_JPEG_DRAFT=N`` for (N, N), is opt-in: libjpeg decodes a JPEG at 1/2, 1/4 or 1/8 scale while both
+    sides stay >= (w, h) (faster; the pixels differ from a full decode, see ``common.decode``).
+    """
+    draft = draft if draft is not None else env_draft()
     with Image.open(path) as img:
+        if draft is not None:
+            img.draft(None, tuple(draft))
         if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, img).convert("RGB")
+        if img.mode == "RGB":
+            img.load()
+            return img
         return img.convert("RGB")
 
 
@@ -37,20 +50,33 @@ def load_index(data_path: str, data_name: str, crop_type: str = "uncropped") -> 
     """Read the processed index (plain JSON: nothing is unpickled); absolute image paths, raw labels."""
     path = index_path(data_path, data_name, crop_type)
     if not path.is_file():
+        if data_name not in DATASET_NAMES:
+            ensure_dataset(data_path, data_name, crop_type)  # one line naming the path and the command for own data
         raise UserError(f"processed dataset not found: {path}; run `python data_utils.py --data_path {data_path} "
                         f"--data_name {data_name}` first")
     try:
         index = json.loads(path.read_text())
         root = path.parent
-        return {split: [(str(root / rel), str(label)) for rel, label in items]
+        return {split: [(_join(root, rel), str(label)) for rel, label in items]
                 for split, items in index["splits"].items()}
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"corrupt dataset index {path} ({e}); re-run data_utils.py with --force")
+        raise UserError(f"corrupt dataset index {path} ({e}); re-run data_utils.py with --force") from None
 
 
-def eval_splits(data_name: str) -> Tuple[str, str]:
-    """(query split, gallery split) used for evaluation: In-shop ranks query vs gallery, the rest test vs itself."""
-    return ("query", "gallery") if data_name == "isc" else ("test", "test")
+def _join(root: Path, rel: str) -> str:
+    """Image path: ``root/rel``; custom datasets store images elsewhere in --data_path as ``../<folder>/...``, which is
+    folded so result files show ``data/<folder>/...``; absolute paths (images outside --data_path) stay as they are."""
+    path = root / rel
+    return os.path.normpath(path) if rel.startswith("../") else str(path)
+
+
+def eval_splits(data_name: str, data_path: str = "data") -> Tuple[str, str]:
+    """(query split, gallery split) used for evaluation: In-shop ranks query vs gallery, the other benchmarks test
+    vs itself; a custom dataset's protocol is stored in its index under ``data_path`` (pass the script's
+    --data_path: the benchmarks never read it)."""
+    if data_name in DATASET_NAMES:
+        return ("query", "gallery") if data_name == "isc" else ("test", "test")
+    return custom_protocol(data_path, data_name)
 
 
 def _label_key(label: str):

@@ -132,9 +132,12 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of a (detached) tensor over all ranks; the tensor itself with one process."""
     if get_world_size() == 1:
         return value
+    device = value.device
+    if dist.get_backend() == "nccl" and device.type != "cuda":  # NCCL reduces GPU tensors only
+        value = value.to(torch.device("cuda", torch.cuda.current_device()))
     value = value.detach().clone()
     dist.all_reduce(value)
-    return value / get_world_size()
+    return (value / get_world_size()).to(device)
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -219,11 +219,13 @@ def resolve_config(args: argparse.Namespace) -> Dict:
 
 
 def data_name(cfg: Dict) -> str:
+    """The processed dataset of ``DATASETS.NAMES``: fast-reid's names (CUB, Cars196, SOP, InShop), this toolkit's,
+    or the name of a custom dataset made by data_utils.py (checked when its index is read)."""
     names = cfg["DATASETS"]["NAMES"]
-    if len(names) != 1 or names[0].lower() not in DATASET_NAMES:
-        raise UserError(f"DATASETS.NAMES must be one of {', '.join(['CUB', 'Cars196', 'SOP', 'InShop', 'demo'])} "
-                        f"(or cub, car, sop, isc), got {names}")
-    return DATASET_NAMES[names[0].lower()]
+    if len(names) != 1:
+        raise UserError(f"DATASETS.NAMES must name one dataset (CUB, Cars196, SOP, InShop, demo or your own), "
+                        f"got {names}")
+    return DATASET_NAMES.get(str(names[0]).lower(), str(names[0]))
 
 
 def pretrained_source(cfg: Dict) -> str:

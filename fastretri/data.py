@@ -29,7 +29,7 @@ def build_datasets(cfg: Dict) -> Dict[str, RetrievalDataset]:
     index = load_index(cfg["DATASETS"]["ROOT"], name, crop)
     train_tf, test_tf = build_transforms(cfg)
     out = {"train": RetrievalDataset(index["train"], label_space(index, "train"), train_tf)}
-    for split in dict.fromkeys(eval_splits(name)):
+    for split in dict.fromkeys(eval_splits(name, cfg["DATASETS"]["ROOT"])):
         out[split] = RetrievalDataset(index[split], label_space(index, split), test_tf)
     return out
 

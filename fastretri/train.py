@@ -24,7 +24,7 @@ from common.contract import run_test
 from common.database import Split
 from common.datasets import RetrievalDataset, eval_splits
 from common.device import autocast, channels_last, parse_gpu_ids, upcast
-from common.distributed import DistInfo, all_reduce_mean, launch, launched_by_torchrun
+from common.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, launch, launched_by_torchrun
 from common.engine import Evaluation, Run, check_finite, embed_dataset, eval_recalls
 from common.errors import UserError, run_cli
 from common.runio import set_seed
@@ -83,10 +83,11 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     return {"train_loss": float(totals[0]), "train_accuracy": 100.0 * float(totals[1]), "lr": float(totals[2])}
 
 
-def evaluate(model: nn.Module, datasets: Dict[str, RetrievalDataset], data: str, device: torch.device,
-             recalls: List[int], batch_size: int = 256, workers: int = 0, amp: bool = False) -> Evaluation:
+def evaluate(model: nn.Module, datasets: Dict[str, RetrievalDataset], splits_of: Tuple[str, str],
+             device: torch.device, recalls: List[int], batch_size: int = 256, workers: int = 0,
+             amp: bool = False) -> Evaluation:
     """Recall@K (cosine of L2-normalised BNNeck features, self excluded by index); every rank embeds its share."""
-    q_name, g_name = eval_splits(data)
+    q_name, g_name = splits_of
     splits = {}
     for name in dict.fromkeys((q_name, g_name)):
         ds = datasets[name]
@@ -140,14 +141,14 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
     def evaluate_now(epoch: int) -> Evaluation:
         if epoch not in (0, solver["MAX_EPOCH"]) and epoch % cfg["TEST"]["EVAL_PERIOD"]:
             return Evaluation({})
-        return evaluate(model, datasets, data, info.device, cfg["TEST"]["RECALLS"], cfg["TEST"]["IMS_PER_BATCH"],
+        return evaluate(model, datasets, eval_splits(data, cfg["DATASETS"]["ROOT"]), info.device, cfg["TEST"]["RECALLS"], cfg["TEST"]["IMS_PER_BATCH"],
                         workers, amp)
 
     # ---- epochs: the same loop on every rank; Run writes on rank 0 only ----
     files = run_files(cfg)
     config = {**config_dict(cfg), "num_classes": datasets["train"].num_classes, "method": "fastretri",
               "float64": args.float64, "augment": args.augment}
-    q, g = eval_splits(data)
+    q, g = eval_splits(data, cfg["DATASETS"]["ROOT"])
     run = Run(files, config, [k for k in config if k not in RESUME_FREE], "fastretri", solver["MAX_EPOCH"],
               recalls=cfg["TEST"]["RECALLS"], selection=args.model_selection,
               database={"metric": "cosine", "query": q, "gallery": g})
@@ -187,7 +188,7 @@ def check_setup(cfg: Dict, world_size: int) -> None:
     if len(datasets["train"]) < batch:
         raise UserError(f"the training split has {len(datasets['train'])} images, fewer than one global batch "
                         f"(SOLVER.IMS_PER_BATCH {batch})")
-    q, g = eval_splits(data_name(cfg))
+    q, g = eval_splits(data_name(cfg), cfg["DATASETS"]["ROOT"])
     ns = argparse.Namespace(data_name=data_name(cfg), crop_type=cfg["DATASETS"]["CROP_TYPE"], batch_size=batch,
                             num_epochs=cfg["SOLVER"]["MAX_EPOCH"], recalls=cfg["TEST"]["RECALLS"])
     validate_args(ns, len(datasets[g]), self_excluded=q == g)
@@ -210,7 +211,13 @@ def main(args: argparse.Namespace) -> None:
     if args.eval_only:
         return evaluate_only(args, cfg)
     num_procs, use_cuda, gpu_ids = plan_processes(args)
-    check_setup(cfg, int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else num_procs)
+    if launched_by_torchrun():  # join the group now, so rank 0 alone checks and prepares the data
+        rank = init_distributed(use_cuda).rank
+        if rank == 0:
+            check_setup(cfg, int(os.environ["WORLD_SIZE"]))
+        barrier()
+    else:
+        check_setup(cfg, num_procs)
     try:
         launch(worker, args, num_procs, args.dist_backend, use_cuda, gpu_ids)
     except mp.ProcessRaisedException as e:

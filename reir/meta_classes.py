@@ -6,6 +6,7 @@ E-tuple of its meta-labels, so that the ensemble can tell all training classes a
 the colliding classes get fresh random codes, drawn one coordinate at a time; the original enumerated the whole
 M^E product space here. Seeded (the original was not), and saved with its configuration.
 """
+
 import math
 import random
 from pathlib import Path
@@ -16,8 +17,16 @@ import torch
 from common.errors import UserError
 from common.runio import atomic_save, check_config, safe_load
 
-__all__ = ["balanced_assignment", "has_conflicts", "unique_codes", "assign_meta_classes", "ids_path", "save_ids", "load_ids",
-           "meta_class_ids"]
+__all__ = [
+    "balanced_assignment",
+    "has_conflicts",
+    "unique_codes",
+    "assign_meta_classes",
+    "ids_path",
+    "save_ids",
+    "load_ids",
+    "meta_class_ids",
+]
 
 LABEL_TYPES = ("fixed", "random")
 
@@ -52,38 +61,57 @@ def unique_codes(ids: torch.Tensor, meta_class_size: int, rng: random.Random) ->
     return torch.tensor(codes, dtype=torch.long).t().contiguous()
 
 
-def assign_meta_classes(num_classes: int, ensemble_size: int, meta_class_size: int, label_type: str = "fixed",
-                        seed: int = 0, tries: int = 10) -> torch.Tensor:
+def assign_meta_classes(
+    num_classes: int,
+    ensemble_size: int,
+    meta_class_size: int,
+    label_type: str = "fixed",
+    seed: int = 0,
+    tries: int = 10,
+    verbose: bool = True,
+) -> torch.Tensor:
     """[E, C] long tensor: ``ids[e, c]`` is the meta-class of training class c for learner e."""
     if label_type not in LABEL_TYPES:
         raise UserError(f"unknown --label_type {label_type!r} (choose from {', '.join(LABEL_TYPES)})")
     if meta_class_size > num_classes:
         raise UserError(f"--meta_class_size {meta_class_size} is larger than the {num_classes} training classes")
-    if label_type == "fixed" and meta_class_size ** ensemble_size < num_classes:
-        raise UserError(f"--label_type fixed needs meta_class_size^ensemble_size >= {num_classes} classes, got "
-                        f"{meta_class_size}^{ensemble_size}")
+    if label_type == "fixed" and meta_class_size**ensemble_size < num_classes:
+        raise UserError(
+            f"--label_type fixed needs meta_class_size^ensemble_size >= {num_classes} classes, got "
+            f"{meta_class_size}^{ensemble_size}"
+        )
     rng = random.Random(seed)
     for _ in range(max(1, tries) if label_type == "fixed" else 1):
-        ids = torch.tensor([balanced_assignment(num_classes, meta_class_size, rng) for _ in range(ensemble_size)],
-                           dtype=torch.long)
+        ids = torch.tensor(
+            [balanced_assignment(num_classes, meta_class_size, rng) for _ in range(ensemble_size)], dtype=torch.long
+        )
         if label_type == "random" or not has_conflicts(ids):
             break
     else:
         ids = unique_codes(ids, meta_class_size, rng)
-    print(f"{label_type} assigned labels have {'' if has_conflicts(ids) else 'no '}conflicts")
+    if verbose:
+        print(f"{label_type} assigned labels have {'' if has_conflicts(ids) else 'no '}conflicts")
     return ids
 
 
-def ids_path(directory: Path, data_name: str, crop_type: str, label_type: str, ensemble_size: int,
-             meta_class_size: int) -> Path:
+def ids_path(
+    directory: Path, data_name: str, crop_type: str, label_type: str, ensemble_size: int, meta_class_size: int
+) -> Path:
     """``<dir>/<data>_<crop>_<label>_<E>_<M>_ids.pth`` (the original's name lacked the crop type)."""
     return Path(directory) / f"{data_name}_{crop_type}_{label_type}_{ensemble_size}_{meta_class_size}_ids.pth"
 
 
-def _ids_config(data_name: str, crop_type: str, label_type: str, ensemble_size: int, meta_class_size: int,
-                num_classes: int) -> Dict[str, object]:
-    return {"data_name": data_name, "crop_type": crop_type, "label_type": label_type,
-            "ensemble_size": ensemble_size, "meta_class_size": meta_class_size, "num_classes": num_classes}
+def _ids_config(
+    data_name: str, crop_type: str, label_type: str, ensemble_size: int, meta_class_size: int, num_classes: int
+) -> Dict[str, object]:
+    return {
+        "data_name": data_name,
+        "crop_type": crop_type,
+        "label_type": label_type,
+        "ensemble_size": ensemble_size,
+        "meta_class_size": meta_class_size,
+        "num_classes": num_classes,
+    }
 
 
 def save_ids(path: Path, ids: torch.Tensor, config: Dict[str, object]) -> None:
@@ -97,15 +125,29 @@ def load_ids(path: Path, config: Dict[str, object]) -> torch.Tensor:
     return state["ids"]
 
 
-def meta_class_ids(directory: Path, data_name: str, crop_type: str, label_type: str, ensemble_size: int,
-                   meta_class_size: int, num_classes: int, seed: int, reuse: bool) -> torch.Tensor:
-    """Draw (and save) or, with ``reuse`` (``--load_ids``), load the assignment of this configuration."""
+def meta_class_ids(
+    directory: Path,
+    data_name: str,
+    crop_type: str,
+    label_type: str,
+    ensemble_size: int,
+    meta_class_size: int,
+    num_classes: int,
+    seed: int,
+    reuse: bool,
+    main: bool = True,
+) -> torch.Tensor:
+    """Draw (and save) or, with ``reuse`` (``--load_ids``), load the assignment of this configuration.
+
+    Every process of a DDP run draws the same (seeded) ids; only the ``main`` one saves and prints."""
     config = _ids_config(data_name, crop_type, label_type, ensemble_size, meta_class_size, num_classes)
     path = ids_path(directory, data_name, crop_type, label_type, ensemble_size, meta_class_size)
     if reuse:
         ids = load_ids(path, config)
-        print(f"loaded meta-class ids from {path}")
+        if main:
+            print(f"loaded meta-class ids from {path}")
         return ids
-    ids = assign_meta_classes(num_classes, ensemble_size, meta_class_size, label_type, seed)
-    save_ids(path, ids, {**config, "seed": seed})
+    ids = assign_meta_classes(num_classes, ensemble_size, meta_class_size, label_type, seed, verbose=main)
+    if main:
+        save_ids(path, ids, {**config, "seed": seed})
     return ids

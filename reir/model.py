@@ -1,4 +1,4 @@
-"""The REIR / SREML ensemble: a shared ResNet trunk and E private branches, each ending in a meta-class head.
+"""The REIR ensemble: a shared ResNet trunk and E private branches, each ending in a meta-class head.
 
 The E private branches form one ResNet whose channels are E times wider and whose convolutions use
 ``groups = E`` (per-channel BatchNorm over the E·C channels, one [E, M, d] head tensor). That is exactly E
@@ -17,6 +17,7 @@ once as a dense convolution with E·C outputs and scaled per learner afterwards:
 Evaluation with ``with_random`` uses the expectation E[w_i] = 1/E (deterministic embeddings; the original drew
 new weights for every test batch).
 """
+
 import math
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -26,9 +27,11 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 
 from common.backbones import build_resnet
+from common.device import upcast
+from common.distributed import GlobalBatchNorm, get_world_size
 from common.errors import UserError
 
-__all__ = ["MODEL_TYPES", "SHARE_TYPES", "IMPLS", "Model", "count_parameters", "resolve_impl"]
+__all__ = ["MODEL_TYPES", "SHARE_TYPES", "IMPLS", "Model", "count_parameters", "resolve_impl", "ensemble_embed"]
 
 MODEL_TYPES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")
 STAGES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
@@ -92,8 +95,9 @@ class EnsembleConv(nn.Module):
             if self.groups != 1:
                 raise ValueError("a shared input must enter an ungrouped convolution")
             if self.loop:
-                return [self._conv(x.x, w, 1) * (1 if x.scale is None else x.scale[i])
-                        for i, w in enumerate(self.weights)]
+                return [
+                    self._conv(x.x, w, 1) * (1 if x.scale is None else x.scale[i]) for i, w in enumerate(self.weights)
+                ]
             return _per_learner(self._conv(x.x, self.weight, 1), x.scale, self.e)
         if isinstance(x, list):
             return [self._conv(t, w, self.groups) for t, w in zip(x, self.weights)]
@@ -115,25 +119,43 @@ def _split_weight(module: EnsembleConv, state_dict, prefix, *args) -> None:
             state_dict[f"{prefix}weights.{i}"] = part
 
 
-class EnsembleBatchNorm(nn.BatchNorm2d):
-    """E BatchNorm2d(C) as one BatchNorm2d(E*C): per-channel statistics are per learner by construction."""
+class EnsembleBatchNorm(GlobalBatchNorm):
+    """E BatchNorm2d(C) as one BatchNorm2d(E*C): per-channel statistics are per learner by construction.
+
+    One process: exactly ``nn.BatchNorm2d`` (learner by learner in the loop form). Under DDP training normalises
+    with the statistics of the global batch (``GlobalBatchNorm``), so N processes train what one process does."""
 
     def __init__(self, bn: nn.BatchNorm2d, e: int):
-        super().__init__(bn.num_features * e, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                         device=bn.weight.device, dtype=bn.weight.dtype)
+        super().__init__(
+            bn.num_features * e,
+            bn.eps,
+            bn.momentum,
+            bn.affine,
+            bn.track_running_stats,
+            device=bn.weight.device,
+            dtype=bn.weight.dtype,
+        )
         self.e, self.c = e, bn.num_features
         with torch.no_grad():
             for name in ("weight", "bias", "running_mean", "running_var"):
                 getattr(self, name).copy_(getattr(bn, name).repeat(e))
 
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+
     def forward(self, x: Ens) -> Ens:
         if not isinstance(x, list):
             return super().forward(x)
+        if self.training and get_world_size() > 1:  # global statistics: one all-reduce for all learners
+            return list(super().forward(torch.cat(x, dim=1)).split(self.c, dim=1))
         if self.training:
             self.num_batches_tracked.add_(1)
         stats = zip(self.running_mean.split(self.c), self.running_var.split(self.c))  # views: updated in place
-        return [F.batch_norm(t, mean, var, w, b, self.training, self.momentum, self.eps)
-                for t, (mean, var), w, b in zip(x, stats, self.weight.split(self.c), self.bias.split(self.c))]
+        return [
+            F.batch_norm(t, mean, var, w, b, self.training, self.momentum, self.eps)
+            for t, (mean, var), w, b in zip(x, stats, self.weight.split(self.c), self.bias.split(self.c))
+        ]
 
 
 def _expand(x: Shared, e: int, loop: bool) -> Ens:
@@ -156,8 +178,9 @@ class EnsembleBlock(nn.Module):
             setattr(self, name, EnsembleConv(m, e) if isinstance(m, nn.Conv2d) else EnsembleBatchNorm(m, e))
         self.downsample = None
         if block.downsample is not None:
-            self.downsample = nn.Sequential(EnsembleConv(block.downsample[0], e),
-                                            EnsembleBatchNorm(block.downsample[1], e))
+            self.downsample = nn.Sequential(
+                EnsembleConv(block.downsample[0], e), EnsembleBatchNorm(block.downsample[1], e)
+            )
 
     def forward(self, x: Ens) -> Ens:
         out = x
@@ -182,7 +205,7 @@ class EnsembleBranches(nn.Module):
     def __init__(self, backbone: nn.Module, share_type: str, e: int, m: int, feat_dim: int):
         super().__init__()
         self.e, self.m = e, m
-        private = STAGES[STAGES.index(share_type) + 1:] if share_type != "none" else STAGES
+        private = STAGES[STAGES.index(share_type) + 1 :] if share_type != "none" else STAGES
         layers: List[nn.Module] = []
         for name in private:
             module = getattr(backbone, name)
@@ -214,8 +237,9 @@ class EnsembleBranches(nn.Module):
                 logits = logits * x.scale.to(logits.dtype)[None, :, None]
             return logits + self.bias
         if isinstance(x, list):
-            return torch.stack([t.mean(dim=(2, 3)) @ w.t() + b
-                                for t, w, b in zip(x, self.weight.unbind(0), self.bias.unbind(0))], 1)
+            return torch.stack(
+                [t.mean(dim=(2, 3)) @ w.t() + b for t, w, b in zip(x, self.weight.unbind(0), self.bias.unbind(0))], 1
+            )
         f = x.mean(dim=(2, 3)).reshape(x.shape[0], self.e, -1)
         return torch.einsum("bed,emd->bem", f, self.weight) + self.bias
 
@@ -235,9 +259,17 @@ class Model(nn.Module):
     the state dict is always the single-block layout, whatever the number of blocks.
     """
 
-    def __init__(self, model_type: str = "resnet18", share_type: str = "layer1", ensemble_size: int = 48,
-                 meta_class_size: int = 12, with_random: bool = False, pretrained: str = "none",
-                 devices: Optional[Sequence[torch.device]] = None, impl: str = "auto"):
+    def __init__(
+        self,
+        model_type: str = "resnet18",
+        share_type: str = "layer1",
+        ensemble_size: int = 48,
+        meta_class_size: int = 12,
+        with_random: bool = False,
+        pretrained: str = "none",
+        devices: Optional[Sequence[torch.device]] = None,
+        impl: str = "auto",
+    ):
         super().__init__()
         if model_type not in MODEL_TYPES:
             raise UserError(f"unknown --model_type {model_type!r} (choose from {', '.join(MODEL_TYPES)})")
@@ -249,7 +281,7 @@ class Model(nn.Module):
         self.model_type, self.share_type = model_type, share_type
         backbone = build_resnet(model_type, pretrained)
         feat_dim = backbone.fc.in_features
-        shared = STAGES[:STAGES.index(share_type) + 1] if share_type != "none" else ()
+        shared = STAGES[: STAGES.index(share_type) + 1] if share_type != "none" else ()
         self.common_extractor = nn.Sequential(*[getattr(backbone, n) for n in shared])
         self.devices = list(devices) if devices else [backbone.conv1.weight.device]
         base, extra = divmod(ensemble_size, len(self.devices))  # common.device.spread_groups' blocks
@@ -265,9 +297,12 @@ class Model(nn.Module):
         self._register_state_dict_hook(_merge_blocks)
         self._register_load_state_dict_pre_hook(self._split_blocks)
 
-    def set_impl(self, impl: str) -> "Model":
-        """``loop`` or ``grouped`` (``auto``: grouped on CUDA, loop on CPU); both give the same outputs."""
-        self.impl = resolve_impl(impl, self.devices[0])
+    def set_impl(self, impl: str, device: Optional[torch.device] = None) -> "Model":
+        """``loop`` or ``grouped`` (``auto``: grouped on CUDA, loop on CPU, decided again at the first forward on
+        another device type, e.g. a model built on CPU from a stored config and moved); both give the same
+        outputs."""
+        self.requested_impl = impl
+        self.impl = resolve_impl(impl, device or self.devices[0])
         for module in self.modules():
             if isinstance(module, EnsembleConv):
                 module.loop = self.impl == "loop"
@@ -290,12 +325,14 @@ class Model(nn.Module):
         return torch.full((e,), 1.0 / e, device=device)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.requested_impl == "auto" and resolve_impl("auto", images.device) != self.impl:
+            self.set_impl("auto", images.device)
         shared = self.common_extractor(images)
         w = self.branch_weights(shared.device)
         outs, start = [], 0
         for block, size in zip(self.branches, self.sizes):
             device = block.weight.device
-            scale = None if w is None else w[start:start + size].to(device)
+            scale = None if w is None else w[start : start + size].to(device)
             x = Shared(shared.to(device, non_blocking=True), scale)
             outs.append(block(x).to(shared.device, non_blocking=True))
             start += size
@@ -304,7 +341,7 @@ class Model(nn.Module):
     @staticmethod
     def embed(logits: torch.Tensor) -> torch.Tensor:
         """Per-learner L2-normalised logits, concatenated: [B, E*M]; cosine ranking = mean per-learner cosine."""
-        return F.normalize(logits.float(), dim=-1).flatten(1)
+        return F.normalize(upcast(logits), dim=-1).flatten(1)
 
     def _split_blocks(self, state_dict, prefix, *args) -> None:
         """Load the single-block layout into however many blocks this model has."""
@@ -313,7 +350,7 @@ class Model(nn.Module):
         merged = {k: v for k, v in state_dict.items() if k.startswith(prefix + "branches.0.")}
         for key, value in merged.items():
             del state_dict[key]
-            rest = key[len(prefix + "branches.0."):]
+            rest = key[len(prefix + "branches.0.") :]
             if value.dim() == 0:
                 parts = [value] * len(self.sizes)
             else:
@@ -329,9 +366,19 @@ def _merge_blocks(module: Model, state_dict, prefix, local_metadata) -> None:
         return
     keys = [k for k in list(state_dict) if k.startswith(prefix + "branches.0.")]
     for key in keys:
-        rest = key[len(prefix + "branches.0."):]
+        rest = key[len(prefix + "branches.0.") :]
         parts = [state_dict.pop(f"{prefix}branches.{b}.{rest}") for b in range(len(module.sizes))]
         state_dict[key] = parts[0] if parts[0].dim() == 0 else torch.cat([p.to(parts[0].device) for p in parts])
+
+
+def _memory_format(images: torch.Tensor) -> torch.Tensor:
+    """Channels-last on CUDA (where the model is converted to it), unchanged on CPU."""
+    return images.contiguous(memory_format=torch.channels_last) if images.is_cuda else images
+
+
+def ensemble_embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The retrieval embedding of an image batch: [B, E*M] concatenated per-learner unit vectors."""
+    return Model.embed(model(_memory_format(images)))
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
@@ -349,5 +396,9 @@ def count_parameters(model_type: str, share_type: str, ensemble_size: int, meta_
     common = sum(p.numel() for p in model.common_extractor.parameters())
     heads = sum(b.weight.numel() + b.bias.numel() for b in model.branches)
     total = sum(p.numel() for p in model.parameters())
-    return {"common": common, "individual_feature": (total - common - heads) // ensemble_size,
-            "individual_classifier": heads // ensemble_size, "total": total}
+    return {
+        "common": common,
+        "individual_feature": (total - common - heads) // ensemble_size,
+        "individual_classifier": heads // ensemble_size,
+        "total": total,
+    }

@@ -1,16 +1,21 @@
-"""Compare two SREML databases query by query: ``reir/ablation.py`` for runs under results/sreml/
-(e.g. a resnet18 against a resnet34 run of the same dataset and crop type).
+"""Compare two SREML databases query by query (e.g. a resnet34 against a resnet18 run of the same data); saved as
+``results/sreml/<better>----<worse>_ablation.csv``.
 
     python sreml/ablation.py --better_data_base car_uncropped_resnet34_data_base.pth --save_results
 """
-from functools import partial
 
+from common.contract import ablation_parser, run_ablation
 from common.errors import run_cli
-from reir.ablation import get_args_parser as _parser
-from reir.ablation import main
+from sreml.spec import SETTING, SPEC
 
-get_args_parser = partial(_parser, method="sreml", better="car_uncropped_resnet34_data_base.pth",
-                          worse="car_uncropped_resnet18_data_base.pth")
+
+def get_args_parser(add_help: bool = True):
+    return ablation_parser(SPEC, *SETTING.ablation, add_help=add_help)
+
+
+def main(args):
+    return run_ablation(SPEC, args)
+
 
 if __name__ == "__main__":
     run_cli(main, get_args_parser().parse_args())

@@ -1,15 +1,22 @@
-"""SREML retrieval demo: ``reir/inference.py`` with SREML's database name (outputs under results/sreml/).
+"""SREML retrieval: rank a database's gallery for a query (a new image file, a database image, or a folder);
+outputs under ``results/sreml/<query stem>/`` (query_img.jpg, retrieval_img_<rank>_<score>.jpg, grid.png,
+ranking.csv).
 
-    python sreml/inference.py --retrieval_num 10 --data_type train
+    python sreml/inference.py --query_img_name data/car/car_ims/008055.jpg --retrieval_num 10 --data_type train
 """
-from functools import partial
 
+from common.contract import inference_parser, run_inference
 from common.errors import run_cli
-from reir.inference import get_args_parser as _parser
-from reir.inference import main
+from sreml.spec import SPEC
 
-DEFAULT_DATA_BASE = "car_uncropped_resnet18_data_base.pth"
-get_args_parser = partial(_parser, method="sreml", default_data_base=DEFAULT_DATA_BASE)
+
+def get_args_parser(add_help: bool = True):
+    return inference_parser(SPEC, add_help)
+
+
+def main(args):
+    return run_inference(SPEC, args)
+
 
 if __name__ == "__main__":
     run_cli(main, get_args_parser().parse_args())

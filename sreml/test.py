@@ -1,15 +1,21 @@
-"""Test a trained SREML model (``reir/test.py`` with SREML's defaults): Recall@K, MAP@R, R-precision, CSV, database.
+"""Test a trained SREML run (the shared contract with SREML's defaults): Recall@K, MAP@R, R-precision recomputed
+from the images, saved as ``results/sreml/<run>_test_metrics.csv``; the training database is never overwritten.
 
     python sreml/test.py --data_base car_uncropped_resnet18_data_base.pth
 """
-from functools import partial
 
+from common.contract import run_test, test_parser
 from common.errors import run_cli
-from reir.test import get_args_parser as _parser
-from reir.test import main
+from sreml.spec import SPEC
 
-DEFAULT_DATA_BASE = "car_uncropped_resnet18_data_base.pth"
-get_args_parser = partial(_parser, method="sreml", default_data_base=DEFAULT_DATA_BASE)
+
+def get_args_parser(add_help: bool = True):
+    return test_parser(SPEC, add_help)
+
+
+def main(args):
+    return run_test(SPEC, args)
+
 
 if __name__ == "__main__":
     run_cli(main, get_args_parser().parse_args())

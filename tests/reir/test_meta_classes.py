@@ -1,4 +1,5 @@
 """Meta-class assignment: balance, unique codes for 'fixed', seeding, the collision fallback, save/load."""
+
 import math
 import random
 from collections import Counter
@@ -7,8 +8,15 @@ import pytest
 import torch
 
 from common.errors import UserError
-from reir.meta_classes import (assign_meta_classes, unique_codes, balanced_assignment, has_conflicts, ids_path, load_ids,
-                               meta_class_ids)
+from reir.meta_classes import (
+    assign_meta_classes,
+    balanced_assignment,
+    has_conflicts,
+    ids_path,
+    load_ids,
+    meta_class_ids,
+    unique_codes,
+)
 
 
 @pytest.mark.parametrize("c,m", [(98, 12), (100, 12), (3997, 192), (7, 7), (13, 2)])

@@ -1,4 +1,5 @@
 """The ensemble model: published parameter counts, and the batched forms against E independent ResNets."""
+
 import copy
 
 import pytest
@@ -41,6 +42,7 @@ def test_parameter_breakdown_resnet18():
 def _reference_learner(model: Model, i: int) -> nn.Module:
     """Learner i as an ordinary torchvision module list, weights copied out of the ensemble's slices."""
     from torchvision import models
+
     block = model.branches[0]
     ref = getattr(models, model.model_type)()
     start = len(model.common_extractor)
@@ -51,10 +53,10 @@ def _reference_learner(model: Model, i: int) -> nn.Module:
     with torch.no_grad():
         for e, r in zip(ens_modules, ref_modules):
             n = r.out_channels if isinstance(r, nn.Conv2d) else r.num_features
-            r.weight.copy_(e.weight[i * n:(i + 1) * n])
+            r.weight.copy_(e.weight[i * n : (i + 1) * n])
             if isinstance(r, nn.BatchNorm2d):
                 for name in ("bias", "running_mean", "running_var"):
-                    getattr(r, name).copy_(getattr(e, name)[i * n:(i + 1) * n])
+                    getattr(r, name).copy_(getattr(e, name)[i * n : (i + 1) * n])
     head = nn.Linear(block.weight.shape[2], block.weight.shape[1])
     with torch.no_grad():
         head.weight.copy_(block.weight[i])
@@ -73,9 +75,17 @@ def _reference_forward(model: Model, refs, images, weights):
     return torch.stack(outs, 1)
 
 
-@pytest.mark.parametrize("model_type,share_type,impl", [
-    ("resnet18", "layer1", "grouped"), ("resnet18", "layer1", "loop"), ("resnet18", "none", "grouped"),
-    ("resnet18", "maxpool", "loop"), ("resnet18", "layer4", "grouped"), ("resnext50_32x4d", "layer3", "grouped")])
+@pytest.mark.parametrize(
+    "model_type,share_type,impl",
+    [
+        ("resnet18", "layer1", "grouped"),
+        ("resnet18", "layer1", "loop"),
+        ("resnet18", "none", "grouped"),
+        ("resnet18", "maxpool", "loop"),
+        ("resnet18", "layer4", "grouped"),
+        ("resnext50_32x4d", "layer3", "grouped"),
+    ],
+)
 def test_ensemble_equals_independent_learners(model_type, share_type, impl):
     """Forward, gradients and BN running statistics equal E separate torchvision branches on the same weights."""
     torch.manual_seed(0)
@@ -97,15 +107,18 @@ def test_ensemble_equals_independent_learners(model_type, share_type, impl):
     F.cross_entropy(ref_out.permute(0, 2, 1), labels).backward()
     for i in range(e):
         torch.testing.assert_close(model.branches[0].weight.grad[i], refs[i][-1].weight.grad, rtol=1e-9, atol=1e-10)
-    first = next(mod for mod in model.branches[0].features.modules() if isinstance(mod, EnsembleConv)) \
-        if share_type != "layer4" else None
+    first = (
+        next(mod for mod in model.branches[0].features.modules() if isinstance(mod, EnsembleConv))
+        if share_type != "layer4"
+        else None
+    )
     if first is not None:
         ref_first = [next(mod for mod in r.modules() if isinstance(mod, nn.Conv2d)) for r in refs]
         for i in range(e):
             torch.testing.assert_close(first.weights[i].grad, ref_first[i].weight.grad, rtol=1e-9, atol=1e-10)
         bn = next(mod for mod in model.branches[0].features.modules() if isinstance(mod, EnsembleBatchNorm))
         ref_bn = next(mod for mod in refs[e - 1].modules() if isinstance(mod, nn.BatchNorm2d))
-        torch.testing.assert_close(bn.running_mean[(e - 1) * bn.c:], ref_bn.running_mean, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(bn.running_mean[(e - 1) * bn.c :], ref_bn.running_mean, rtol=1e-9, atol=1e-10)
     for p, q in zip(trunk.parameters(), saved.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=1e-8)
 

@@ -1,18 +1,40 @@
-"""End to end on tiny data: train -> test -> inference -> ablation, resume = uninterrupted, one-line errors."""
+"""End to end on tiny data: train -> test -> inference -> ablation (the shared contract), resume = uninterrupted,
+the seeded global-batch sampler, one-line errors."""
+
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
+import reir.engine as engine
 from common.database import load_database
-from reir import ablation, inference, test as reir_test, train
+from reir import ablation, inference, train
+from reir import test as reir_test
+from reir.engine import ShuffledBatches
 from tests.tiny import make_tiny_processed
 
 RUN = "cub_uncropped_fixed_random_layer1_resnet18_4_2"
-TINY = ["--data_name", "cub", "--image_size", "32", "--batch_size", "8", "--ensemble_size", "4",
-        "--meta_class_size", "2", "--pretrained", "none", "--num_workers", "0", "--gpu_ids", ""]
+TINY = [
+    "--data_name",
+    "cub",
+    "--image_size",
+    "32",
+    "--batch_size",
+    "8",
+    "--ensemble_size",
+    "4",
+    "--meta_class_size",
+    "2",
+    "--pretrained",
+    "none",
+    "--num_workers",
+    "0",
+    "--gpu_ids",
+    "",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +54,18 @@ def trained(data, tmp_path_factory):
         return _train(data, tmp_path_factory.mktemp("results"), mp, "--num_epochs", "1")
 
 
+def test_shuffled_batches_are_the_original_loaders_batches():
+    """Seeded per epoch, every sample once, the last batch partial (DataLoader(shuffle=True) without drop_last)."""
+    sampler = ShuffledBatches(23, 5, seed=3)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    assert [len(b) for b in first] == [5, 5, 5, 5, 3] and len(sampler) == 5
+    assert sorted(i for b in first for i in b) == list(range(23))
+    assert list(sampler) == first  # same epoch, same batches (what every process relies on)
+    sampler.set_epoch(2)
+    assert list(sampler) != first
+
+
 def test_train_outputs(trained):
     for suffix in ("model.pth", "data_base.pth", "checkpoint.pth", "statistics.csv", "statistics.png"):
         assert (trained / f"{RUN}_{suffix}").is_file(), suffix
@@ -41,59 +75,94 @@ def test_train_outputs(trained):
     assert {"train_loss", "train_accuracy", "test_recall@1", "test_recall@8"} <= set(stats.columns)
     db = load_database(trained / f"{RUN}_data_base.pth")
     assert (db.metric, db.scale, db.query, db.gallery) == ("cosine", 4.0, "test", "test")
+    assert db.config["method"] == "reir"
     assert db.split("train").features.shape == (15, 8) and db.split("test").features.shape == (15, 8)
     per_learner = db.split("test").features.view(15, 4, 2).norm(dim=-1)
     torch.testing.assert_close(per_learner, torch.ones(15, 4))
 
 
-def test_test_script_recomputes_the_same_features(trained, data, monkeypatch):
-    """--with_random is deterministic at evaluation: test.py reproduces the stored features exactly."""
+def test_test_script_recomputes_the_same_features(trained, data, monkeypatch, tmp_path):
+    """--with_random is deterministic at evaluation: test.py reproduces the stored features exactly, writes
+    <run>_test_metrics.csv and leaves the training database untouched."""
     monkeypatch.setenv("RETRIEVAL_RESULTS", str(trained.parent))
     db_path = trained / f"{RUN}_data_base.pth"
-    before = load_database(db_path)
-    metrics = reir_test.main(reir_test.get_args_parser().parse_args(
-        ["--data_base", RUN + "_data_base.pth", "--data_path", str(data), "--num_workers", "0", "--gpu_ids", ""]))
+    training_db = db_path.read_bytes()
+    copy = tmp_path / "recomputed_data_base.pth"
+    metrics = reir_test.main(
+        reir_test.get_args_parser().parse_args(
+            [
+                "--data_base",
+                RUN + "_data_base.pth",
+                "--data_path",
+                str(data),
+                "--num_workers",
+                "0",
+                "--gpu_ids",
+                "",
+                "--save_data_base",
+                str(copy),
+            ]
+        )
+    )
     assert {"test_recall@1", "test_map@r", "test_r_precision"} <= set(metrics)
-    after = load_database(db_path)
-    torch.testing.assert_close(after.split("test").features, before.split("test").features, rtol=0, atol=1e-6)
-    assert (trained / f"{RUN}_test_results.csv").is_file()
+    assert db_path.read_bytes() == training_db
+    stored, recomputed = load_database(db_path), load_database(copy)
+    assert recomputed.scale == 4.0 and recomputed.metric == "cosine"
+    torch.testing.assert_close(recomputed.split("test").features, stored.split("test").features, rtol=0, atol=1e-6)
+    saved = pd.read_csv(trained / f"{RUN}_test_metrics.csv")
+    assert saved["test_recall@1"].item() == pytest.approx(metrics["test_recall@1"])
     stats = pd.read_csv(trained / f"{RUN}_statistics.csv", index_col="epoch")
-    assert metrics["test_recall@1"] == pytest.approx(stats["test_recall@1"].max())
+    assert metrics["test_recall@1"] == pytest.approx(stats.loc[1, "test_recall@1"])
 
 
-def test_inference_database_query_and_new_image(trained, data, monkeypatch, tmp_path):
+def _infer(*args):
+    return inference.main(inference.get_args_parser().parse_args(list(args)))
+
+
+def test_inference_database_query_and_new_image(trained, monkeypatch, tmp_path):
     monkeypatch.setenv("RETRIEVAL_RESULTS", str(trained.parent))
     db = load_database(trained / f"{RUN}_data_base.pth")
     query = db.split("test").images[0]
     args = ["--data_base", RUN + "_data_base.pth", "--retrieval_num", "3", "--gpu_ids", ""]
-    results = inference.main(inference.get_args_parser().parse_args(["--query_img_name", query, *args]))
+    [(out, results)] = _infer("--query_img_name", query, *args)
     assert query not in [p for p, _, _ in results] and len(results) == 3
     scores = [s for _, _, s in results]
-    assert scores == sorted(scores, reverse=True)
     feats = db.split("test").features
-    brute = (feats @ feats[0] / 4)[1:].topk(3).values
+    brute = (feats @ feats[0] / 4)[1:].topk(3).values  # mean per-learner cosine, self excluded
     torch.testing.assert_close(torch.tensor(scores), brute, rtol=0, atol=1e-5)
-    out = trained / query.rsplit("/", 1)[1].rsplit(".", 1)[0]
+    assert out == trained / query.rsplit("/", 1)[1].rsplit(".", 1)[0]
     assert (out / "query_img.jpg").is_file() and len(list(out.glob("retrieval_img_*.jpg"))) == 3
+    ranking = pd.read_csv(out / "ranking.csv")
+    assert list(ranking.columns) == ["rank", "path", "label", "score"]
+    assert ranking["score"].tolist() == pytest.approx(scores, abs=1e-6)
     # a file that is not in the database: embedded with the saved model; a copy of a test image scores 1.0
     new = tmp_path / "new_query.png"
-    from PIL import Image
     Image.open(query).save(new)
-    results = inference.main(inference.get_args_parser().parse_args(["--query_img_name", str(new), *args]))
+    [(_, results)] = _infer("--query_img_name", str(new), *args)
     assert results[0][0] == query and results[0][2] == pytest.approx(1.0, abs=1e-2)
+    # a NEW file named like a stored image gets its own ranking, not the stored image's
+    other = db.split("test").images[-1]
+    same_name = tmp_path / query.rsplit("/", 1)[1]
+    Image.open(other).save(same_name)
+    [(_, results)] = _infer("--query_img_name", str(same_name), *args)
+    assert results[0][0] == other
 
 
 def test_ablation(trained, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_RESULTS", str(trained.parent))
     db = str(trained / f"{RUN}_data_base.pth")
-    result = ablation.main(ablation.get_args_parser().parse_args(
-        ["--better_data_base", db, "--worse_data_base", db, "--retrieval_num", "2", "--save_results"]))
+    result = ablation.main(
+        ablation.get_args_parser().parse_args(
+            ["--better_data_base", db, "--worse_data_base", db, "--retrieval_num", "2", "--save_results"]
+        )
+    )
     assert result["ties"] == 15 and result["GE_Rate@2"] == 100.0
+    assert (trained / f"{RUN}----{RUN}_ablation.csv").is_file()
 
 
 def test_resume_equals_uninterrupted(data, tmp_path, monkeypatch):
     calls = {"n": 0}
-    original = train.train_one_epoch
+    original = engine.train_one_epoch
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -101,17 +170,17 @@ def test_resume_equals_uninterrupted(data, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+    monkeypatch.setattr(engine, "train_one_epoch", interrupted)
     # share_type layer4 (only the heads are private) keeps the three runs' checkpoints small
     run = "cub_uncropped_fixed_random_layer4_resnet18_4_2"
     with pytest.raises(KeyboardInterrupt):
         _train(data, tmp_path / "a", monkeypatch, "--num_epochs", "2", "--share_type", "layer4")
-    monkeypatch.setattr(train, "train_one_epoch", original)
+    monkeypatch.setattr(engine, "train_one_epoch", original)
     resumed = _train(data, tmp_path / "a", monkeypatch, "--num_epochs", "2", "--share_type", "layer4", "--resume")
     trained = _train(data, tmp_path / "b", monkeypatch, "--num_epochs", "2", "--share_type", "layer4")
     a = torch.load(trained / f"{run}_checkpoint.pth", weights_only=True)
     b = torch.load(resumed / f"{run}_checkpoint.pth", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2
+    assert a["epoch"] == b["epoch"] == 2 and torch.equal(a["ids"], b["ids"])
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
     sa = pd.read_csv(trained / f"{run}_statistics.csv", index_col="epoch")
@@ -120,7 +189,17 @@ def test_resume_equals_uninterrupted(data, tmp_path, monkeypatch):
 
 
 def test_user_errors_are_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "reir/inference.py", "--data_base", str(tmp_path / "missing_data_base.pth")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "reir/inference.py",
+            "--data_base",
+            str(tmp_path / "missing_data_base.pth"),
+            "--query_img_name",
+            "x.jpg",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: database not found") and "Traceback" not in proc.stderr

@@ -1,14 +1,16 @@
-"""SREML end to end on tiny data: the reir model in its squeezed setting, SREML's names and defaults."""
+"""SREML end to end on tiny data: REIR's engine in SREML's setting, SREML's names, defaults and contract files."""
+
 import pandas as pd
 import pytest
 import torch
 
 from common.database import load_database
 from reir.model import Model
-from sreml import ablation, inference, test as sreml_test, train
+from sreml import ablation, inference, train
+from sreml import test as sreml_test
 from tests.tiny import make_tiny_processed
 
-RUN = "cub_uncropped_resnet18"
+RUN = "isc_uncropped_resnet18"
 
 
 def test_sreml_defaults():
@@ -16,41 +18,84 @@ def test_sreml_defaults():
     assert (args.batch_size, args.num_epochs, args.ensemble_size, args.meta_class_size) == (12, 20, 48, 12)
     assert args.recalls == [1, 2, 4, 8, 10, 20, 30, 40, 50, 100, 1000]
     assert (args.share_type, args.label_type, args.with_random, args.method) == ("layer1", "random", False, "sreml")
+    assert args.model_selection == "best" and args.float64 is False and args.augment is True
     with pytest.raises(SystemExit):  # REIR-only flags do not exist here
         train.get_args_parser().parse_args(["--share_type", "layer2"])
+    assert sreml_test.get_args_parser().parse_args([]).data_base == "car_uncropped_resnet18_data_base.pth"
+    better = ablation.get_args_parser().parse_args([])
+    assert (better.better_data_base, better.worse_data_base) == (
+        "car_uncropped_resnet34_data_base.pth",
+        "car_uncropped_resnet18_data_base.pth",
+    )
 
 
 def test_sreml_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path / "results"))
     data = make_tiny_processed(tmp_path / "data", "isc", num_classes=6, per_class=4, size=36)
     common = ["--data_path", str(data), "--num_workers", "0", "--gpu_ids", ""]
-    train.main(train.get_args_parser().parse_args(
-        ["--data_name", "isc", "--image_size", "32", "--batch_size", "6", "--ensemble_size", "4",
-         "--meta_class_size", "2", "--pretrained", "none", "--num_epochs", "1", "--recalls", "1,2,4", *common]))
+    train.main(
+        train.get_args_parser().parse_args(
+            [
+                "--data_name",
+                "isc",
+                "--image_size",
+                "32",
+                "--batch_size",
+                "6",
+                "--ensemble_size",
+                "4",
+                "--meta_class_size",
+                "2",
+                "--pretrained",
+                "none",
+                "--num_epochs",
+                "1",
+                "--recalls",
+                "1,2,4",
+                *common,
+            ]
+        )
+    )
     out = tmp_path / "results" / "sreml"
     for suffix in ("model.pth", "data_base.pth", "checkpoint.pth", "statistics.csv"):
-        assert (out / f"isc_uncropped_resnet18_{suffix}").is_file(), suffix
-    state = torch.load(out / "isc_uncropped_resnet18_model.pth", weights_only=True)
+        assert (out / f"{RUN}_{suffix}").is_file(), suffix
+    assert (out / "isc_uncropped_random_4_2_ids.pth").is_file()
+    assert not (tmp_path / "results" / "reir").exists()
+    state = torch.load(out / f"{RUN}_model.pth", weights_only=True)
     assert len([k for k in state["model"] if k.startswith("common_extractor.")]) > 0
     assert state["config"]["share_type"] == "layer1" and state["config"]["with_random"] is False
-    db = load_database(out / "isc_uncropped_resnet18_data_base.pth")
-    assert (db.query, db.gallery) == ("query", "gallery")
+    assert state["config"]["method"] == "sreml"
+    db = load_database(out / f"{RUN}_data_base.pth")
+    assert (db.method, db.query, db.gallery, db.scale) == ("sreml", "query", "gallery", 4.0)
     assert db.split("query").features.shape[1] == 8
 
-    name = "isc_uncropped_resnet18_data_base.pth"
-    metrics = sreml_test.main(sreml_test.get_args_parser().parse_args(["--data_base", name, "--recalls", "1,2",
-                                                                       *common]))
-    stats = pd.read_csv(out / "isc_uncropped_resnet18_statistics.csv", index_col="epoch")
-    assert metrics["test_recall@1"] == pytest.approx(stats["test_recall@1"].max())
+    name = f"{RUN}_data_base.pth"
+    training_db = (out / name).read_bytes()
+    metrics = sreml_test.main(
+        sreml_test.get_args_parser().parse_args(["--data_base", name, "--recalls", "1,2", *common])
+    )
+    assert (out / name).read_bytes() == training_db
+    assert pd.read_csv(out / f"{RUN}_test_metrics.csv")["test_recall@1"].item() == pytest.approx(
+        metrics["test_recall@1"]
+    )
+    stats = pd.read_csv(out / f"{RUN}_statistics.csv", index_col="epoch")
+    assert metrics["test_recall@1"] == pytest.approx(stats.loc[1, "test_recall@1"])
     # query and gallery are different splits: the gallery item with the query's index is NOT dropped
     query = db.split("query").images[0]
-    results = inference.main(inference.get_args_parser().parse_args(
-        ["--query_img_name", query, "--data_base", name, "--retrieval_num", "4", "--gpu_ids", ""]))
+    [(folder, results)] = inference.main(
+        inference.get_args_parser().parse_args(
+            ["--query_img_name", query, "--data_base", name, "--retrieval_num", "4", "--gpu_ids", ""]
+        )
+    )
     brute = db.split("gallery").features @ db.split("query").features[0] / 4
     torch.testing.assert_close(torch.tensor([s for _, _, s in results]), brute.topk(4).values, rtol=0, atol=1e-5)
-    assert (out / query.rsplit("/", 1)[1].rsplit(".", 1)[0] / "grid.png").is_file()
-    result = ablation.main(ablation.get_args_parser().parse_args(
-        ["--better_data_base", name, "--worse_data_base", name, "--retrieval_num", "2"]))
+    assert folder == out / query.rsplit("/", 1)[1].rsplit(".", 1)[0]
+    assert (folder / "grid.png").is_file() and (folder / "ranking.csv").is_file()
+    result = ablation.main(
+        ablation.get_args_parser().parse_args(
+            ["--better_data_base", name, "--worse_data_base", name, "--retrieval_num", "2"]
+        )
+    )
     assert result["wins"] == result["losses"] == 0
 
 

@@ -1,0 +1,422 @@
+"""REIR's training, written once for every :class:`reir.spec.Setting` (REIR's own, or a variant's passed in).
+
+E learners on a shared trunk, each a meta-class classifier: every training class is mapped, per learner, to one of
+M meta-classes (``reir.meta_classes``); the loss is the cross-entropy over meta-classes averaged over samples and
+learners; Adam, lr x0.1 at 50 % and 70 % of the epochs. After every epoch: Recall@K (mean per-learner cosine),
+CSV + plot, a checkpoint for ``--resume``; the best model on the first requested rank and its database (train,
+test and, for In-shop, query and gallery features) go to ``results/<setting>/<run name>_{model,data_base}.pth``.
+
+One process spreads the learners over ``--gpu_ids`` (the originals' behaviour); under ``torchrun`` every process
+holds the whole ensemble on its own device (DDP) and trains on its slice of the same global batches one process
+would see, with global-batch BatchNorm statistics, so N processes train what one does.
+"""
+
+import argparse
+import math
+import random
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from tqdm import tqdm
+
+from common.cli import bool_pair, common_parser, validate_args
+from common.database import Split
+from common.datasets import RetrievalDataset, eval_splits, load_splits
+from common.device import autocast, get_devices, parse_gpu_ids, unwrap, upcast
+from common.distributed import (
+    DistInfo,
+    RankBatchSampler,
+    all_reduce_mean,
+    barrier,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+    wrap_ddp,
+)
+from common.engine import Evaluation, Run, RunFiles, check_finite, embed_dataset, eval_recalls
+from common.errors import UserError
+from common.preprocess import ensure_dataset
+from common.presets import build_transform
+from common.runio import plain_config, results_dir, set_seed
+from reir.meta_classes import LABEL_TYPES, meta_class_ids
+from reir.model import IMPLS, MODEL_TYPES, SHARE_TYPES, Model, ensemble_embed
+from reir.spec import MODEL_KEYS, Setting
+
+__all__ = [
+    "CLASS_CAP",
+    "RESUME_KEYS",
+    "MetaLabelled",
+    "capped_indices",
+    "ShuffledBatches",
+    "SliceCollate",
+    "LazySplit",
+    "train_one_epoch",
+    "evaluate",
+    "build_data",
+    "train",
+    "add_model_args",
+    "get_args_parser",
+]
+
+CLASS_CAP = 300  # images per training class, as in the originals
+# Keys a resumed run must share with its checkpoint (besides the model-defining ones).
+RESUME_KEYS = MODEL_KEYS + (
+    "batch_size",
+    "num_epochs",
+    "seed",
+    "learner_blocks",
+    "load_ids",
+    "lr",
+    "float64",
+    "augment",
+)
+
+
+class MetaLabelled(Dataset):
+    """Training images with their meta-labels in every learner: (image, LongTensor[E])."""
+
+    def __init__(self, dataset: RetrievalDataset, ids: torch.Tensor, indices: Sequence[int]):
+        self.dataset, self.ids, self.indices = dataset, ids, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        image, label = self.dataset[self.indices[i]]
+        return image, self.ids[:, label]
+
+
+def capped_indices(labels: Sequence[int], cap: int, seed: int) -> List[int]:
+    """At most ``cap`` random images per class (drawn once, seeded)."""
+    rng, by_class = random.Random(seed), {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    out = []
+    for members in by_class.values():
+        out += sorted(rng.sample(members, cap)) if len(members) > cap else members
+    return sorted(out)
+
+
+class ShuffledBatches(Sampler):
+    """The batches of ``DataLoader(shuffle=True, batch_size=B)`` (the originals'), drawn from a seeded permutation
+    per epoch instead of the global RNG, so every process cuts the same global batches; the last batch may be
+    partial (no drop_last)."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0):
+        self.n, self.batch_size, self.seed, self.epoch = num_samples, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        yield from (chunk.tolist() for chunk in perm.split(self.batch_size))
+
+
+class SliceCollate:
+    """``default_collate``; an empty slice (a last global batch smaller than the number of processes) becomes
+    zero-size tensors, so that rank still joins the step's collectives with a zero loss."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __call__(self, batch):
+        if batch:
+            return default_collate(batch)
+        image, ids = self.dataset[0]
+        return image.new_empty((0, *image.shape)), ids.new_empty((0, *ids.shape))
+
+
+class LazySplit:
+    """A database split whose features are only computed when the database is actually saved (kept epoch).
+
+    ``compute`` must be collective-safe (``embed_dataset``): ``Run.log`` reads ``features`` on every rank."""
+
+    def __init__(self, dataset: RetrievalDataset, compute):
+        self.images, self.labels, self._compute, self._features = dataset.images, dataset.labels, compute, None
+
+    @property
+    def features(self) -> torch.Tensor:
+        if self._features is None:
+            self._features = self._compute()
+        return self._features
+
+
+def _global_sum(values: List[float], device: torch.device) -> torch.Tensor:
+    """Sum over ranks of a few float64 numbers (on the process group's device), returned on CPU."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    return (all_reduce_mean(t) * get_world_size()).cpu()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    device: torch.device,
+    epoch: int,
+    num_epochs: int,
+    *,
+    amp: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Dict[str, float]:
+    """Mean cross-entropy over samples and learners; accuracy = share of (sample, learner) pairs right.
+
+    Each rank's loss is its cross-entropy sum over the global batch's sample count (x world size): DDP's average
+    then gives the gradient of the global batch mean, also when the ranks' slices differ in size."""
+    model.train()
+    world = get_world_size()
+    sums = torch.zeros(3, dtype=torch.float64)  # cross-entropy sum, correct (sample, learner) pairs, samples
+    bar = tqdm(loader, dynamic_ncols=True, disable=not is_main_process())
+    for images, labels in bar:
+        images, labels = images.to(device, dtype, non_blocking=True), labels.to(device, non_blocking=True)
+        e = labels.shape[1]
+        n_global = float(_global_sum([labels.shape[0]], device)[0])
+        with autocast(device, amp):
+            logits = model(images)
+        ce = F.cross_entropy(upcast(logits).permute(0, 2, 1), labels, reduction="sum")
+        loss = ce * (world / (n_global * e))
+        check_finite(loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        correct = (logits.argmax(dim=-1) == labels).sum()
+        sums += _global_sum([ce.item(), correct.item(), labels.shape[0]], device)
+        seen = max(1.0, float(sums[2]) * e)
+        bar.set_description(
+            f"Epoch {epoch}/{num_epochs} - Loss:{sums[0] / seen:.4f} - Acc:{100.0 * sums[1] / seen:.2f}%"
+        )
+    e = unwrap(model).ensemble_size
+    seen = max(1.0, float(sums[2]) * e)
+    return {"train_loss": float(sums[0] / seen), "train_accuracy": 100.0 * float(sums[1] / seen)}
+
+
+def evaluate(
+    model: nn.Module,
+    datasets: Dict[str, RetrievalDataset],
+    query: str,
+    gallery: str,
+    device: torch.device,
+    ranks: Sequence[int],
+    *,
+    batch_size: int,
+    num_workers: int,
+    amp: bool = False,
+) -> Evaluation:
+    """Recall@K of query vs gallery; the train split's features are computed only if the database is saved."""
+
+    def embed(name: str) -> torch.Tensor:
+        return embed_dataset(
+            model,
+            datasets[name],
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            embed=ensemble_embed,
+            amp=amp,
+            desc=f"{name} features",
+        )
+
+    splits = {
+        name: Split(datasets[name].images, datasets[name].labels, embed(name))
+        for name in dict.fromkeys((query, gallery))
+    }
+    metrics = eval_recalls(splits[query], splits[gallery], ranks, same_set=query == gallery)
+    splits["train"] = LazySplit(datasets["train"], lambda: embed("train"))
+    return Evaluation(metrics, splits)
+
+
+def build_data(args: argparse.Namespace, info: DistInfo, setting: Setting):
+    """Evaluation datasets (full train split too, for the database) and the train loader: seeded global batches
+    of ``--batch_size``, each rank taking its contiguous slice; plus the meta-class ids [E, C]."""
+    if info.rank == 0:  # the demo is generated on first use: by one process, before the others look
+        ensure_dataset(args.data_path, args.data_name, args.crop_type)
+    barrier()
+    ensure_dataset(args.data_path, args.data_name, args.crop_type)
+    query, gallery = eval_splits(args.data_name, args.data_path)
+    test_tf = build_transform(setting.name, False, args.data_name, args.crop_type, args.image_size)
+    datasets = load_splits(
+        args.data_path, args.data_name, args.crop_type, {"train": test_tf, query: test_tf, gallery: test_tf}
+    )
+    validate_args(args, gallery_size=len(datasets[gallery]), self_excluded=query == gallery)
+    train_set = datasets["train"]
+    if args.augment:
+        train_tf = build_transform(setting.name, True, args.data_name, args.crop_type, args.image_size)
+        train_set = load_splits(args.data_path, args.data_name, args.crop_type, {"train": train_tf})["train"]
+    num_classes = len(set(train_set.labels))
+    ids = meta_class_ids(
+        results_dir(setting.name),
+        args.data_name,
+        args.crop_type,
+        args.label_type,
+        args.ensemble_size,
+        args.meta_class_size,
+        num_classes,
+        args.seed,
+        args.load_ids,
+        main=info.rank == 0,
+    )
+    labelled = MetaLabelled(train_set, ids, capped_indices(train_set.labels, CLASS_CAP, args.seed))
+    sampler = RankBatchSampler(ShuffledBatches(len(labelled), args.batch_size, args.seed), info.rank, info.world_size)
+    loader = DataLoader(
+        labelled,
+        batch_sampler=sampler,
+        num_workers=args.num_workers,
+        collate_fn=SliceCollate(labelled),
+        pin_memory=torch.cuda.is_available(),
+    )
+    return loader, datasets, query, gallery, ids, num_classes
+
+
+def train(args: argparse.Namespace, setting: Setting) -> None:
+    """The whole run of one setting: data, model, optimisation, then the epochs (the loop below)."""
+    info = init_distributed(use_cuda=torch.cuda.is_available() and args.gpu_ids != "")
+    if args.batch_size < info.world_size:
+        raise UserError(
+            f"--batch_size {args.batch_size} (the global batch) is smaller than the {info.world_size} processes"
+        )
+    if info.rank == 0:
+        print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())), flush=True)
+    set_seed(args.seed)
+    # one process: learners spread over --gpu_ids (all visible by default); torchrun: the whole ensemble per process
+    devices = [info.device] if info.distributed else get_devices(parse_gpu_ids(args.gpu_ids))
+    device = devices[0]
+    dtype = torch.float64 if args.float64 else torch.float32
+    train_loader, datasets, query, gallery, ids, num_classes = build_data(args, info, setting)
+
+    # ---- model
+    model = (
+        Model(
+            args.model_type,
+            args.share_type,
+            args.ensemble_size,
+            args.meta_class_size,
+            with_random=args.with_random,
+            pretrained="none" if args.resume else args.pretrained,
+            devices=devices,
+            impl=args.ensemble_impl,
+        )
+        .to(dtype)
+        .place()
+    )
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if info.rank == 0:
+        print(
+            f"# trainable common feature parameters: "
+            f"{sum(p.numel() for p in model.common_extractor.parameters()):,}\n"
+            f"# trainable parameters: {sum(p.numel() for p in model.parameters()):,} "
+            f"({len(model.sizes)} learner block(s), {model.impl} ensemble)",
+            flush=True,
+        )
+    learner_blocks = len(model.sizes)
+    model = wrap_ddp(model, info)
+
+    # ---- optimisation
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    milestones = [int(0.5 * args.num_epochs), int(0.7 * args.num_epochs)]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+
+    # ---- epochs
+    config = {
+        **plain_config(args),
+        "num_classes": num_classes,
+        "learner_blocks": learner_blocks,
+        "method": setting.name,
+    }
+    run = Run(
+        RunFiles(results_dir(setting.name), setting.run_name(config)),
+        config,
+        RESUME_KEYS,
+        setting.name,
+        args.num_epochs,
+        recalls=args.recalls,
+        selection=args.model_selection,
+        database={"metric": "cosine", "scale": float(args.ensemble_size), "query": query, "gallery": gallery},
+    )
+    start, state = run.resume(args.resume, model, optimizer, scheduler)
+    if "ids" in state:
+        ids.copy_(state["ids"])
+
+    def evaluate_now() -> Evaluation:
+        return evaluate(
+            model,
+            datasets,
+            query,
+            gallery,
+            device,
+            args.recalls,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            amp=args.amp,
+        )
+
+    if start == 1:
+        run.log(0, {}, evaluate_now(), model)
+    for epoch in range(start, args.num_epochs + 1):
+        train_loader.batch_sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(
+            model, optimizer, train_loader, device, epoch, args.num_epochs, amp=args.amp, dtype=dtype
+        )
+        scheduler.step()
+        run.log(epoch, train_stats, evaluate_now(), model)
+        run.checkpoint(epoch, model, optimizer, scheduler, ids=ids)
+    run.finish()
+
+
+def add_model_args(parser: argparse.ArgumentParser, setting: Setting) -> None:
+    """Ensemble and optimiser flags; a setting's ``fixed`` flags are not offered and keep their fixed values."""
+    g = parser.add_argument_group(f"{setting.display} model")
+    g.add_argument("--model_type", default="resnet18", choices=MODEL_TYPES, help="backbone type (default: resnet18)")
+    g.add_argument("--ensemble_size", default=48, type=int, help="ensemble model size E (default: 48)")
+    g.add_argument("--meta_class_size", default=12, type=int, help="meta class size M (default: 12)")
+    g.add_argument(
+        "--ensemble_impl",
+        default="auto",
+        choices=IMPLS,
+        help="run the learners as one grouped network or one after another; same weights and outputs "
+        "(default: auto = grouped on CUDA, loop on CPU)",
+    )
+    if "label_type" not in setting.fixed:
+        g.add_argument(
+            "--label_type",
+            default="fixed",
+            choices=LABEL_TYPES,
+            help="assign meta-labels with the random or fixed (unique codes) method (default: fixed)",
+        )
+    if "share_type" not in setting.fixed:
+        g.add_argument(
+            "--share_type", default="layer1", choices=SHARE_TYPES, help="shared module type (default: layer1)"
+        )
+    if "with_random" not in setting.fixed:
+        bool_pair(g, "with_random", False, "with branch random weight")
+    bool_pair(g, "load_ids", False, "load already generated meta-class ids instead of drawing (and saving) new ones")
+    g = parser.add_argument_group("optimizer")
+    g.add_argument(
+        "--lr",
+        default=1e-4,
+        type=float,
+        help="Adam learning rate, x0.1 at 50%% and 70%% of the epochs (default: 1e-4, the original's)",
+    )
+    g.add_argument(
+        "--model_selection",
+        default="best",
+        choices=["best", "last"],
+        help="model and database kept: best R@<first of --recalls> among trained epochs (the "
+        "original's, on R@1) or the last epoch (default: best)",
+    )
+    parser.set_defaults(**setting.fixed, method=setting.name)
+
+
+def get_args_parser(setting: Setting, add_help: bool = True) -> argparse.ArgumentParser:
+    """``train.py``'s flags for a setting: the shared ones with the setting's defaults, plus the ensemble's."""
+    parser = argparse.ArgumentParser(
+        description=f"Train {setting.display}", add_help=add_help, parents=[common_parser(**setting.defaults)]
+    )
+    add_model_args(parser, setting)
+    return parser
