@@ -31,6 +31,7 @@ from common.device import main_device, parse_gpu_ids
 from common.engine import embed_dataset
 from common.errors import UserError
 from common.metrics import retrieval_metrics
+from common.postprocess import alpha_query_expansion, flip_embed, metrics_from_ranking, postprocess_rank, required_topk
 from common.render import query_page, save_retrieval, summary_page
 from common.retrieval import DB_SUFFIX, database_path, embed_file, model_path, open_database, run_prefix, search
 from common.runio import load_model_file, results_dir, safe_load
@@ -122,6 +123,60 @@ def _device(args: argparse.Namespace) -> torch.device:
     return main_device(parse_gpu_ids(getattr(args, "gpu_ids", None))[:1])
 
 
+# ---------------------------------------------------------------- post-processing options
+
+
+def add_postprocess_flags(parser: argparse.ArgumentParser, rerank: bool) -> None:
+    """fast-reid's evaluation options: flip test, alpha-query expansion, database-side augmentation and (test.py)
+    k-reciprocal re-ranking, with fast-reid's defaults."""
+    g = parser.add_argument_group("post-processing (fast-reid TEST.FLIP / QE / RERANK; all off by default)")
+    _flag(g, "flip", action="store_true", help="embed every image and its mirror, average, re-normalise")
+    _flag(g, "qe_k", default=0, type=int, help="alpha-query expansion with the k nearest (query included; 0 = off; "
+          "fast-reid: 5)")
+    _flag(g, "qe_alpha", default=3.0, type=float, help="alpha of alpha-QE / DBA weights sim^alpha (default: 3)")
+    _flag(g, "dba_k", default=0, type=int, help="database-side augmentation with the k nearest (0 = off)")
+    if rerank:
+        _flag(g, "rerank", action="store_true", help="k-reciprocal re-ranking (Zhong et al. 2017)")
+        _flag(g, "k1", default=20, type=int, help="re-ranking k1 (default: 20)")
+        _flag(g, "k2", default=6, type=int, help="re-ranking k2 (default: 6)")
+        _flag(g, "lambda_value", default=0.3, type=float, help="re-ranking lambda (default: 0.3)")
+
+
+def _embed_fn(spec: MethodSpec, args: argparse.Namespace):
+    """The method's embedding, or its flip-test version (norm kept, so REIR's scale-E scores stay comparable)."""
+    if not getattr(args, "flip", False):
+        return spec.embed
+    flipped = flip_embed(spec.embed)
+
+    def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return flipped(model, images) * spec.embed(model, images[:1]).norm(dim=1, keepdim=True)
+
+    return embed
+
+
+def _postprocess_tag(args: argparse.Namespace) -> str:
+    parts = ["flip"] if getattr(args, "flip", False) else []
+    parts += [f"dba{args.dba_k}"] if getattr(args, "dba_k", 0) else []
+    parts += [f"qe{args.qe_k}"] if getattr(args, "qe_k", 0) else []
+    parts += ["rerank"] if getattr(args, "rerank", False) else []
+    return "-".join(parts)
+
+
+def postprocessed_metrics(splits: Dict[str, Split], query: str, gallery: str, ranks: Sequence[int],
+                          args: argparse.Namespace) -> Dict[str, float]:
+    """Recall@K, MAP@R, R-precision after DBA / alpha-QE / re-ranking, from memory-bounded ranked lists."""
+    q, g = splits[query], splits[gallery]
+    same = query == gallery
+    topk = required_topk(ranks, q.labels, None if same else g.labels)
+    indices, _ = postprocess_rank(q.features, None if same else g.features, same_set=same,
+                                  rerank=getattr(args, "rerank", False), k1=getattr(args, "k1", 20),
+                                  k2=getattr(args, "k2", 6), lambda_value=getattr(args, "lambda_value", 0.3),
+                                  qe_k=args.qe_k, qe_alpha=args.qe_alpha, dba_k=args.dba_k, dba_alpha=args.qe_alpha,
+                                  topk=topk)
+    values = metrics_from_ranking(indices, q.labels, None if same else g.labels, ranks)
+    return {f"test_{k}": 100.0 * v for k, v in values.items()}
+
+
 # ---------------------------------------------------------------- test.py
 
 
@@ -145,6 +200,7 @@ def test_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentPar
     _flag(g, "save_data_base", default=None, type=str,
           help="also write the recomputed features as a new database FILE (the training database is never "
                "overwritten)")
+    add_postprocess_flags(parser, rerank=True)
     g = parser.add_argument_group("rendering one query (CGD's original test.py)")
     _flag(g, "query_img_name", default=None, type=str, help="render this query (a file or a database image)")
     _flag(g, "retrieval_num", default=8, type=int, help="results rendered (default: 8)")
@@ -169,7 +225,7 @@ def evaluation_splits(spec: MethodSpec, config: Dict[str, Any], model: nn.Module
     splits = {}
     for name, dataset in datasets.items():
         features = embed_dataset(model, dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                                 device=device, embed=spec.embed, desc=f"{name} features")
+                                 device=device, embed=_embed_fn(spec, args), desc=f"{name} features")
         splits[name] = Split(dataset.images, dataset.labels, features)
     return splits, query, gallery
 
@@ -192,9 +248,14 @@ def run_test(spec: MethodSpec, args: argparse.Namespace) -> Dict[str, float]:
     device = _device(args)
     run, config, model = _load_for_test(spec, args, device)
     splits, query, gallery = evaluation_splits(spec, config, model, args, device)
-    metrics = test_metrics(splits, query, gallery, _recalls(args, spec, config))
-    print(" | ".join(f"{k[5:]}: {v:.2f}%" for k, v in metrics.items()))
-    out = results_dir(spec.name) / f"{run}_test_metrics.csv"
+    ranks, tag = _recalls(args, spec, config), _postprocess_tag(args)
+    if getattr(args, "qe_k", 0) or getattr(args, "dba_k", 0) or getattr(args, "rerank", False):
+        test_metrics(splits, query, gallery, ranks)  # the same checks of --recalls against the gallery
+        metrics = postprocessed_metrics(splits, query, gallery, ranks, args)
+    else:
+        metrics = test_metrics(splits, query, gallery, ranks)
+    print(f"{tag or 'plain'}: " + " | ".join(f"{k[5:]}: {v:.2f}%" for k, v in metrics.items()))
+    out = results_dir(spec.name) / f"{run}_test_metrics{'_' + tag if tag else ''}.csv"
     pd.DataFrame([metrics]).to_csv(out, index=False)
     print(f"metrics saved to {out}")
     db = Database(dict(config), spec.name, spec.metric, spec.scale(config), query, gallery, splits)
@@ -206,7 +267,8 @@ def run_test(spec: MethodSpec, args: argparse.Namespace) -> Dict[str, float]:
                       scale=db.scale, query=query, gallery=gallery)
         print(f"database saved to {target}")
     if args.query_img_name:
-        answer_query(spec, db, args.query_img_name, args.retrieval_num, query, gallery, lambda: model, device)
+        answer_query(spec, db, args.query_img_name, args.retrieval_num, query, gallery, lambda: model, device,
+                     options=args)
     return metrics
 
 
@@ -225,6 +287,7 @@ def inference_parser(spec: MethodSpec, add_help: bool = True) -> argparse.Argume
           help="search the database's query/gallery splits (test) or its train split (default: test)")
     _flag(parser, "retrieval_num", default=8, type=int, help="results per query (default: 8)")
     _flag(parser, "gpu_ids", default=None, type=str, help="GPU for embedding new images (default: first; CPU if none)")
+    add_postprocess_flags(parser, rerank=False)
     g = parser.add_argument_group("searching your own collection")
     _flag(g, "gallery", default=None, type=str,
           help="embed a collection into a new database: a folder (recursive) or a list file (one path per line, "
@@ -274,7 +337,8 @@ def write_ranking(out_dir: Path, results: Sequence[Tuple[str, Optional[int], flo
 
 
 def answer_query(spec: MethodSpec, db: Database, name: str, k: int, q_name: str, g_name: str, get_model,
-                 device: torch.device, out_root: Optional[Path] = None) -> Tuple[Path, list]:
+                 device: torch.device, out_root: Optional[Path] = None,
+                 options: Optional[argparse.Namespace] = None) -> Tuple[Path, list]:
     """Rank the gallery for one query and write its folder (the originals' files, grid.png, ranking.csv,
     index.html) under ``out_root`` (default ``results/<method>/``); ``get_model()`` is only called for a new
     image."""
@@ -286,10 +350,15 @@ def answer_query(spec: MethodSpec, db: Database, name: str, k: int, q_name: str,
     else:
         transform = spec.eval_transform(db.config)
         path, label, exclude = name, None, None
-        feature = embed_file(get_model(), name, transform, device, spec.embed)
+        feature = embed_file(get_model(), name, transform, device, _embed_fn(spec, options))
     available = len(gallery.images) - (1 if exclude is not None else 0)
     if not 1 <= k <= available:
         raise UserError(f"--retrieval_num {k} must be between 1 and the {available} gallery images")
+    options = options or argparse.Namespace()
+    if getattr(options, "qe_k", 0) > 1:  # alpha-QE: the query plus its nearest gallery items, re-normalised
+        norm = feature.norm()
+        feature = alpha_query_expansion(feature[None], gallery.features, k=options.qe_k, alpha=options.qe_alpha,
+                                        exclude_self=False)[0] * norm
     results = search(feature, gallery, db.metric, k, db.scale, exclude)
     out = save_retrieval(Path(out_root or results_dir(spec.name)) / Path(path).stem, path, label, results,
                          size=spec.render_size, width=spec.frame_width)
@@ -326,11 +395,13 @@ def run_inference(spec: MethodSpec, args: argparse.Namespace) -> List[Tuple[Path
 
     queries = _queries(args.query_img_name)
     if not Path(args.query_img_name).is_dir():
-        return [answer_query(spec, db, queries[0], args.retrieval_num, q_name, g_name, get_model, device)]
+        return [answer_query(spec, db, queries[0], args.retrieval_num, q_name, g_name, get_model, device,
+                             options=args)]
     root = results_dir(spec.name) / Path(args.query_img_name).resolve().name
     answers, entries = [], []
     for q in tqdm(queries, desc="queries", dynamic_ncols=True):
-        out, results = answer_query(spec, db, q, args.retrieval_num, q_name, g_name, get_model, device, root)
+        out, results = answer_query(spec, db, q, args.retrieval_num, q_name, g_name, get_model, device, root,
+                                    options=args)
         answers.append((out, results))
         entries.append((out, q, None))
     print(f"summary page: {summary_page(root, entries)}")
@@ -403,7 +474,7 @@ def build_gallery_database(spec: MethodSpec, args: argparse.Namespace,
     for images, index, bad in tqdm(loader, desc="embedding the gallery", dynamic_ncols=True):
         failed += bad
         if images is not None:
-            features.append(spec.embed(model, images.to(device, dtype)).float().cpu())
+            features.append(_embed_fn(spec, args)(model, images.to(device, dtype)).float().cpu())
             kept += index.tolist()
     if not kept:
         raise UserError(f"none of the {len(items)} images of --gallery {args.gallery} could be read")
