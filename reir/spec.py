@@ -6,7 +6,7 @@ own setting; a variant builds its own and passes it to :func:`method_spec` and :
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 from torch import nn
 
@@ -14,6 +14,7 @@ from common.presets import build_transform
 from common.runio import run_name
 from common.spec import MethodSpec
 from reir.model import Model, ensemble_embed
+from reir.originals import import_reir, reir_database
 
 __all__ = ["MODEL_KEYS", "Setting", "REIR", "SPEC", "method_spec", "reir_run_name", "model_from_config"]
 
@@ -54,7 +55,9 @@ class Setting:
     * ``run_name(config)``: the original's run name;
     * ``fixed``: flags this setting does not expose, with their values (e.g. ``share_type``);
     * ``defaults``: training parser defaults (``data_name``, ``batch_size``, ``num_epochs``, ``recalls``);
-    * ``default_data_base`` / ``ablation``: the test, inference and ablation scripts' default databases.
+    * ``default_data_base`` / ``ablation``: the test, inference and ablation scripts' default databases;
+    * ``import_original`` / ``original_database``: readers of the original project's own files
+      (``reir.originals``; ``MethodSpec``'s hooks of the same names).
     """
 
     name: str
@@ -64,6 +67,8 @@ class Setting:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     default_data_base: str = ""
     ablation: Tuple[str, str] = ("", "")
+    import_original: Optional[Callable[..., Any]] = None
+    original_database: Optional[Callable[..., Any]] = None
 
 
 REIR = Setting(
@@ -76,6 +81,8 @@ REIR = Setting(
         "car_uncropped_fixed_unrandom_layer1_resnet18_48_12_data_base.pth",
         "car_uncropped_random_unrandom_layer1_resnet18_48_12_data_base.pth",
     ),
+    import_original=import_reir,
+    original_database=reir_database,
 )
 
 
@@ -111,6 +118,8 @@ def method_spec(setting: Setting) -> MethodSpec:
         frame_width=8,
         default_data_base=setting.default_data_base,
         default_recalls=setting.defaults.get("recalls", "1,2,4,8"),
+        import_original=setting.import_original,
+        original_database=setting.original_database,
     )
 
 

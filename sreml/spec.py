@@ -5,6 +5,7 @@ the stem and layer1 shared, random meta-classes, no random branch weights, SREML
 from typing import Any, Mapping
 
 from common.runio import run_name
+from reir.originals import import_sreml
 from reir.spec import Setting, method_spec
 
 __all__ = ["SETTING", "SPEC", "sreml_run_name"]
@@ -25,6 +26,7 @@ SETTING = Setting(
     defaults={"data_name": "car", "batch_size": 12, "num_epochs": 20, "recalls": SREML_RECALLS},
     default_data_base="car_uncropped_resnet18_data_base.pth",
     ablation=("car_uncropped_resnet34_data_base.pth", "car_uncropped_resnet18_data_base.pth"),
+    import_original=import_sreml,  # the original SREML saved no database: original_database stays None
 )
 
 SPEC = method_spec(SETTING)
