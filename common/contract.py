@@ -37,13 +37,13 @@ from common.retrieval import DB_SUFFIX, database_path, embed_file, model_path, o
 from common.runio import load_model_file, results_dir, safe_load
 from common.spec import MethodSpec
 
-__all__ = ["test_parser", "run_test", "inference_parser", "run_inference", "ablation_parser", "run_ablation",
+__all__ = ["add_flag", "load_for_test", "test_parser", "run_test", "inference_parser", "run_inference", "ablation_parser", "run_ablation",
            "open_run_model", "stored_or_new", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def _flag(group, name: str, **kwargs) -> None:
+def add_flag(group, name: str, **kwargs) -> None:
     """``--name_with_underscores`` with the hyphenated spelling as an alias (IRT's and fast-reid's style)."""
     names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
     group.add_argument(*names, dest=name, **kwargs)
@@ -68,7 +68,7 @@ def open_run_model(spec: MethodSpec, path: Path, expected: Dict[str, Any], devic
     return model.to(device).eval()
 
 
-def _load_for_test(spec: MethodSpec, args: argparse.Namespace,
+def load_for_test(spec: MethodSpec, args: argparse.Namespace,
                    device: torch.device) -> Tuple[str, Dict[str, Any], nn.Module]:
     """(run name, configuration, model) from ``--model_file`` or from the model file next to ``--data_base``.
 
@@ -130,16 +130,16 @@ def add_postprocess_flags(parser: argparse.ArgumentParser, rerank: bool) -> None
     """fast-reid's evaluation options: flip test, alpha-query expansion, database-side augmentation and (test.py)
     k-reciprocal re-ranking, with fast-reid's defaults."""
     g = parser.add_argument_group("post-processing (fast-reid TEST.FLIP / QE / RERANK; all off by default)")
-    _flag(g, "flip", action="store_true", help="embed every image and its mirror, average, re-normalise")
-    _flag(g, "qe_k", default=0, type=int, help="alpha-query expansion with the k nearest (query included; 0 = off; "
+    add_flag(g, "flip", action="store_true", help="embed every image and its mirror, average, re-normalise")
+    add_flag(g, "qe_k", default=0, type=int, help="alpha-query expansion with the k nearest (query included; 0 = off; "
           "fast-reid: 5)")
-    _flag(g, "qe_alpha", default=3.0, type=float, help="alpha of alpha-QE / DBA weights sim^alpha (default: 3)")
-    _flag(g, "dba_k", default=0, type=int, help="database-side augmentation with the k nearest (0 = off)")
+    add_flag(g, "qe_alpha", default=3.0, type=float, help="alpha of alpha-QE / DBA weights sim^alpha (default: 3)")
+    add_flag(g, "dba_k", default=0, type=int, help="database-side augmentation with the k nearest (0 = off)")
     if rerank:
-        _flag(g, "rerank", action="store_true", help="k-reciprocal re-ranking (Zhong et al. 2017)")
-        _flag(g, "k1", default=20, type=int, help="re-ranking k1 (default: 20)")
-        _flag(g, "k2", default=6, type=int, help="re-ranking k2 (default: 6)")
-        _flag(g, "lambda_value", default=0.3, type=float, help="re-ranking lambda (default: 0.3)")
+        add_flag(g, "rerank", action="store_true", help="k-reciprocal re-ranking (Zhong et al. 2017)")
+        add_flag(g, "k1", default=20, type=int, help="re-ranking k1 (default: 20)")
+        add_flag(g, "k2", default=6, type=int, help="re-ranking k2 (default: 6)")
+        add_flag(g, "lambda_value", default=0.3, type=float, help="re-ranking lambda (default: 0.3)")
 
 
 def _embed_fn(spec: MethodSpec, args: argparse.Namespace):
@@ -185,25 +185,25 @@ def test_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentPar
     parser = argparse.ArgumentParser(description=f"Test a trained {spec.display} run: Recall@K, MAP@R, "
                                      "R-precision on its evaluation splits", add_help=add_help)
     g = parser.add_argument_group("run")
-    _flag(g, "data_base", default=spec.default_data_base, type=str,
+    add_flag(g, "data_base", default=spec.default_data_base, type=str,
           help=f"the run's database, a path or a name under results/{spec.name}/; its model is the "
                f"<run>_model.pth beside it (default: {spec.default_data_base})")
     g.add_argument("--model_file", "--model-file", "--checkpoint", dest="model_file", default=None, type=str,
                    help="a <run>_model.pth to test instead of --data_base's model (or an original project's file)")
     g = parser.add_argument_group("data and evaluation")
-    _flag(g, "data_path", default="data", type=str, help="root of the processed datasets (default: data)")
-    _flag(g, "recalls", default=None, type=parse_recalls,
+    add_flag(g, "data_path", default="data", type=str, help="root of the processed datasets (default: data)")
+    add_flag(g, "recalls", default=None, type=parse_recalls,
           help="ranks K, comma separated (default: the run's own, else " + spec.default_recalls + ")")
-    _flag(g, "batch_size", default=64, type=int, help="images per forward pass (default: 64)")
-    _flag(g, "num_workers", default=4, type=int, help="DataLoader workers (default: 4)")
-    _flag(g, "gpu_ids", default=None, type=str, help="GPU to embed on, e.g. '0' (default: first visible; CPU if none)")
-    _flag(g, "save_data_base", default=None, type=str,
+    add_flag(g, "batch_size", default=64, type=int, help="images per forward pass (default: 64)")
+    add_flag(g, "num_workers", default=4, type=int, help="DataLoader workers (default: 4)")
+    add_flag(g, "gpu_ids", default=None, type=str, help="GPU to embed on, e.g. '0' (default: first visible; CPU if none)")
+    add_flag(g, "save_data_base", default=None, type=str,
           help="also write the recomputed features as a new database FILE (the training database is never "
                "overwritten)")
     add_postprocess_flags(parser, rerank=True)
     g = parser.add_argument_group("rendering one query (CGD's original test.py)")
-    _flag(g, "query_img_name", default=None, type=str, help="render this query (a file or a database image)")
-    _flag(g, "retrieval_num", default=8, type=int, help="results rendered (default: 8)")
+    add_flag(g, "query_img_name", default=None, type=str, help="render this query (a file or a database image)")
+    add_flag(g, "retrieval_num", default=8, type=int, help="results rendered (default: 8)")
     return parser
 
 
@@ -246,7 +246,7 @@ def test_metrics(splits: Dict[str, Split], query: str, gallery: str, ranks: Sequ
 def run_test(spec: MethodSpec, args: argparse.Namespace) -> Dict[str, float]:
     """``test.py``: metrics CSV (+ optional new database and one rendered query)."""
     device = _device(args)
-    run, config, model = _load_for_test(spec, args, device)
+    run, config, model = load_for_test(spec, args, device)
     splits, query, gallery = evaluation_splits(spec, config, model, args, device)
     ranks, tag = _recalls(args, spec, config), _postprocess_tag(args)
     if getattr(args, "qe_k", 0) or getattr(args, "dba_k", 0) or getattr(args, "rerank", False):
@@ -279,24 +279,24 @@ def inference_parser(spec: MethodSpec, add_help: bool = True) -> argparse.Argume
     """The flags of every method's ``inference.py`` (CGD/REIR names; hyphenated aliases)."""
     parser = argparse.ArgumentParser(description=f"{spec.display} retrieval: rank a database's gallery for a query "
                                      "image (new file or database image) or a folder of them", add_help=add_help)
-    _flag(parser, "query_img_name", default=None, type=str,
+    add_flag(parser, "query_img_name", default=None, type=str,
           help="an image file (embedded now), a database image (its stored path or unique file name), or a folder")
-    _flag(parser, "data_base", default=spec.default_data_base, type=str,
+    add_flag(parser, "data_base", default=spec.default_data_base, type=str,
           help=f"queried database, a path or a name under results/{spec.name}/ (default: {spec.default_data_base})")
-    _flag(parser, "data_type", default="test", choices=["test", "train"],
+    add_flag(parser, "data_type", default="test", choices=["test", "train"],
           help="search the database's query/gallery splits (test) or its train split (default: test)")
-    _flag(parser, "retrieval_num", default=8, type=int, help="results per query (default: 8)")
-    _flag(parser, "gpu_ids", default=None, type=str, help="GPU for embedding new images (default: first; CPU if none)")
+    add_flag(parser, "retrieval_num", default=8, type=int, help="results per query (default: 8)")
+    add_flag(parser, "gpu_ids", default=None, type=str, help="GPU for embedding new images (default: first; CPU if none)")
     add_postprocess_flags(parser, rerank=False)
     g = parser.add_argument_group("searching your own collection")
-    _flag(g, "gallery", default=None, type=str,
+    add_flag(g, "gallery", default=None, type=str,
           help="embed a collection into a new database: a folder (recursive) or a list file (one path per line, "
                "or a CSV with a 'path' and an optional 'label' column); needs --save_data_base")
-    _flag(g, "save_data_base", default=None, type=str, help="where --gallery's database is written")
+    add_flag(g, "save_data_base", default=None, type=str, help="where --gallery's database is written")
     g.add_argument("--model_file", "--model-file", dest="model_file", default=None, type=str,
                    help="the model that embeds --gallery (default: the <run>_model.pth beside --data_base)")
-    _flag(g, "batch_size", default=64, type=int, help="images per forward pass for --gallery (default: 64)")
-    _flag(g, "num_workers", default=4, type=int, help="DataLoader workers for --gallery (default: 4)")
+    add_flag(g, "batch_size", default=64, type=int, help="images per forward pass for --gallery (default: 64)")
+    add_flag(g, "num_workers", default=4, type=int, help="DataLoader workers for --gallery (default: 4)")
     return parser
 
 
@@ -459,7 +459,7 @@ def build_gallery_database(spec: MethodSpec, args: argparse.Namespace,
     if not args.save_data_base:
         raise UserError("--gallery needs --save_data_base FILE (where the new database is written)")
     if args.model_file:
-        run, config, model = _load_for_test(spec, argparse.Namespace(model_file=args.model_file), device)
+        run, config, model = load_for_test(spec, argparse.Namespace(model_file=args.model_file), device)
         model_file = Path(args.model_file)
     else:
         src_path, src = open_spec_database(spec, args.data_base)
@@ -507,10 +507,10 @@ def ablation_parser(spec: MethodSpec, better: str = "", worse: str = "",
     parser.add_argument("--worse_data_base", "--worse-data-base", "--worse-db", dest="worse_data_base",
                         default=worse or None, required=not worse, type=str,
                         help="the database it is compared with")
-    _flag(parser, "data_type", default="test", choices=["test", "train"],
+    add_flag(parser, "data_type", default="test", choices=["test", "train"],
           help="compare on the query/gallery splits (test) or the train split (default: test)")
-    _flag(parser, "retrieval_num", default=8, type=int, help="K of the top-K lists (default: 8)")
-    _flag(parser, "save_results", action="store_true", help="render every query the better database wins")
+    add_flag(parser, "retrieval_num", default=8, type=int, help="K of the top-K lists (default: 8)")
+    add_flag(parser, "save_results", action="store_true", help="render every query the better database wins")
     return parser
 
 

@@ -1,0 +1,23 @@
+"""Export a trained IRT run's embedding network to ONNX and TorchScript (the shared ``common.export``): RGB floats
+in [0, 1] at the evaluation size -> the embedding IRT retrieves with, normalisation inside the graph, and
+``embedding.json`` beside it (resize / crop rule, size, mean / std, embedding size, similarity, the run's config).
+
+    python irt/export.py --data_base <run>_data_base.pth          # -> results/irt/export/<run>/
+    python irt/export.py --model_file results/irt/<run>_model.pth --format onnx --output DIR
+"""
+
+from common.errors import run_cli
+from common.export import export_parser, run_export
+from irt.spec import SPEC
+
+
+def get_args_parser(add_help: bool = True):
+    return export_parser(SPEC, add_help)
+
+
+def main(args):
+    return run_export(SPEC, args)
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())
