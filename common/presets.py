@@ -8,6 +8,8 @@ from typing import Optional, Sequence, Tuple
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from common.decode import from_env
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DATASET_STATS", "build_transform", "fastretri_transform",
            "fastretri_preset"]
 
@@ -28,7 +30,9 @@ def _scaled(size: int, base: int, image_size: Optional[int]) -> int:
 
 
 def _finish(ops: list, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
-    return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
+    """The preset; ``RETRIEVAL_PIPELINE=fast|tensor`` (opt-in, unset = this Compose) runs it faster, see
+    ``common.decode``."""
+    return from_env(T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)]))
 
 
 def cgd_transform(train: bool, image_size: Optional[int] = None) -> T.Compose:

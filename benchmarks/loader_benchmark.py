@@ -1,0 +1,236 @@
+"""Input-pipeline speed per core: every method's training and evaluation preset, in every pipeline mode, side by side.
+
+Realistic fake JPEGs (CUB-like 500x375 "photos": smooth colour gradients, shapes, sensor noise; PIL quality 90) are
+made on the fly in a temp folder. One process, one thread (``torch.set_num_threads(1)``): img/s **per core**, the
+median over interleaved rounds (each round runs every row once, which evens out other jobs' load). Rows:
+
+* ``original``: ``Image.open(p).convert('RGB')`` + the preset as written (the reference, before this work);
+* ``fast``: ``open_image`` (no converted copy) + the preset with ToTensor/Normalize fused: bit-identical;
+* ``tensor``: ``open_image`` + the preset on uint8 tensors (``transforms.v2`` kernels, same random draws);
+* ``decode_jpeg``: ``torchvision.io.decode_jpeg`` (libjpeg-turbo) straight to a tensor + the tensor preset;
+* ``tensor+draft``: ``open_image(draft=draft_size(preset))`` + the tensor preset (only differs from ``tensor``
+  where the image is at least twice the preset's resize size, e.g. ``--size 1000x750``).
+
+For each it prints the speed-up over ``original`` and the pixel difference from it (same seed, in grey levels of
+0-255: max and mean |difference| over all outputs). Decoder-only rows come first.
+
+    python benchmarks/loader_benchmark.py                          # 500x375, all methods
+    python benchmarks/loader_benchmark.py --size 1000x750 --methods cgd irt --rounds 5 --json out.json
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+from common.datasets import open_image
+from common.decode import TensorPipeline, accelerate, draft_size
+from common.presets import build_transform
+
+METHODS = ("cgd", "reir", "sreml", "irt", "fastretri")
+MODES = ("original", "fast", "tensor", "decode_jpeg", "tensor+draft")
+
+
+def fake_photo(rng: np.random.Generator, width: int = 500, height: int = 375) -> Image.Image:
+    """A photo-like RGB image: a smooth two-colour gradient background, a few blurred filled shapes, sensor noise
+    (JPEG-compresses like a photo, unlike flat synthetic images or pure noise)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    a, b = rng.uniform(20, 235, (2, 3)).astype(np.float32)
+    angle = rng.uniform(0, np.pi)
+    t = (np.cos(angle) * x / width + np.sin(angle) * y / height + 1) / 2.5
+    img = Image.fromarray(np.clip(a + (b - a) * t[..., None], 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 9))):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        box = [
+            x0,
+            y0,
+            x0 + int(rng.integers(width // 12, width // 2)),
+            y0 + int(rng.integers(height // 12, height // 2)),
+        ]
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+    img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.0))))
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def make_jpegs(
+    folder: os.PathLike, count: int, size: Tuple[int, int] = (500, 375), quality: int = 90, seed: int = 0
+) -> List[str]:
+    """Write ``count`` fake photos as ``folder/img_00000.jpg ...`` (seeded); returns their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        path = folder / f"img_{i:05d}.jpg"
+        fake_photo(rng, *size).save(path, quality=quality)
+        paths.append(str(path))
+    return paths
+
+
+def original_open(path: str) -> Image.Image:
+    """The decoding step as it was before this work (always a converted copy), for the reference rows."""
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def decode_jpeg_file(path: str) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)
+
+
+def pipelines(preset: Callable) -> Dict[str, Callable[[str], torch.Tensor]]:
+    """mode -> (path -> normalised tensor)."""
+    fast, tensor, draft = accelerate(preset, "fast"), TensorPipeline(preset), draft_size(preset)
+    return {
+        "original": lambda p: preset(original_open(p)),
+        "fast": lambda p: fast(open_image(p)),
+        "tensor": lambda p: tensor(open_image(p)),
+        "decode_jpeg": lambda p: tensor(decode_jpeg_file(p)),
+        "tensor+draft": lambda p: tensor(open_image(p, draft=draft)),
+    }
+
+
+def decoders(draft: Optional[Tuple[int, int]]) -> Dict[str, Callable[[str], object]]:
+    return {
+        "PIL open+convert (original)": original_open,
+        "PIL open_image": open_image,
+        "torchvision decode_jpeg": decode_jpeg_file,
+        f"PIL draft to >= {draft}": lambda p: open_image(p, draft=draft),
+    }
+
+
+def time_all(rows: Dict[str, Callable[[str], object]], paths: Sequence[str], rounds: int) -> Dict[str, float]:
+    """Median img/s of each row over ``rounds`` interleaved passes over ``paths`` (after one warm-up image)."""
+    rates: Dict[str, List[float]] = {name: [] for name in rows}
+    for fn in rows.values():
+        fn(paths[0])
+    for _ in range(rounds):
+        for name, fn in rows.items():
+            torch.manual_seed(0)
+            t0 = time.perf_counter()
+            for p in paths:
+                fn(p)
+            rates[name].append(len(paths) / (time.perf_counter() - t0))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def pixel_diff(
+    rows: Dict[str, Callable[[str], torch.Tensor]], paths: Sequence[str], std: Sequence[float]
+) -> Dict[str, Tuple[float, float]]:
+    """(max, mean) |output - original output| in grey levels (x std x 255), same seed per image."""
+    scale = torch.tensor(std).view(-1, 1, 1) * 255
+    out = {}
+    for name, fn in rows.items():
+        worst, total, count = 0.0, 0.0, 0
+        for i, p in enumerate(paths):
+            torch.manual_seed(i)
+            ref = rows["original"](p)
+            torch.manual_seed(i)
+            got = fn(p)
+            if got.shape != ref.shape:
+                worst, total, count = float("nan"), float("nan"), 1
+                break
+            d = ((got - ref) * scale).abs()
+            worst, total, count = max(worst, d.max().item()), total + d.sum().item(), count + d.numel()
+        out[name] = (worst, total / max(count, 1))
+    return out
+
+
+def machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(args: argparse.Namespace) -> Dict:
+    torch.set_num_threads(1)
+    size = tuple(int(v) for v in args.size.lower().split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_jpegs(tmp, args.images, size, args.quality)
+        kb = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
+        print(
+            f"{machine()}, {os.cpu_count()} logical CPUs (load {os.getloadavg()[0]:.2f}), torch "
+            f"{torch.__version__}, 1 thread; {args.images} fake JPEGs {size[0]}x{size[1]} q{args.quality} "
+            f"({kb:.0f} KB avg), median of {args.rounds} interleaved rounds, img/s per core"
+        )
+        result: Dict = {
+            "machine": machine(),
+            "size": list(size),
+            "images": args.images,
+            "rounds": args.rounds,
+            "decoders": {},
+            "rows": [],
+        }
+        dec = time_all(decoders((size[0] // 2, size[1] // 2)), paths, args.rounds)
+        print("\ndecoding only")
+        for name, rate in dec.items():
+            print(f"  {name:34s} {rate:7.0f} img/s  {rate / dec['PIL open+convert (original)']:5.2f}x")
+        result["decoders"] = dec
+        print(
+            f"\n{'method':10s} {'split':5s} "
+            + " ".join(f"{m:>12s}" for m in MODES)
+            + "   (img/s per core, speed-up vs original; max/mean |diff| in grey levels)"
+        )
+        for method in args.methods:
+            for train in (True, False):
+                preset = build_transform(method, train, args.data_name, args.crop_type)
+                rows = pipelines(preset)
+                rates = time_all(rows, paths, args.rounds)
+                diffs = pixel_diff(rows, paths[: args.diff_images], preset.transforms[-1].std)
+                split = "train" if train else "eval"
+                base = rates["original"]
+                print(f"{method:10s} {split:5s} " + " ".join(f"{rates[m]:12.0f}" for m in MODES))
+                print(f"{'':16s} " + " ".join(f"{rates[m] / base:11.2f}x" for m in MODES))
+                print(f"{'':16s} " + " ".join(f"{diffs[m][0]:5.0f}/{diffs[m][1]:6.4f}" for m in MODES))
+                result["rows"].append(
+                    {
+                        "method": method,
+                        "split": split,
+                        "draft": draft_size(preset),
+                        "img_per_s": rates,
+                        "speedup": {m: rates[m] / base for m in MODES},
+                        "max_diff": {m: diffs[m][0] for m in MODES},
+                        "mean_diff": {m: diffs[m][1] for m in MODES},
+                    }
+                )
+    result["loadavg_end"] = os.getloadavg()[0]
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="input-pipeline img/s per core, each method's presets", add_help=add_help)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--size", default="500x375", help="fake JPEG size WxH (default CUB-like 500x375)")
+    p.add_argument("--quality", default=90, type=int)
+    p.add_argument("--images", default=24, type=int, help="fake JPEGs per pass")
+    p.add_argument("--rounds", default=3, type=int, help="interleaved passes (median)")
+    p.add_argument("--diff_images", default=8, type=int, help="images compared pixel by pixel")
+    p.add_argument("--data_name", default="cub", help="preset statistics / FastRetri preset of this dataset")
+    p.add_argument("--crop_type", default="uncropped", choices=("uncropped", "cropped"))
+    p.add_argument("--json", default=None, help="also write the results as JSON")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
