@@ -8,19 +8,14 @@ at least as good) and Better Ratio@K (wins / losses); saved as ``results/cgd/<be
         --worse_data_base car_uncropped_resnet50_MG_1536_0.1_0.5_0.1_128_data_base.pth --save_results
 """
 from cgd.spec import SPEC
-from common.contract import ablation_parser, run_ablation
+from common.contract import ablation_parser, run_ablation, script
 from common.errors import run_cli
 
 BETTER = "car_uncropped_resnet50_SG_1536_0.1_0.5_0.1_128_data_base.pth"
 WORSE = "car_uncropped_resnet50_MG_1536_0.1_0.5_0.1_128_data_base.pth"
 
 
-def get_args_parser(add_help: bool = True):
-    return ablation_parser(SPEC, BETTER, WORSE, add_help)
-
-
-def main(args):
-    return run_ablation(SPEC, args)
+get_args_parser, main = script(ablation_parser, run_ablation, SPEC, BETTER, WORSE)
 
 
 if __name__ == "__main__":

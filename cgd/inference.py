@@ -7,16 +7,10 @@ query_img.jpg, retrieval_img_<rank>_<distance>.jpg, grid.png and ranking.csv int
     python cgd/inference.py --query_img_name data/car/car_ims/008055.jpg --retrieval_num 10
 """
 from cgd.spec import SPEC
-from common.contract import inference_parser, run_inference
+from common.contract import inference_parser, run_inference, script
 from common.errors import run_cli
 
-
-def get_args_parser(add_help: bool = True):
-    return inference_parser(SPEC, add_help)
-
-
-def main(args):
-    return run_inference(SPEC, args)
+get_args_parser, main = script(inference_parser, run_inference, SPEC)
 
 
 if __name__ == "__main__":

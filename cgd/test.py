@@ -7,16 +7,10 @@ ranking.csv in results/cgd/<query stem>/).
         --query_img_name data/car/car_ims/008055.jpg --retrieval_num 8
 """
 from cgd.spec import SPEC
-from common.contract import run_test, test_parser
+from common.contract import run_test, script, test_parser
 from common.errors import run_cli
 
-
-def get_args_parser(add_help: bool = True):
-    return test_parser(SPEC, add_help)
-
-
-def main(args):
-    return run_test(SPEC, args)
+get_args_parser, main = script(test_parser, run_test, SPEC)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ The contract (README "One contract for all five methods"):
 import argparse
 import csv
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 import torch
@@ -37,7 +37,7 @@ from common.retrieval import DB_SUFFIX, database_path, embed_file, model_path, o
 from common.runio import load_model_file, results_dir, safe_load
 from common.spec import MethodSpec
 
-__all__ = ["add_flag", "load_for_test", "test_parser", "run_test", "inference_parser", "run_inference", "ablation_parser", "run_ablation",
+__all__ = ["script", "add_flag", "load_for_test", "test_parser", "run_test", "inference_parser", "run_inference", "ablation_parser", "run_ablation",
            "open_run_model", "stored_or_new", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -47,6 +47,19 @@ def add_flag(group, name: str, **kwargs) -> None:
     """``--name_with_underscores`` with the hyphenated spelling as an alias (IRT's and fast-reid's style)."""
     names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
     group.add_argument(*names, dest=name, **kwargs)
+
+
+def script(parser: Callable[..., argparse.ArgumentParser], body: Callable[[MethodSpec, argparse.Namespace], Any],
+           spec: MethodSpec, *parser_args: Any) -> Tuple[Callable[..., argparse.ArgumentParser], Callable]:
+    """``(get_args_parser, main)`` of a method's thin script: a shared parser and body bound to its spec."""
+
+    def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+        return parser(spec, *parser_args, add_help=add_help)
+
+    def main(args: argparse.Namespace) -> Any:
+        return body(spec, args)
+
+    return get_args_parser, main
 
 
 # ---------------------------------------------------------------- loading a run

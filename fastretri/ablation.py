@@ -8,7 +8,7 @@ dml_cross_entropy::
     python fastretri/ablation.py --better_data_base cub_uncropped_resnet50_data_base.pth \\
         --worse_data_base cub_avgpool_data_base.pth --save_results
 """
-from common.contract import ablation_parser, run_ablation
+from common.contract import ablation_parser, run_ablation, script
 from common.errors import run_cli
 from fastretri.spec import SPEC
 
@@ -16,12 +16,7 @@ BETTER = "cub_uncropped_resnet50_data_base.pth"
 WORSE = "cub_avgpool_data_base.pth"
 
 
-def get_args_parser(add_help: bool = True):
-    return ablation_parser(SPEC, BETTER, WORSE, add_help)
-
-
-def main(args):
-    return run_ablation(SPEC, args)
+get_args_parser, main = script(ablation_parser, run_ablation, SPEC, BETTER, WORSE)
 
 
 if __name__ == "__main__":

@@ -4,17 +4,11 @@ ranking.csv into results/fastretri/<query stem>/.
 
     python fastretri/inference.py --data_base cub_uncropped_resnet50_data_base.pth --query_img_name my_bird.jpg
 """
-from common.contract import inference_parser, run_inference
+from common.contract import inference_parser, run_inference, script
 from common.errors import run_cli
 from fastretri.spec import SPEC
 
-
-def get_args_parser(add_help: bool = True):
-    return inference_parser(SPEC, add_help)
-
-
-def main(args):
-    return run_inference(SPEC, args)
+get_args_parser, main = script(inference_parser, run_inference, SPEC)
 
 
 if __name__ == "__main__":

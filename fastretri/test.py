@@ -6,17 +6,11 @@
 
 fast-reid's own spelling works too: ``python fastretri/train.py --config-file ... --eval-only MODEL.WEIGHTS FILE``.
 """
-from common.contract import run_test, test_parser
+from common.contract import run_test, script, test_parser
 from common.errors import run_cli
 from fastretri.spec import SPEC
 
-
-def get_args_parser(add_help: bool = True):
-    return test_parser(SPEC, add_help)
-
-
-def main(args):
-    return run_test(SPEC, args)
+get_args_parser, main = script(test_parser, run_test, SPEC)
 
 
 if __name__ == "__main__":

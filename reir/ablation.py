@@ -8,17 +8,11 @@ under ``results/reir/<better run>----<worse run>/<query stem>/``.
     python reir/ablation.py --save_results
 """
 
-from common.contract import ablation_parser, run_ablation
+from common.contract import ablation_parser, run_ablation, script
 from common.errors import run_cli
 from reir.spec import REIR, SPEC
 
-
-def get_args_parser(add_help: bool = True):
-    return ablation_parser(SPEC, *REIR.ablation, add_help=add_help)
-
-
-def main(args):
-    return run_ablation(SPEC, args)
+get_args_parser, main = script(ablation_parser, run_ablation, SPEC, *REIR.ablation)
 
 
 if __name__ == "__main__":

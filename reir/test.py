@@ -5,17 +5,11 @@ the training database is never overwritten. ``--query_img_name`` also renders on
     python reir/test.py --data_base car_uncropped_fixed_random_layer1_resnet18_48_12_data_base.pth
 """
 
-from common.contract import run_test, test_parser
+from common.contract import run_test, script, test_parser
 from common.errors import run_cli
 from reir.spec import SPEC
 
-
-def get_args_parser(add_help: bool = True):
-    return test_parser(SPEC, add_help)
-
-
-def main(args):
-    return run_test(SPEC, args)
+get_args_parser, main = script(test_parser, run_test, SPEC)
 
 
 if __name__ == "__main__":

@@ -4,17 +4,11 @@
     python sreml/ablation.py --better_data_base car_uncropped_resnet34_data_base.pth --save_results
 """
 
-from common.contract import ablation_parser, run_ablation
+from common.contract import ablation_parser, run_ablation, script
 from common.errors import run_cli
 from sreml.spec import SETTING, SPEC
 
-
-def get_args_parser(add_help: bool = True):
-    return ablation_parser(SPEC, *SETTING.ablation, add_help=add_help)
-
-
-def main(args):
-    return run_ablation(SPEC, args)
+get_args_parser, main = script(ablation_parser, run_ablation, SPEC, *SETTING.ablation)
 
 
 if __name__ == "__main__":

@@ -5,17 +5,11 @@ ranking.csv).
     python sreml/inference.py --query_img_name data/car/car_ims/008055.jpg --retrieval_num 10 --data_type train
 """
 
-from common.contract import inference_parser, run_inference
+from common.contract import inference_parser, run_inference, script
 from common.errors import run_cli
 from sreml.spec import SPEC
 
-
-def get_args_parser(add_help: bool = True):
-    return inference_parser(SPEC, add_help)
-
-
-def main(args):
-    return run_inference(SPEC, args)
+get_args_parser, main = script(inference_parser, run_inference, SPEC)
 
 
 if __name__ == "__main__":

@@ -4,17 +4,11 @@ from the images, saved as ``results/sreml/<run>_test_metrics.csv``; the training
     python sreml/test.py --data_base car_uncropped_resnet18_data_base.pth
 """
 
-from common.contract import run_test, test_parser
+from common.contract import run_test, script, test_parser
 from common.errors import run_cli
 from sreml.spec import SPEC
 
-
-def get_args_parser(add_help: bool = True):
-    return test_parser(SPEC, add_help)
-
-
-def main(args):
-    return run_test(SPEC, args)
+get_args_parser, main = script(test_parser, run_test, SPEC)
 
 
 if __name__ == "__main__":
