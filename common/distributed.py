@@ -261,15 +261,19 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
         return _GatherWithGrad.apply(x.detach())
 
 
-def shard_batch(batch: Sequence[int], labels: Optional[Sequence[int]], rank: int, world_size: int) -> List[int]:
+def shard_batch(batch: Sequence, labels: Optional[Sequence[int]], rank: int, world_size: int) -> List:
     """Rank ``rank``'s contiguous slice of a global batch; with ``labels`` the batch is first ordered by class (in
     order of first appearance) so each class group stays on one rank when the slice size is a multiple of m."""
     batch = list(batch)
     if labels is not None:
+
+        def label(item) -> int:  # an index, or a key whose first element is the index (IRT's (index, seed))
+            return labels[item[0] if isinstance(item, tuple) else item]
+
         first = {}
         for i in batch:
-            first.setdefault(labels[i], len(first))
-        batch = sorted(batch, key=lambda i: first[labels[i]])  # stable: order inside a class is kept
+            first.setdefault(label(i), len(first))
+        batch = sorted(batch, key=lambda i: first[label(i)])  # stable: order inside a class is kept
     bounds = [round(len(batch) * r / world_size) for r in range(world_size + 1)]
     return batch[bounds[rank] : bounds[rank + 1]]
 

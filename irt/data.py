@@ -5,24 +5,44 @@ function of (seed, t): pass ``p = t // batches_per_pass`` draws its order from a
 each sample's augmentation runs under a torch seed derived from (seed, t, position). A run resumed at step t
 therefore sees exactly the batches and crops of an uninterrupted run, whatever ``--num-workers`` is.
 """
-import math
-from typing import Dict, Iterator, List, Optional, Tuple
 
+import math
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from common.datasets import RetrievalDataset, load_index, load_splits
+from common.datasets import RetrievalDataset, eval_splits, load_index, load_splits
+from common.distributed import RankBatchSampler
 from common.errors import UserError
 from common.preprocess import ensure_dataset
 from common.presets import build_transform
-from common.samplers import MPerClassSampler
 
-__all__ = ["DATASET_ALIASES", "RandomBatchSampler", "StepStream", "SeededAugment", "build_datasets",
-           "train_loader", "eval_loader"]
+__all__ = [
+    "DATASET_ALIASES",
+    "ORIGINAL_NAMES",
+    "RandomBatchSampler",
+    "MPerClassSampler",
+    "StepStream",
+    "SeededAugment",
+    "build_datasets",
+    "train_loader",
+    "eval_loader",
+]
 
-# the original's names -> the common processed-data names
-DATASET_ALIASES = {"cub200": "cub", "cub": "cub", "sop": "sop", "inshop": "isc", "isc": "isc", "car": "car",
-                   "cars196": "car", "demo": "demo"}
+# the original's names -> the common processed-data names, and back (the original's ``--output-dir`` sub-folder)
+DATASET_ALIASES = {
+    "cub200": "cub",
+    "cub": "cub",
+    "sop": "sop",
+    "inshop": "isc",
+    "isc": "isc",
+    "car": "car",
+    "cars196": "car",
+    "demo": "demo",
+}
+ORIGINAL_NAMES = {"cub": "cub200", "sop": "sop", "isc": "inshop", "car": "car", "demo": "demo"}
 
 
 class RandomBatchSampler(Sampler[List[int]]):
@@ -41,7 +61,51 @@ class RandomBatchSampler(Sampler[List[int]]):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=g).tolist()
         for i in range(0, self.num_samples, self.batch_size):
-            yield order[i:i + self.batch_size]
+            yield order[i : i + self.batch_size]
+
+
+class MPerClassSampler(Sampler[List[int]]):
+    """pytorch-metric-learning's ``MPerClassSampler(labels, m, batch_size)``, which the original used for ``--m``.
+
+    Every batch is drawn on its own: shuffle the classes, take the first ``batch_size / m``, and draw ``m`` images of
+    each, without replacement, or *with* replacement when the class has fewer than ``m`` images. So a batch always
+    holds exactly ``batch_size / m`` classes (SOP's 2-image classes at m = 4 repeat images rather than letting more
+    classes in). ``m`` must divide ``batch_size`` and ``m * classes >= batch_size``, as PML asserts. A pass is
+    ``length_before_new_iter // batch_size`` batches (PML's default 100000); batches are i.i.d., so the pass length
+    only sets where the seeded generator is re-seeded (``set_epoch``), which makes a resumed run exact.
+    """
+
+    def __init__(
+        self, labels: Sequence[int], batch_size: int, m: int, seed: int = 0, length_before_new_iter: int = 100_000
+    ):
+        labels = np.asarray(labels)
+        self.classes = np.unique(labels)
+        if m < 1 or batch_size % m:
+            raise ValueError(f"m={m} must divide the batch size {batch_size}")
+        if m * len(self.classes) < batch_size:
+            raise ValueError(
+                f"m * (number of classes) = {m} * {len(self.classes)} must be >= the batch size {batch_size}"
+            )
+        if length_before_new_iter < batch_size:
+            raise ValueError(f"length_before_new_iter {length_before_new_iter} < batch size {batch_size}")
+        self.by_class = {c: np.flatnonzero(labels == c) for c in self.classes}
+        self.batch_size, self.m, self.seed, self.epoch = batch_size, m, seed, 0
+        self.num_batches = length_before_new_iter // batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[List[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        for _ in range(self.num_batches):
+            batch: List[int] = []
+            for c in rng.permutation(self.classes)[: self.batch_size // self.m]:
+                members = self.by_class[c]
+                batch.extend(rng.choice(members, self.m, replace=len(members) < self.m).tolist())
+            yield batch
 
 
 def sample_seed(seed: int, step: int, position: int) -> int:
@@ -85,12 +149,13 @@ class SeededAugment(Dataset):
         return image, label, i
 
 
-def build_datasets(data_path: str, data_name: str, crop_type: str, input_size: int,
-                   train: bool = True) -> Dict[str, RetrievalDataset]:
+def build_datasets(
+    data_path: str, data_name: str, crop_type: str, input_size: int, train: bool = True
+) -> Dict[str, RetrievalDataset]:
     """train (random crops) and the evaluation splits (centre crops) of the processed dataset."""
     ensure_dataset(data_path, data_name, crop_type)
     index = load_index(data_path, data_name, crop_type)
-    evaluation = ("query", "gallery") if data_name == "isc" else ("test",)
+    evaluation = tuple(dict.fromkeys(eval_splits(data_name, data_path)))
     transforms = {s: build_transform("irt", False, data_name, crop_type, input_size) for s in evaluation}
     if train:
         transforms["train"] = build_transform("irt", True, data_name, crop_type, input_size)
@@ -100,9 +165,21 @@ def build_datasets(data_path: str, data_name: str, crop_type: str, input_size: i
     return load_splits(data_path, data_name, crop_type, transforms)
 
 
-def train_loader(dataset: RetrievalDataset, batch_size: int, m: int, seed: int, start_step: int,
-                 num_workers: int, pin_memory: bool) -> DataLoader:
-    """m-per-class batches when m > 0 (the repo's SOP/In-shop recipe), plain random batches otherwise (CUB)."""
+def train_loader(
+    dataset: RetrievalDataset,
+    batch_size: int,
+    m: int,
+    seed: int,
+    start_step: int,
+    num_workers: int,
+    pin_memory: bool,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """PML m-per-class batches when m > 0 (the repo's SOP/In-shop recipe), plain random batches otherwise (CUB).
+
+    ``batch_size`` is the global batch; under DDP rank r loads its slice (class groups intact), with the
+    augmentation seeds of the global positions, so N processes see exactly the 1-process batches and crops."""
     if m > 0:
         try:
             sampler = MPerClassSampler(dataset.labels, batch_size, m, seed=seed)
@@ -110,13 +187,24 @@ def train_loader(dataset: RetrievalDataset, batch_size: int, m: int, seed: int, 
             raise UserError(f"--m {m} --batch-size {batch_size}: {e}") from None
     else:
         sampler = RandomBatchSampler(len(dataset), batch_size, seed)
-    return DataLoader(SeededAugment(dataset), batch_sampler=StepStream(sampler, seed, start_step),
-                      num_workers=num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        SeededAugment(dataset),
+        batch_sampler=RankBatchSampler(StepStream(sampler, seed, start_step), rank, world_size, dataset.labels),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
-def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool,
-                seed: Optional[int] = 0) -> DataLoader:
+def eval_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool, seed: Optional[int] = 0
+) -> DataLoader:
     """In dataset order; its own generator so evaluating does not consume the training RNG."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(seed or 0))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed or 0),
+    )

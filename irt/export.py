@@ -6,17 +6,12 @@ in [0, 1] at the evaluation size -> the embedding IRT retrieves with, normalisat
     python irt/export.py --model_file results/irt/<run>_model.pth --format onnx --output DIR
 """
 
+from common.contract import script
 from common.errors import run_cli
 from common.export import export_parser, run_export
 from irt.spec import SPEC
 
-
-def get_args_parser(add_help: bool = True):
-    return export_parser(SPEC, add_help)
-
-
-def main(args):
-    return run_export(SPEC, args)
+get_args_parser, main = script(export_parser, run_export, SPEC)
 
 
 if __name__ == "__main__":

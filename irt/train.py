@@ -9,28 +9,42 @@ checkpoint is written for ``--resume`` and the best model + database are kept. `
 import argparse
 import math
 import time
+from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from common.cli import bool_pair, parse_recalls
+from common.cli import add_check_flags, bool_pair, dataset_name, parse_recalls
 from common.database import Split
-from common.device import autocast
-from common.engine import Evaluation, RunFiles, check_finite, eval_recalls, extract_features, fit
+from common.datasets import eval_splits
+from common.device import autocast, upcast
+from common.distributed import (
+    DistInfo,
+    all_gather_no_grad,
+    all_gather_with_grad,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+    is_main_process,
+    wrap_ddp,
+)
+from common.engine import Evaluation, Run, RunFiles, check_finite, embed_dataset, eval_recalls
 from common.errors import UserError, run_cli
-from common.runio import plain_config, results_dir, run_name, set_seed
-from irt.data import DATASET_ALIASES, build_datasets, eval_loader, train_loader
+from common.preprocess import ensure_dataset
+from common.runio import plain_config, results_dir, set_seed
+from irt.data import DATASET_ALIASES, ORIGINAL_NAMES, build_datasets, train_loader
 from irt.losses import REDUCTIONS, ContrastiveLoss, KoLeo
-from irt.model import build_model, parse_model_kwargs
+from irt.model import DISTILLED_EMBEDDINGS, save_original_encoder
+from irt.spec import MODEL_KEYS, embed, irt_run_name, model_from_config
 from irt.xbm import XBM, MomentumEncoder
 
-# a stored model is only reused for the same network; a checkpoint is only resumed for the same training recipe
-MODEL_KEYS = ("model", "model_kwargs", "input_size", "distilled_embedding")
+# a checkpoint is only resumed for the same network (MODEL_KEYS) and training recipe
 DATA_KEYS = ("data_name", "crop_type")
 RESUME_KEYS = MODEL_KEYS + DATA_KEYS + ("batch_size", "lr", "weight_decay", "opt", "m", "lambda_reg", "margin",
-                                        "memory_ratio", "encoder_momentum", "loss_reduction", "eval_freq", "seed")
+                                        "memory_ratio", "encoder_momentum", "loss_reduction", "eval_freq", "seed",
+                                        "float64", "drop_path")
 NO_DECAY = ("pos_embed", "cls_token", "dist_token")
 
 
@@ -68,27 +82,36 @@ def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
 def train_one_epoch(model: nn.Module, criterion: ContrastiveLoss, koleo: KoLeo, optimizer, batches, device,
                     steps: range, *, lambda_reg: float, xbm: Optional[XBM] = None,
                     key_encoder: Optional[MomentumEncoder] = None, clip_grad: Optional[float] = None,
-                    amp: bool = False, logging_freq: int = 50, max_iter: int = 0) -> Dict[str, float]:
+                    amp: bool = False, logging_freq: int = 50, max_iter: int = 0,
+                    dtype: torch.dtype = torch.float32) -> Dict[str, float]:
     """Optimizer steps ``steps`` (one evaluation period): L = contrastive(batch) + contrastive(batch, XBM)
-    + lambda * KoLeo(batch). The batch is enqueued before the memory term, its same-step copies masked out."""
+    + lambda * KoLeo(batch). The batch is enqueued before the memory term (the original's order).
+
+    Under DDP every term sees the global batch: the embeddings are gathered with gradients (each rank computes the
+    same loss; DDP's averaging then gives the 1-process gradient), labels, indices and keys without, so the memory
+    of every rank holds the same global batches."""
     model.train()
-    sums = {"contrastive": 0.0, "koleo": 0.0, "loss": 0.0}
-    bar = tqdm(steps, desc=f"iter {steps.start + 1}-{steps.stop}", leave=False, dynamic_ncols=True)
+    sums = torch.zeros(3, dtype=torch.float64)
+    bar = tqdm(steps, desc=f"iter {steps.start + 1}-{steps.stop}", leave=False, dynamic_ncols=True,
+               disable=not is_main_process())
     for step in bar:
         images, labels, indices = next(batches)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = images.to(device, dtype, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, amp):
-            z = model(images)
+            z_local = model(images)
+        z, labels = all_gather_with_grad(upcast(z_local)), all_gather_no_grad(labels)
         contrastive = criterion(z, labels)
         if xbm is not None:
             if key_encoder is not None:
-                with autocast(device, amp):
-                    keys = key_encoder(images)
+                with torch.no_grad(), autocast(device, amp):
+                    keys = all_gather_no_grad(upcast(key_encoder(images)))
             else:
                 keys = z.detach()
-            xbm.enqueue(keys.float(), labels, indices, step)
+            indices = all_gather_no_grad(indices.to(device))
+            xbm.enqueue(keys.to(xbm.feats.dtype), labels, indices, step)
             feats, mem_labels, _, _ = xbm.get()
-            contrastive = contrastive + criterion(z, labels, feats, mem_labels, xbm.self_pairs(indices, step))
+            ignore = xbm.self_pairs(indices, step, momentum_encoder=key_encoder is not None)
+            contrastive = contrastive + criterion(z, labels, feats, mem_labels, ignore)
         regulariser = koleo(z)
         loss = contrastive + lambda_reg * regulariser
         check_finite(loss)
@@ -98,43 +121,44 @@ def train_one_epoch(model: nn.Module, criterion: ContrastiveLoss, koleo: KoLeo, 
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
         if key_encoder is not None:
-            key_encoder.update(model)
-        values = {"contrastive": contrastive.item(), "koleo": regulariser.item(), "loss": loss.item()}
-        for k, v in values.items():
-            sums[k] += v
-        bar.set_postfix(loss=f"{values['loss']:.4f}")
-        if logging_freq and ((step + 1) % logging_freq == 0 or step + 1 == max_iter):
-            tqdm.write(f"Iteration [{step + 1}/{max_iter}] contrastive: {values['contrastive']:.4f} "
-                       f"regularization: {values['koleo']:.4f}(x{lambda_reg}) total_loss: {values['loss']:.4f}")
-    n = max(1, len(steps))
-    return {f"train_{k}": v / n for k, v in sums.items()}
+            key_encoder.update(model.module if hasattr(model, "module") else model)
+        values = torch.stack([contrastive.detach(), regulariser.detach(), loss.detach()]).double().cpu()
+        sums += values  # the same on every rank: the loss is computed on the global batch
+        bar.set_postfix(loss=f"{float(values[2]):.4f}")
+        if logging_freq and ((step + 1) % logging_freq == 0 or step + 1 == max_iter) and is_main_process():
+            tqdm.write(f"Iteration [{step + 1}/{max_iter}] contrastive: {float(values[0]):.4f} "
+                       f"regularization: {float(values[1]):.4f}(x{lambda_reg}) total_loss: {float(values[2]):.4f}")
+    sums = all_reduce_mean(sums) / max(1, len(steps))
+    return {f"train_{k}": float(v) for k, v in zip(("contrastive", "koleo", "loss"), sums)}
 
 
 def evaluate(model: nn.Module, datasets, query: str, gallery: str, ranks, device, *, batch_size: int,
-             num_workers: int, pin_memory: bool, amp: bool = False) -> Evaluation:
-    """Recall@K of ``query`` against ``gallery`` (self excluded by index when they are the same split)."""
+             num_workers: int, amp: bool = False) -> Evaluation:
+    """Recall@K of ``query`` against ``gallery`` (self excluded by index when they are the same split); every rank
+    embeds its share of the images."""
     splits = {}
     for name in dict.fromkeys((query, gallery)):
-        loader = eval_loader(datasets[name], batch_size, num_workers, pin_memory)
-        features = extract_features(model, loader, device, amp, desc=name)
+        features = embed_dataset(model, datasets[name], batch_size=batch_size, num_workers=num_workers,
+                                 device=device, embed=embed, amp=amp, desc=name)
         splits[name] = Split(datasets[name].images, datasets[name].labels, features)
-    metrics = eval_recalls(splits[query], splits[gallery], ranks, same_set=query == gallery)
-    return Evaluation(metrics, splits)
+    return Evaluation(eval_recalls(splits[query], splits[gallery], ranks, same_set=query == gallery), splits)
 
 
 def run_files(args) -> RunFiles:
-    """``results/irt/<dataset>_<crop>_<model>_<size>_<iters>_<bs>_<lambda>_<margin>_<m>_<memory>_<momentum>``."""
-    kwargs = "-".join(f"{k}{v}" for k, v in parse_model_kwargs(args.model_kwargs).items())
-    model = args.model + (f"-{kwargs}" if kwargs else "")
-    name = run_name(DATASET_ALIASES[args.data_name], args.crop_type, model, args.input_size,
-                    args.max_iter, args.batch_size, args.lambda_reg, args.margin, args.m, args.memory_ratio,
-                    args.encoder_momentum or 0)
+    """``results/irt/<dataset>_<crop>_<model>_<size>_<iters>_<bs>_<lambda>_<margin>_<m>_<memory>_<momentum>``,
+    or the original's ``--output-dir``: ``<dir>/<dataset>/``."""
+    data = DATASET_ALIASES.get(args.data_name, args.data_name)
+    name = irt_run_name({**vars(args), "data_name": data})
+    if args.output_dir:
+        directory = Path(args.output_dir) / ORIGINAL_NAMES.get(data, data)
+        directory.mkdir(parents=True, exist_ok=True)
+        return RunFiles(directory, name)
     return RunFiles(results_dir("irt"), name)
 
 
 def prepare_args(args) -> argparse.Namespace:
     """Map the original's dataset names onto the processed ones and reject bad values in one line."""
-    args.data_name = DATASET_ALIASES[args.data_name]
+    args.data_name = DATASET_ALIASES.get(args.data_name, args.data_name)
     if args.batch_size < 2:
         raise UserError("--batch-size must be at least 2 (pairs and KoLeo need two samples)")
     if args.max_iter < 0 or args.eval_freq < 1:
@@ -146,72 +170,87 @@ def prepare_args(args) -> argparse.Namespace:
     return args
 
 
-def model_from_args(args, pretrained: Optional[str] = None):
-    return build_model(args.model, args.pretrained if pretrained is None else pretrained, args.input_size,
-                       args.drop, args.drop_path, parse_model_kwargs(args.model_kwargs), args.distilled_embedding)
+def setup(args) -> DistInfo:
+    """Join the process group under torchrun (GPU LOCAL_RANK with NCCL, else gloo on CPU)."""
+    wants_cuda = (args.device or "auto").startswith("cuda") or args.device in (None, "", "auto")
+    info = init_distributed(use_cuda=wants_cuda and torch.cuda.is_available())
+    if not info.distributed:
+        info.device = resolve_device(args.device)
+    if args.batch_size % info.world_size:
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) is not divisible by the "
+                        f"{info.world_size} processes")
+    return info
 
 
 def main(args):
     args = prepare_args(args)
+    info = setup(args)
+    device, dtype = info.device, (torch.float64 if args.float64 else torch.float32)
     set_seed(args.seed)
-    device = resolve_device(args.device)
     pin = args.pin_mem and device.type == "cuda"
+    if info.rank == 0:  # one process builds a missing dataset (the demo) while the others wait
+        ensure_dataset(args.data_path, args.data_name, args.crop_type)
+    barrier()
     datasets = build_datasets(args.data_path, args.data_name, args.crop_type, args.input_size)
-    query, gallery = ("query", "gallery") if args.data_name == "isc" else ("test", "test")
+    if not args.augment:
+        datasets["train"].transform = datasets[next(s for s in datasets if s != "train")].transform
+    query, gallery = eval_splits(args.data_name, args.data_path)
     limit = len(datasets[gallery]) - (query == gallery)
     if max(args.rank) > limit:
         raise UserError(f"--rank {max(args.rank)} is larger than the gallery ({limit} images to rank)")
-    run = run_files(args)
     config = plain_config(args)
-    print("\n".join(f"{k}: {v}" for k, v in sorted(config.items())))
+    if info.rank == 0:
+        print("\n".join(f"{k}: {v}" for k, v in sorted(config.items())))
 
-    # ---- model, memory, key encoder, optimizer
-    model = model_from_args(args).to(device)
+    # ---- model (DDP under torchrun), memory, key encoder, optimizer
+    model = model_from_config(config, args.pretrained).to(device, dtype)
+    ddp_model = wrap_ddp(model, info)
     train_set = datasets["train"]
-    xbm = XBM(max(1, int(args.memory_ratio * len(train_set))), model.embed_dim).to(device) \
+    xbm = XBM(max(1, int(args.memory_ratio * len(train_set))), model.embed_dim).to(device, dtype) \
         if args.memory_ratio > 0 else None
     key_encoder = MomentumEncoder(model, args.encoder_momentum).to(device) \
         if args.encoder_momentum is not None else None
     optimizer = build_optimizer(model, args)
     criterion, koleo = ContrastiveLoss(args.margin, reduction=args.loss_reduction), KoLeo()
-    print(f"{run.name}: {len(train_set)} training images, {args.max_iter} iterations, "
-          f"XBM {xbm.size if xbm is not None else 0} entries, device {device}")
+    periods = math.ceil(args.max_iter / args.eval_freq)
+    run = Run(run_files(args), config, RESUME_KEYS, "irt", periods, recalls=args.rank,
+              selection=args.model_selection, database={"metric": "cosine", "query": query, "gallery": gallery})
+    if info.rank == 0:
+        print(f"{run.files.name}: {len(train_set)} training images, {args.max_iter} iterations, XBM "
+              f"{xbm.size if xbm is not None else 0} entries, {info.world_size} process(es) on {device}")
+    start, state = run.resume(args.resume, model, optimizer)
+    if state and xbm is not None:
+        xbm.load_state_dict(state["xbm"])
+    if state and key_encoder is not None:
+        key_encoder.encoder.load_state_dict(state["key_encoder"])
 
-    # ---- the endless batch stream starts where the (resumed) run stands
-    stream = {"it": None}
+    def evaluate_now() -> Evaluation:
+        return evaluate(ddp_model, datasets, query, gallery, args.rank, device, batch_size=args.batch_size,
+                        num_workers=args.num_workers, amp=args.amp)
 
-    def one_period(epoch: int) -> Dict[str, float]:
-        steps = range((epoch - 1) * args.eval_freq, min(epoch * args.eval_freq, args.max_iter))
-        if stream["it"] is None:
-            stream["it"] = iter(train_loader(train_set, args.batch_size, args.m, args.seed, steps.start,
-                                             args.num_workers, pin))
-        return train_one_epoch(model, criterion, koleo, optimizer, stream["it"], device, steps,
-                               lambda_reg=args.lambda_reg, xbm=xbm, key_encoder=key_encoder,
-                               clip_grad=args.clip_grad, amp=args.amp, logging_freq=args.logging_freq,
-                               max_iter=args.max_iter)
-
-    def extra_state() -> Dict:
-        return {"xbm": xbm.state_dict() if xbm is not None else {},
-                "key_encoder": key_encoder.state() if key_encoder is not None else {}}
-
-    def load_extra(state: Dict) -> None:
-        if xbm is not None:
-            xbm.load_state_dict(state["xbm"])
-        if key_encoder is not None:
-            key_encoder.encoder.load_state_dict(state["key_encoder"])
-
-    start = time.time()
-    stats = fit(run, model=model, config=config, config_keys=RESUME_KEYS,
-                num_epochs=math.ceil(args.max_iter / args.eval_freq), train_one_epoch=one_period,
-                evaluate=lambda: evaluate(model, datasets, query, gallery, args.rank, device,
-                                          batch_size=args.batch_size, num_workers=args.num_workers,
-                                          pin_memory=pin, amp=args.amp),
-                optimizer=optimizer, resume=args.resume, method="irt",
-                database_kwargs={"metric": "cosine", "query": query, "gallery": gallery},
-                extra_state=extra_state, load_extra=load_extra)
-    last = stats.rows[max(stats.rows)]
-    print(" ".join(f"Recall@{k} : {last[f'test_recall@{k}']:.2f}%" for k in args.rank))
-    print(f"training time {time.time() - start:.0f}s; results in {run.directory}/{run.name}_*")
+    # ---- periods of --eval-freq steps; the endless batch stream starts where the (resumed) run stands
+    began = time.time()
+    if start == 1:
+        run.log(0, {}, evaluate_now(), model)
+    batches = iter(train_loader(train_set, args.batch_size, args.m, args.seed, (start - 1) * args.eval_freq,
+                                args.num_workers, pin, info.rank, info.world_size)) if start <= periods else None
+    for period in range(start, periods + 1):
+        steps = range((period - 1) * args.eval_freq, min(period * args.eval_freq, args.max_iter))
+        train_stats = train_one_epoch(ddp_model, criterion, koleo, optimizer, batches, device, steps,
+                                      lambda_reg=args.lambda_reg, xbm=xbm, key_encoder=key_encoder,
+                                      clip_grad=args.clip_grad, amp=args.amp, logging_freq=args.logging_freq,
+                                      max_iter=args.max_iter, dtype=dtype)
+        run.log(period, train_stats, evaluate_now(), model)
+        run.checkpoint(period, model, optimizer, xbm=xbm.state_dict() if xbm is not None else {},
+                       key_encoder=key_encoder.state() if key_encoder is not None else {})
+    stats = run.finish()
+    if args.output_dir and info.rank == 0:
+        save_original_encoder(model, run.files.directory / "encoder.pth")
+    last = stats.rows[max(stats.rows)] if stats.rows else {}
+    if info.rank == 0 and last:
+        print(" ".join(f"Recall@{k} : {last[f'test_recall@{k}']:.2f}%" for k in args.rank if
+                       f"test_recall@{k}" in last))
+        print(f"training time {time.time() - began:.0f}s; results in {run.files.directory}/{run.files.name}_*")
     return stats
 
 
@@ -224,9 +263,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="image and model input size in px; the train/test resize is 256/224 of it (default: 224)")
     g.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra timm.create_model kwargs, e.g. patch_size=8 depth=2 (default: none)")
-    g.add_argument("--distilled-embedding", default="mean", choices=["mean", "cls"],
-                   help="distilled models: mean of CLS and distillation tokens, or CLS only, in training and "
-                        "evaluation alike (default: mean)")
+    g.add_argument("--distilled-embedding", default="original", choices=DISTILLED_EMBEDDINGS,
+                   help="distilled models: original = CLS token in training (and the key encoder), mean of CLS and "
+                        "distillation tokens in evaluation; mean or cls = one rule everywhere (default: original)")
     g.add_argument("--pretrained", default="imagenet",
                    help="imagenet (timm download/cache), none, or a state-dict PATH (default: imagenet)")
     g.add_argument("--drop", default=0.0, type=float, help="dropout rate (default: 0.0)")
@@ -245,7 +284,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", default=None, type=float, help="clip the gradient norm (default: no clipping)")
     g = p.add_argument_group("loss, memory and sampling")
     g.add_argument("--lambda-reg", default=0.7, type=float, help="KoLeo weight; 0 = IRT_L (default: 0.7)")
-    g.add_argument("--margin", default=0.5, type=float, 
+    g.add_argument("--margin", default=0.5, type=float,
                    help="negative margin beta of the contrastive loss (default: 0.5)")
     g.add_argument("--loss-reduction", default="nonzero", choices=REDUCTIONS,
                    help="nonzero: mean over non-zero pair losses, positives and negatives apart (original code); "
@@ -254,10 +293,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="XBM size as a fraction of the training set; 0 disables it (default: 1.0)")
     g.add_argument("--encoder-momentum", default=None, type=float,
                    help="momentum key encoder for the memory, 0.999 for In-shop (default: none)")
-    g.add_argument("--m", default=0, type=int, help="images per class in a batch; 0 = random batches (default: 0)")
+    g.add_argument("--m", "--m_per_class", "--m-per-class", dest="m", default=0, type=int,
+                   help="images per class in a batch; 0 = random batches; under torchrun spell it --m_per_class "
+                        "(torchrun's own parser takes --m as an abbreviation of its options) (default: 0)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", "--data_name", dest="data_name", default="cub200", choices=list(DATASET_ALIASES),
-                   help="cub200 | sop | inshop | car | demo (cub, isc accepted) (default: cub200)")
+    g.add_argument("--dataset", "--data_name", dest="data_name", default="cub200", type=dataset_name,
+                   help="cub200 | sop | inshop | car | demo (cub, isc accepted), or a dataset of your own processed "
+                        "by data_utils.py (default: cub200)")
     g.add_argument("--data-path", "--data_path", dest="data_path", default="data", type=str,
                    help="root holding the processed <dataset>/ folders written by data_utils.py (default: data)")
     g.add_argument("--crop_type", "--crop-type", dest="crop_type", default="uncropped",
@@ -272,12 +314,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="evaluate, checkpoint and log a CSV row every N iterations (default: 1000)")
     g.add_argument("--logging-freq", default=50, type=int, help="print the losses every N iterations (default: 50)")
     g.add_argument("--log-dir", default=None, help="unused (no TensorBoard); results go to results/irt/")
+    g.add_argument("--output-dir", default=None,
+                   help="the original's output folder: the run's files go to DIR/<dataset>/ instead of results/irt/, "
+                        "with the last model also as DIR/<dataset>/encoder.pth, the original's file (default: none)")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue this run from its last checkpoint, or from the given checkpoint path")
+    g.add_argument("--model_selection", "--model-selection", default="last", choices=["best", "last"],
+                   help="model and database kept: the last evaluation's (the original saved its final encoder) or "
+                        "the best on the first --rank (default: last)")
     g = p.add_argument_group("device")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:0 if available, else cpu)")
     g.add_argument("--seed", default=0, type=int, help="seed for python, numpy, torch and the batches (default: 0)")
     bool_pair(g, "amp", False, "bf16 autocast on CUDA")
+    add_check_flags(p)
     return p
 
 

@@ -1,15 +1,19 @@
 """Cross-batch memory (XBM, Wang et al. CVPR 2020) and the MoCo-style momentum key encoder used by IRT.
 
 XBM keeps the detached embeddings of recent batches so the contrastive loss also pairs the current batch with up
-to ``size`` past samples. Two fixes over the original implementation:
+to ``size`` past samples. As in the original, the batch is enqueued before the memory term is computed, so the
+memory always holds the current batch. Two changes from the original implementation:
 
 * the ring wraps around: a batch crossing the end is split over the tail and the head (the original wrote it into
   the last ``b`` slots and restarted at 0, overwriting entries younger than the oldest one);
-* every slot remembers the dataset index and the step that wrote it, so a sample is never paired with the copy of
-  itself enqueued in the same step (the original paired each sample with its own copy, s ~= 1).
+* without a momentum encoder the stored copy of a sample is its own detached embedding (s = 1 up to rounding, a
+  zero-loss "positive" that only dilutes the non-zero averaging), so ``self_pairs`` masks it: every slot
+  remembers the dataset index and the step that wrote it. With a momentum encoder the copy is the key encoder's
+  embedding of the same image, a genuine query-key positive the original trained on (MoCo style): it is kept.
 """
+
 import copy
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -35,7 +39,7 @@ class XBM(nn.Module):
     @torch.no_grad()
     def enqueue(self, feats: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, step: int) -> None:
         """Write a batch at the pointer, wrapping around the end; a batch longer than the ring keeps its tail."""
-        feats, labels, indices = feats.detach()[-self.size:], labels[-self.size:], indices[-self.size:]
+        feats, labels, indices = feats.detach()[-self.size :], labels[-self.size :], indices[-self.size :]
         b = len(feats)
         slots = (int(self.ptr) + torch.arange(b, device=self.feats.device)) % self.size
         self.feats[slots] = feats.to(self.feats.dtype)
@@ -50,8 +54,11 @@ class XBM(nn.Module):
         n = int(self.count)
         return self.feats[:n], self.labels[:n], self.indices[:n], self.steps[:n]
 
-    def self_pairs(self, indices: torch.Tensor, step: int) -> torch.Tensor:
-        """(B, n) mask of the pairs (batch sample, its own copy written at ``step``) to leave out of the loss."""
+    def self_pairs(self, indices: torch.Tensor, step: int, momentum_encoder: bool = False) -> Optional[torch.Tensor]:
+        """(B, n) mask of the pairs (batch sample, its own copy written at ``step``) to leave out of the loss; None
+        with a momentum encoder, whose copy is a different encoder's view: a real positive, as in the original."""
+        if momentum_encoder:
+            return None
         _, _, mem_indices, mem_steps = self.get()
         return (indices.to(mem_indices.device)[:, None] == mem_indices[None, :]) & (mem_steps == step)[None, :]
 
@@ -59,8 +66,8 @@ class XBM(nn.Module):
 class MomentumEncoder(nn.Module):
     """Key encoder theta_k <- m * theta_k + (1 - m) * theta_q after every optimizer step (MoCo, He et al. 2020).
 
-    A frozen copy of the query model. Like the original it stays in train mode (drop-path on) and returns the
-    embedding the query model returns.
+    A frozen copy of the query model. Like the original it stays in train mode (drop-path on), so a distilled model
+    with ``distilled_embedding="original"`` yields the CLS token, as the original's key encoder did.
     """
 
     def __init__(self, query: nn.Module, momentum: float = 0.999):

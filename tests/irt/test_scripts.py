@@ -55,26 +55,31 @@ def test_train_test_inference_ablation(data, results, capsys):
     assert run.checkpoint.is_file() and run.model.is_file() and run.statistics.with_suffix(".png").is_file()
     assert max(stats.rows) == 2
 
-    metrics = irt_test.main(_args(irt_test.get_args_parser(), data, *flags))
-    assert set(metrics) == {"recall@1", "recall@2", "recall@4", "map@r", "r_precision"}
-    db = load_database(run.path("test_data_base.pth"))
+    training_db = run.database.read_bytes()
+    metrics = irt_test.main(irt_test.get_args_parser().parse_args(
+        ["--data-base", str(run.database), "--data-path", str(data), "--num-workers", "0", "--recalls", "1,2,4",
+         "--save_data_base", str(run.path("eval_data_base.pth"))]))
+    assert set(metrics) == {"test_recall@1", "test_recall@2", "test_recall@4", "test_map@r", "test_r_precision"}
+    assert run.database.read_bytes() == training_db  # never overwritten
+    db = load_database(run.path("eval_data_base.pth"))
     split = db.split("test")
-    assert metrics["recall@2"] == pytest.approx(_brute_recall(split.features, split.labels, 2))
-    assert pd.read_csv(run.path("test.csv")).shape == (1, 5)
+    assert metrics["test_recall@2"] == pytest.approx(_brute_recall(split.features, split.labels, 2))
+    assert metrics["test_recall@1"] == pytest.approx(frame.loc[2, "test_recall@1"], abs=1e-6)  # the last model
+    assert pd.read_csv(run.path("test_metrics.csv")).shape == (1, 5)
 
     query = split.images[0]
     ranked = inference.main(inference.get_args_parser().parse_args(
-        TINY + ["--dataset", "cub200", "--data-path", str(data), *flags, "--query-img", query, "--retrieval-num", "3"]))
+        ["--data-base", str(run.database), "--query-img-name", query, "--retrieval-num", "3"]))[0][1]
     assert len(ranked) == 3 and query not in [p for p, _, _ in ranked]
-    out = run.directory / f"{run.name}_retrieval" / "img_5_0"
+    out = results / "img_5_0"
     assert (out / "grid.png").is_file() and len(list(out.glob("retrieval_img_*.jpg"))) == 3
     new_image = str(data / "isc" / "images" / "001.class1" / "img_1_0.jpg")  # a file outside the database
     ranked = inference.main(inference.get_args_parser().parse_args(
-        TINY + ["--dataset", "cub200", "--data-path", str(data), *flags, "--query-img", new_image]))
-    assert len(ranked) == 8 and "not in the database" in capsys.readouterr().out
+        ["--data-base", str(run.database), "--query-img-name", new_image]))[0][1]
+    assert len(ranked) == 8 and "label unknown" in capsys.readouterr().out
 
     compared = ablation.main(ablation.get_args_parser().parse_args(
-        ["--better-db", str(run.database), "--worse-db", str(run.path("test_data_base.pth")), "--retrieval-num", "4"]))
+        ["--better-db", str(run.database), "--worse-db", str(run.path("eval_data_base.pth")), "--retrieval-num", "4"]))
     assert compared["wins"] + compared["ties"] + compared["losses"] == len(split.images)
 
 
