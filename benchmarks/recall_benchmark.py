@@ -1,19 +1,34 @@
-"""Recall@K at SOP scale: our chunked exact ``recall_at_k`` vs the full-matrix approach vs faiss ``IndexFlatIP``.
+"""Exact Recall@K at SOP scale: ours vs faiss exact search vs the full matrix vs the bare GEMMs, in one run.
 
-Synthetic, clustered unit features (default 60,502 x 512, 11,316 classes, like Stanford Online Products) are
-searched against themselves (self excluded). Each method runs in its own subprocess so that its peak extra memory
-(peak RSS above the RSS after loading the data, or peak CUDA memory) is measured in isolation.
+Synthetic, clustered unit features (default 60,502 x 512, 11,316 classes, like Stanford Online Products) are searched
+against themselves (self excluded). Methods, each in its own subprocess so that its peak extra memory (peak RSS above
+the RSS after loading the data, or peak CUDA memory) is measured in isolation:
 
-    python benchmarks/recall_benchmark.py --repeat 2           # full scale, CPU, best of 2 interleaved rounds
-    python benchmarks/recall_benchmark.py --skip-full --device cuda
-    python benchmarks/recall_benchmark.py --threads 1          # single-threaded comparison (also OpenBLAS/OMP)
+- ``ours``        ``common.metrics.recall_at_k``: bf16 candidate pass + float64 re-check (exact)
+- ``ours_fp32``   the same function on its fp32 counting path (``metrics.BF16 = False``; the path before)
+- ``faiss``       faiss-cpu exact ``IndexFlatIP`` search of the top max(K)+1, with its bundled OpenBLAS given the
+                  kernel numpy's OpenBLAS detects (``OPENBLAS_CORETYPE``); left alone, faiss-cpu's older OpenBLAS
+                  may not know this CPU and fall back to a generic kernel (``--faiss-generic`` adds that run)
+- ``full``        the original repos' evaluation: the full N x N similarity matrix and one top-k
+- ``gemm_fp32``   the fp32 GEMM of all scores alone (numpy), the floor of any fp32 exact method
+- ``gemm_bf16``   the bf16 GEMM alone (torch), the floor of ours
+
+BLAS-using workers run with ``OPENBLAS_CORETYPE`` / ``OPENBLAS_L2_SIZE`` unset (numpy picks its own kernel); the
+kernels actually used are printed. Every method's recalls must be identical to ours (``identical`` column).
+
+    python benchmarks/recall_benchmark.py                 # full scale, CPU (several minutes)
+    python benchmarks/recall_benchmark.py --quick         # 6,000 x 128 (about a minute: process start-ups)
+    python benchmarks/recall_benchmark.py --device cuda --skip full
 
 Prints a table and writes ``results/benchmarks/recall_benchmark.csv``.
 """
+
 from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
+import glob
 import json
 import os
 import platform
@@ -28,25 +43,47 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("ours", "full", "faiss")
+METHODS = ("ours", "ours_fp32", "faiss", "faiss_generic", "full", "gemm_fp32", "gemm_bf16")
+BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--num_queries", type=int, default=60502, help="query (= gallery) set size")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--num_classes", type=int, default=11316)
     p.add_argument("--ranks", type=lambda s: [int(k) for k in s.split(",")], default=[1, 10, 100, 1000])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", type=float, default=2.3, help="within-class spread (norm of the noise vs unit centres)")
-    p.add_argument("--skip-full", dest="skip_full", action="store_true", help="skip the full N x N matrix method")
+    p.add_argument("--quick", action="store_true", help="small problem (6,000 x 128, 1,100 classes) for a smoke run")
+    p.add_argument(
+        "--skip",
+        type=lambda s: [m for m in s.split(",") if m],
+        default=[],
+        help=f"comma-separated methods to leave out, of {','.join(METHODS)}",
+    )
+    p.add_argument(
+        "--faiss-generic",
+        dest="faiss_generic",
+        action="store_true",
+        help="also run faiss with its OpenBLAS left to choose its kernel (slow where it falls back)",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device for ours and full (faiss: CPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch / faiss threads (default: library default)")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="interleaved rounds of ours and faiss (full: once); the fastest run of each is reported")
-    p.add_argument("--in-process", dest="in_process", action="store_true",
-                   help="run methods in this process (fast, for smoke tests; memory numbers are not isolated)")
+    p.add_argument("--threads", type=int, default=None, help="torch / faiss / OpenBLAS threads (default: all)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="interleaved rounds (full: once); the fastest run of each method is reported",
+    )
+    p.add_argument(
+        "--in-process",
+        dest="in_process",
+        action="store_true",
+        help="run methods in this process (fast, for smoke tests; memory and kernels not isolated)",
+    )
     p.add_argument("--output", type=Path, default=REPO / "results" / "benchmarks" / "recall_benchmark.csv")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -64,6 +101,50 @@ def make_data(n: int, dim: int, num_classes: int, seed: int, noise: float):
     x += centres[labels]
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x, labels
+
+
+# ---- BLAS kernels ------------------------------------------------------------------------------------------------
+def _corename(pattern: str, names) -> Optional[str]:
+    """Kernel name an already loaded OpenBLAS reports (None if not found)."""
+    for path in glob.glob(pattern):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in names:
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                return fn().decode()
+    return None
+
+
+def numpy_kernel() -> Optional[str]:
+    return _corename(
+        os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*"),
+        ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename"),
+    )
+
+
+def faiss_kernel() -> Optional[str]:
+    try:
+        import faiss
+    except ImportError:
+        return None
+    libs = os.path.join(os.path.dirname(os.path.dirname(faiss.__file__)), "faiss_cpu.libs", "*openblas*")
+    return _corename(libs, ("openblas_get_corename", "openblas_get_corename64_"))
+
+
+def detect_numpy_kernel() -> Optional[str]:
+    """The kernel numpy's OpenBLAS picks by itself (probed in a subprocess with the BLAS variables unset)."""
+    env = {k: v for k, v in os.environ.items() if k not in BLAS_ENV}
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.recall_benchmark import numpy_kernel; "
+        "print(numpy_kernel())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    name = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else "None"
+    return None if name == "None" else name
 
 
 # ---- peak memory -----------------------------------------------------------------------------------------------
@@ -90,7 +171,7 @@ def _peak_kib() -> int:
     return _rss_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-# ---- the three methods -----------------------------------------------------------------------------------------
+# ---- the methods -----------------------------------------------------------------------------------------------
 def _recall_from_neighbours(neighbour_labels, labels, ranks) -> List[float]:
     """(N, K) labels of the top-K retrieved items -> Recall@K for each K."""
     match = neighbour_labels == labels[:, None]
@@ -98,11 +179,17 @@ def _recall_from_neighbours(neighbour_labels, labels, ranks) -> List[float]:
     return [float((first < k).sum()) / len(labels) for k in ranks]
 
 
-def run_ours(x, labels, ranks, device):
+def run_ours(x, labels, ranks, device, bf16: bool = True):
     import torch
-    from common.metrics import recall_at_k
+
+    from common import metrics
+
     feats, lab = torch.from_numpy(x).to(device), torch.from_numpy(labels).to(device)
-    return recall_at_k(feats, lab, ranks)
+    before, metrics.BF16 = metrics.BF16, bf16
+    try:
+        return metrics.recall_at_k(feats, lab, ranks)
+    finally:
+        metrics.BF16 = before
 
 
 def full_matrix_bytes(n: int, kmax: int) -> int:
@@ -112,6 +199,7 @@ def full_matrix_bytes(n: int, kmax: int) -> int:
 def run_full(x, labels, ranks, device):
     """The original repos' evaluation: full similarity, diagonal -inf, topk(max K) on the whole matrix."""
     import torch
+
     feats, lab = torch.from_numpy(x).to(device), torch.from_numpy(labels).to(device)
     sim = feats @ feats.T
     sim.fill_diagonal_(float("-inf"))
@@ -122,6 +210,7 @@ def run_full(x, labels, ranks, device):
 
 def run_faiss(x, labels, ranks, device):
     import faiss
+
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
     _, found = index.search(x, max(ranks) + 1)
@@ -132,16 +221,55 @@ def run_faiss(x, labels, ranks, device):
     return _recall_from_neighbours(labels[found], labels, ranks)
 
 
-RUNNERS: Dict[str, Callable] = {"ours": run_ours, "full": run_full, "faiss": run_faiss}
+def run_gemm_fp32(x, labels, ranks, device):
+    """Every score of the problem through numpy's sgemm into a 512 MiB block, nothing else."""
+    if device == "cuda":
+        import torch
+
+        g = torch.from_numpy(x).cuda()
+        rows = max(1, 2**27 // len(x))
+        for i in range(0, len(x), rows):
+            g[i : i + rows] @ g.T
+        return None
+    rows = max(1, 2**27 // len(x))
+    out = np.empty((rows, len(x)), np.float32)
+    for i in range(0, len(x), rows):
+        np.matmul(x[i : i + rows], x.T, out=out[: min(rows, len(x) - i)])
+    return None
+
+
+def run_gemm_bf16(x, labels, ranks, device):
+    """Every score in bf16 (torch), laid out as ours does it: (gallery, 1024 queries) blocks."""
+    import torch
+
+    g = torch.from_numpy(x).to(device).bfloat16()
+    out = torch.empty(len(x) * 1024, dtype=torch.bfloat16, device=device)
+    for i in range(0, len(x), 1024):
+        q = g[i : i + 1024]
+        torch.mm(g, q.T, out=out[: len(x) * len(q)].view(len(x), len(q)))
+    return None
+
+
+RUNNERS: Dict[str, Callable] = {
+    "ours": run_ours,
+    "ours_fp32": lambda *a: run_ours(*a, bf16=False),
+    "faiss": run_faiss,
+    "faiss_generic": run_faiss,
+    "full": run_full,
+    "gemm_fp32": run_gemm_fp32,
+    "gemm_bf16": run_gemm_bf16,
+}
 
 
 def measure(method: str, x, labels, ranks, device: str, threads: Optional[int]) -> dict:
     """Wall and CPU time of one method and its peak extra memory (MiB), in this process."""
     import torch
+
     if threads:
         torch.set_num_threads(threads)
         try:
             import faiss
+
             faiss.omp_set_num_threads(threads)
         except ImportError:
             pass
@@ -158,16 +286,28 @@ def measure(method: str, x, labels, ranks, device: str, threads: Optional[int]) 
         torch.cuda.synchronize()
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     extra = (_peak_kib() - base) / 1024
-    if cuda and method != "faiss":
+    if cuda and not method.startswith("faiss"):
         extra = (torch.cuda.max_memory_allocated() - base_gpu) / 2**20
-    return {"status": "ok", "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_extra_mib": extra,
-            "recalls": recalls, "load_before": load}
+    kernel = faiss_kernel() if method.startswith("faiss") else numpy_kernel()
+    return {
+        "status": "ok",
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "peak_extra_mib": extra,
+        "recalls": recalls,
+        "load_before": load,
+        "blas_kernel": kernel,
+    }
 
 
 def _worker(args) -> None:
     """Subprocess entry: load the data, warm the libraries up, measure one method, print JSON."""
     import torch
+
     import common.metrics  # noqa: F401  (imports count towards the baseline, not the method)
+
+    if args.worker.startswith("faiss"):
+        import faiss  # noqa: F401
     x = np.load(args.data / "x.npy")
     labels = np.load(args.data / "labels.npy")
     torch.ones(8, 8) @ torch.ones(8, 8)
@@ -177,14 +317,14 @@ def _worker(args) -> None:
 
 
 def _skip_reason(method: str, args, n: int) -> Optional[str]:
-    if method == "faiss":
+    if method in args.skip or (method == "faiss_generic" and not args.faiss_generic):
+        return "skipped"
+    if method.startswith("faiss"):
         try:
             import faiss  # noqa: F401
         except ImportError:
             return "skipped: faiss not importable"
     if method == "full":
-        if args.skip_full:
-            return "skipped: --skip-full"
         need = full_matrix_bytes(n, max(args.ranks))
         avail = _available_bytes(args.device)
         if need > 0.8 * avail:
@@ -195,29 +335,43 @@ def _skip_reason(method: str, args, n: int) -> Optional[str]:
 def _available_bytes(device: str) -> int:
     if device == "cuda":
         import torch
+
         return torch.cuda.mem_get_info()[0]
-    return (_meminfo_kib("MemAvailable") or 0) * 1024
-
-
-def _meminfo_kib(field: str) -> Optional[int]:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return None
+    return 0
 
 
-def _run_isolated(method: str, args, data_dir: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--data", str(data_dir),
-           "--ranks", ",".join(map(str, args.ranks)), "--device", args.device]
+def _worker_env(method: str, args, fair_kernel: Optional[str]) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in BLAS_ENV}  # numpy: its own kernel choice
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    if method == "faiss" and fair_kernel:
+        env["OPENBLAS_CORETYPE"] = fair_kernel  # faiss-cpu's bundled OpenBLAS: the kernel numpy uses
+    if args.threads:  # OpenBLAS reads its thread count at import
+        env.update(OPENBLAS_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
+    return env
+
+
+def _run_isolated(method: str, args, data_dir: Path, fair_kernel: Optional[str]) -> dict:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        method,
+        "--data",
+        str(data_dir),
+        "--ranks",
+        ",".join(map(str, args.ranks)),
+        "--device",
+        args.device,
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    if args.threads:  # numpy's OpenBLAS (ours on CPU) reads its thread count at import
-        env.update(OPENBLAS_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_worker_env(method, args, fair_kernel))
     if proc.returncode != 0:
         return {"status": f"failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -239,40 +393,70 @@ def _rows(results: Dict[str, dict], args) -> List[dict]:
     ours = results["ours"]
     rows = []
     for method, r in results.items():
-        row = {"method": method, "status": r["status"], "seconds": r.get("seconds"),
-               "cpu_seconds": r.get("cpu_seconds"), "peak_extra_mib": r.get("peak_extra_mib"),
-               "load_before": r.get("load_before")}
+        row = {
+            "method": method,
+            "status": r["status"],
+            "seconds": r.get("seconds"),
+            "cpu_seconds": r.get("cpu_seconds"),
+            "peak_extra_mib": r.get("peak_extra_mib"),
+            "blas_kernel": r.get("blas_kernel"),
+            "load_before": r.get("load_before"),
+        }
         for k, v in zip(args.ranks, r.get("recalls") or [None] * len(args.ranks)):
             row[f"recall@{k}"] = v
         ok = r["status"] == "ok" and ours["status"] == "ok"
-        row["identical"] = bool(ok and r["recalls"] == ours["recalls"])
+        row["identical"] = bool(ok and r.get("recalls") is not None and r["recalls"] == ours["recalls"])
         row["ours_time_over_this"] = ours["seconds"] / r["seconds"] if ok else None
-        row["ours_mem_over_this"] = (ours["peak_extra_mib"] / r["peak_extra_mib"]
-                                     if ok and r["peak_extra_mib"] > 0 else None)
-        row.update(num_queries=args.num_queries, dim=args.dim, num_classes=args.num_classes, device=args.device,
-                   cpus=os.cpu_count(), machine=platform.machine(), isolated=not args.in_process)
+        row.update(
+            num_queries=args.num_queries,
+            dim=args.dim,
+            num_classes=args.num_classes,
+            device=args.device,
+            cpus=os.cpu_count(),
+            machine=platform.machine(),
+            isolated=not args.in_process,
+        )
         rows.append(row)
     return rows
 
 
 def _print_table(rows: List[dict], ranks: List[int]) -> None:
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    head = f"{'method':<7}{'time s':>9}{'cpu s':>9}{'peak MiB':>10}" + "".join(f"{'R@' + str(k):>8}" for k in ranks)
-    print(head + f"{'identical':>11}{'ours/this':>11}  status")
+    head = f"{'method':<14}{'time s':>9}{'cpu s':>9}{'peak MiB':>10}" + "".join(f"{'R@' + str(k):>8}" for k in ranks)
+    print(head + f"{'identical':>11}{'ours/this':>11}  {'kernel':<10}  status")
     for r in rows:
-        print(f"{r['method']:<7}{fmt(r['seconds'], '.2f'):>9}{fmt(r['cpu_seconds'], '.1f'):>9}"
-              f"{fmt(r['peak_extra_mib'], '.0f'):>10}"
-              + "".join(f"{fmt(r[f'recall@{k}'], '.4f'):>8}" for k in ranks)
-              + f"{str(r['identical']):>11}{fmt(r['ours_time_over_this'], '.2f'):>11}  {r['status']}")
+        print(
+            f"{r['method']:<14}{fmt(r['seconds'], '.2f'):>9}{fmt(r['cpu_seconds'], '.1f'):>9}"
+            f"{fmt(r['peak_extra_mib'], '.0f'):>10}"
+            + "".join(f"{fmt(r[f'recall@{k}'], '.4f'):>8}" for k in ranks)
+            + f"{str(r['identical']) if r[f'recall@{ranks[0]}'] is not None else '-':>11}"
+            f"{fmt(r['ours_time_over_this'], '.2f'):>11}  {r['blas_kernel'] or '-':<10}  {r['status']}"
+        )
+
+
+def _summary(rows: List[dict]) -> str:
+    by = {r["method"]: r for r in rows if r["status"] == "ok"}
+    parts = []
+    for method, target in (("faiss", 0.6), ("gemm_fp32", 1.1)):
+        if "ours" in by and method in by:
+            ratio = by["ours"]["seconds"] / by[method]["seconds"]
+            parts.append(f"ours = {ratio:.2f}x {method} (target <= {target}x)")
+    return "; ".join(parts)
 
 
 def main(args) -> List[dict]:
     if args.worker:
         return _worker(args)
+    if args.quick:
+        args.num_queries, args.dim, args.num_classes = 6000, 128, 1100
     x, labels = make_data(args.num_queries, args.dim, args.num_classes, args.seed, args.noise)
+    fair = None if args.in_process else detect_numpy_kernel()
     mode = "in-process" if args.in_process else "one subprocess per method"
-    print(f"data: {x.shape[0]} x {x.shape[1]} unit features, {args.num_classes} classes, ranks {args.ranks}, "
-          f"device {args.device}, {os.cpu_count()} CPUs, {mode}")
+    print(
+        f"data: {x.shape[0]} x {x.shape[1]} unit features, {args.num_classes} classes, ranks {args.ranks}, "
+        f"device {args.device}, {os.cpu_count()} CPUs, {mode}; numpy's OpenBLAS kernel {fair or 'unknown'} "
+        f"(faiss is given the same), load average {os.getloadavg()[0]:.1f}"
+    )
     results: Dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "x.npy", x)
@@ -287,11 +471,12 @@ def main(args) -> List[dict]:
                 elif args.in_process:
                     run = measure(method, x, labels, args.ranks, args.device, args.threads)
                 else:
-                    run = _run_isolated(method, args, Path(tmp))
+                    run = _run_isolated(method, args, Path(tmp), fair)
                 results[method] = _keep_fastest(results.get(method), run)
                 print(f"  round {round_ + 1} {method}: {run['status']} {run.get('seconds', '')}", flush=True)
-    rows = _rows(results, args)
+    rows = [r for r in _rows(results, args) if r["status"] != "skipped"]
     _print_table(rows, args.ranks)
+    print(_summary(rows))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with open(args.output, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
