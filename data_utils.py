@@ -1,11 +1,12 @@
 """Prepare the retrieval datasets: verify every image, crop where asked, and write one JSON index per crop type.
 
-    python data_utils.py --data_path data                      # every dataset folder present (car cub sop isc)
-    python data_utils.py --data_path data --data_name cub sop  # only these
-    python data_utils.py --data_path data --data_name demo     # synthetic demo, no download needed
-    python data_utils.py --data_path data --data_name mine --from_folder photos/      # photos/<class>/<image>
-    python data_utils.py --data_path data --data_name mine --from_csv photos/df.csv   # path,label,split[,...]
+python data_utils.py --data_path data                      # every dataset folder present (car cub sop isc)
+python data_utils.py --data_path data --data_name cub sop  # only these
+python data_utils.py --data_path data --data_name demo     # synthetic demo, no download needed
+python data_utils.py --data_path data --data_name mine --from_folder photos/      # photos/<class>/<image>
+python data_utils.py --data_path data --data_name mine --from_csv photos/df.csv   # path,label,split[,...]
 """
+
 import argparse
 import os
 
@@ -29,28 +30,54 @@ def _positive_int(text: str) -> int:
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line options; kept separate from main() so tests and other scripts can reuse them."""
-    parser = argparse.ArgumentParser(description="Index (and crop) CARS-196, CUB-200-2011, SOP, In-shop, the demo, "
-                                                 "or your own images (--from_csv / --from_folder).")
-    parser.add_argument("--data_path", default="data",
-                        help="folder holding car/ cub/ sop/ isc/ (raw downloads); indexes are written next to them")
-    parser.add_argument("--data_name", nargs="+", default=None,
-                        help=f"datasets to process: {' '.join(DATASET_NAMES)} (default: every one of car cub sop isc "
-                             f"found under --data_path), or one new name with --from_csv / --from_folder")
-    parser.add_argument("--num_workers", type=_positive_int, default=os.cpu_count() or 1,
-                        help="processes used to decode/crop images (default: all cores)")
-    parser.add_argument("--force", action="store_true",
-                        help="rebuild indexes and crops even if they are up to date")
+    parser = argparse.ArgumentParser(
+        description="Index (and crop) CARS-196, CUB-200-2011, SOP, In-shop, the demo, "
+        "or your own images (--from_csv / --from_folder)."
+    )
+    parser.add_argument(
+        "--data_path",
+        default="data",
+        help="folder holding car/ cub/ sop/ isc/ (raw downloads); indexes are written next to them",
+    )
+    parser.add_argument(
+        "--data_name",
+        nargs="+",
+        default=None,
+        help=f"datasets to process: {' '.join(DATASET_NAMES)} (default: every one of car cub sop isc "
+        f"found under --data_path), or one new name with --from_csv / --from_folder",
+    )
+    parser.add_argument(
+        "--num_workers",
+        type=_positive_int,
+        default=os.cpu_count() or 1,
+        help="processes used to decode/crop images (default: all cores)",
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild indexes and crops even if they are up to date")
     own = parser.add_argument_group("your own data (written to <data_path>/<data_name>/)")
     source = own.add_mutually_exclusive_group()
-    source.add_argument("--from_csv", metavar="FILE",
-                        help="CSV with columns path,label,split (train/test), optional is_query,is_gallery and "
-                             "x_1,y_1,x_2,y_2 (open-metric-learning's format)")
-    source.add_argument("--from_folder", metavar="DIR",
-                        help="DIR/<class>/<image> (split by class, see --test_ratio) or DIR/train|test/<class>/...")
-    own.add_argument("--dataset_root", metavar="DIR", default=None,
-                     help="--from_csv: folder the CSV's relative paths start from (default: the CSV's folder)")
-    own.add_argument("--test_ratio", type=float, default=None,
-                     help="--from_folder DIR/<class>/: fraction of the classes held out for test (default: 0.5)")
+    source.add_argument(
+        "--from_csv",
+        metavar="FILE",
+        help="CSV with columns path,label,split (train/test), optional is_query,is_gallery and "
+        "x_1,y_1,x_2,y_2 (open-metric-learning's format)",
+    )
+    source.add_argument(
+        "--from_folder",
+        metavar="DIR",
+        help="DIR/<class>/<image> (split by class, see --test_ratio) or DIR/train|test/<class>/...",
+    )
+    own.add_argument(
+        "--dataset_root",
+        metavar="DIR",
+        default=None,
+        help="--from_csv: folder the CSV's relative paths start from (default: the CSV's folder)",
+    )
+    own.add_argument(
+        "--test_ratio",
+        type=float,
+        default=None,
+        help="--from_folder DIR/<class>/: fraction of the classes held out for test (default: 0.5)",
+    )
     own.add_argument("--seed", type=int, default=0, help="--from_folder: seed of the class split (default: 0)")
     return parser
 
@@ -64,8 +91,10 @@ def main(args: argparse.Namespace) -> int:
                 raise UserError(f"--{flag} needs --from_csv or --from_folder")
         unknown = [n for n in args.data_name or () if n not in DATASET_NAMES]
         if unknown:
-            raise UserError(f"{unknown[0]!r} is not a benchmark ({' '.join(DATASET_NAMES)}); to index your own images "
-                            f"as {unknown[0]}, add --from_folder DIR or --from_csv FILE")
+            raise UserError(
+                f"{unknown[0]!r} is not a benchmark ({' '.join(DATASET_NAMES)}); to index your own images "
+                f"as {unknown[0]}, add --from_folder DIR or --from_csv FILE"
+            )
         prepare(args.data_path, args.data_name, args.num_workers, args.force)
         return 0
     if not args.data_name or len(args.data_name) != 1:

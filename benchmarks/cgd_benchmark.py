@@ -7,6 +7,7 @@ Synthetic images; 4 images per class as the m-per-class sampler gives.
     python benchmarks/cgd_benchmark.py                 # CPU rows, plus GPU rows when CUDA is available
     python benchmarks/cgd_benchmark.py --steps 20 --batch_size 128
 """
+
 import argparse
 import json
 import platform
@@ -25,8 +26,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(backbone: str, image_size: int, batch_size: int, steps: int, device: torch.device,
-            amp: bool) -> Dict[str, float]:
+def measure(
+    backbone: str, image_size: int, batch_size: int, steps: int, device: torch.device, amp: bool
+) -> Dict[str, float]:
     """Images/s of training steps and of no-grad embedding, after one warm-up step each."""
     torch.manual_seed(0)
     model = channels_last(Model(backbone, "SG", 1536, 100).to(device), device)
@@ -66,13 +68,21 @@ def main(args: argparse.Namespace) -> List[Dict]:
     cases = [("cpu", "resnet18", 64, False), ("cpu", "resnet50", 112, False)]
     if torch.cuda.is_available() and not args.cpu_only:
         cases += [("cuda", "resnet50", 224, False), ("cuda", "resnet50", 224, True)]
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    print(
+        f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+    )
     rows = []
     for device, backbone, size, amp in cases:
         batch = args.batch_size if device == "cuda" else args.cpu_batch_size
-        row = {"device": device, "backbone": backbone, "image_size": size, "batch_size": batch, "amp": amp,
-               **measure(backbone, size, batch, args.steps, torch.device(device), amp)}
+        row = {
+            "device": device,
+            "backbone": backbone,
+            "image_size": size,
+            "batch_size": batch,
+            "amp": amp,
+            **measure(backbone, size, batch, args.steps, torch.device(device), amp),
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

@@ -16,6 +16,7 @@ jobs' load. Peak memory: CUDA max allocated, or on CPU the process's peak RSS wh
     python benchmarks/ensemble_benchmark.py --device cpu --image_size 64 --steps 3 --rounds 2 --forms original loop
     python benchmarks/ensemble_benchmark.py --device cuda --image_size 256 --steps 20 --compile
 """
+
 import argparse
 import copy
 import json
@@ -43,15 +44,15 @@ class Original(nn.Module):
         self.learners = nn.ModuleList()
         for i in range(model.ensemble_size):
             ref = getattr(models, model.model_type)()
-            stages = [getattr(ref, n) for n in STAGES[len(model.common_extractor):]]
+            stages = [getattr(ref, n) for n in STAGES[len(model.common_extractor) :]]
             ens = [m for m in block.features.modules() if isinstance(m, (EnsembleConv, EnsembleBatchNorm))]
             mine = [m for s in stages for m in s.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
             with torch.no_grad():
                 for e, r in zip(ens, mine):
                     n = r.out_channels if isinstance(r, nn.Conv2d) else r.num_features
-                    r.weight.copy_(e.weights[i] if isinstance(e, EnsembleConv) else e.weight[i * n:(i + 1) * n])
+                    r.weight.copy_(e.weights[i] if isinstance(e, EnsembleConv) else e.weight[i * n : (i + 1) * n])
                     if isinstance(r, nn.BatchNorm2d):
-                        r.bias.copy_(e.bias[i * n:(i + 1) * n])
+                        r.bias.copy_(e.bias[i * n : (i + 1) * n])
                 head = nn.Linear(block.weight.shape[2], block.weight.shape[1])
                 head.weight.copy_(block.weight[i])
                 head.bias.copy_(block.bias[i])
@@ -76,6 +77,7 @@ def step_fn(model: nn.Module, optimizer, images, labels, amp: bool):
         loss.backward()
         optimizer.step()
         return logits
+
     return step
 
 
@@ -139,8 +141,11 @@ def main(args: argparse.Namespace) -> List[Dict]:
     base = Model(args.model_type, "layer1", args.ensemble_size, args.meta_class_size, pretrained="none")
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     labels = torch.randint(0, args.meta_class_size, (args.batch_size, args.ensemble_size), device=device)
-    forms = {"original": lambda: Original(base), "loop": lambda: copy.deepcopy(base).set_impl("loop"),
-             "grouped": lambda: copy.deepcopy(base).set_impl("grouped")}
+    forms = {
+        "original": lambda: Original(base),
+        "loop": lambda: copy.deepcopy(base).set_impl("loop"),
+        "grouped": lambda: copy.deepcopy(base).set_impl("grouped"),
+    }
     if device.type == "cuda":
         forms["grouped_cl"] = lambda: copy.deepcopy(base).set_impl("grouped").to(memory_format=torch.channels_last)
         if args.compile:
@@ -165,27 +170,46 @@ def main(args: argparse.Namespace) -> List[Dict]:
             else:
                 results[name] = r
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-            print(f"round {rnd + 1} {name:12s} " + " ".join(f"{t * 1000:.0f}" for t in r["times"])
-                  + f" ms/step, peak {r['peak_gib']:.2f} GiB, load {load:.2f}", flush=True)
+            print(
+                f"round {rnd + 1} {name:12s} "
+                + " ".join(f"{t * 1000:.0f}" for t in r["times"])
+                + f" ms/step, peak {r['peak_gib']:.2f} GiB, load {load:.2f}",
+                flush=True,
+            )
     rows = list(results.values())
     for r in rows:
         times = sorted(r["times"])
         r["median_s"], r["min_s"] = times[len(times) // 2], times[0]
     ref = rows[0]
-    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    print(f"E={args.ensemble_size} M={args.meta_class_size} {args.model_type} batch {args.batch_size} "
-          f"image {args.image_size}px, amp={args.amp}, {args.rounds} round(s) x {args.steps} steps (median)")
-    print(f"{'form':12s} {'ms/step':>9s} {'speed-up':>9s} {'max|dlogits|':>13s} {'max|dW| step1':>14s} {'peak GiB':>9s}")
+    print(
+        f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads, device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
+    print(
+        f"E={args.ensemble_size} M={args.meta_class_size} {args.model_type} batch {args.batch_size} "
+        f"image {args.image_size}px, amp={args.amp}, {args.rounds} round(s) x {args.steps} steps (median)"
+    )
+    print(
+        f"{'form':12s} {'ms/step':>9s} {'speed-up':>9s} {'max|dlogits|':>13s} {'max|dW| step1':>14s} {'peak GiB':>9s}"
+    )
     out = []
     for r in rows:
         dl = (r["first_logits"] - ref["first_logits"]).abs().max().item()
         dw = (r["head_after_step"] - ref["head_after_step"]).abs().max().item()
-        print(f"{r['form']:12s} {r['median_s'] * 1000:9.1f} {ref['median_s'] / r['median_s']:8.2f}x {dl:13.2e} "
-              f"{dw:14.2e} {r['peak_gib']:9.2f}")
-        out.append({k: v for k, v in r.items() if not isinstance(v, torch.Tensor)} | {"dlogits": dl, "dw": dw,
-                   "image_size": args.image_size, "ensemble_size": args.ensemble_size,
-                   "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None})
+        print(
+            f"{r['form']:12s} {r['median_s'] * 1000:9.1f} {ref['median_s'] / r['median_s']:8.2f}x {dl:13.2e} "
+            f"{dw:14.2e} {r['peak_gib']:9.2f}"
+        )
+        out.append(
+            {k: v for k, v in r.items() if not isinstance(v, torch.Tensor)}
+            | {
+                "dlogits": dl,
+                "dw": dw,
+                "image_size": args.image_size,
+                "ensemble_size": args.ensemble_size,
+                "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            }
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

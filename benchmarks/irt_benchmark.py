@@ -6,17 +6,19 @@ setting (DeiT-S distilled at 224 px, batch 64, a CUB-sized memory of 5,864 entri
     python benchmarks/irt_benchmark.py                       # auto: GPU setting if CUDA is available
     python benchmarks/irt_benchmark.py --device cuda --amp   # bf16 autocast
 """
+
 import argparse
 import platform
 import time
 
 import torch
 
+from common.device import autocast
 from irt.losses import ContrastiveLoss, KoLeo
 from irt.model import build_model, parse_model_kwargs
-from irt.train import build_optimizer, get_args_parser as train_parser
+from irt.train import build_optimizer
+from irt.train import get_args_parser as train_parser
 from irt.xbm import XBM
-from common.device import autocast
 
 
 def _sync(device: torch.device) -> None:
@@ -81,8 +83,9 @@ def main(args):
     gpu = device.type == "cuda"
     name = args.model or ("deit_small_distilled_patch16_224" if gpu else "vit_tiny_patch16_224")
     size = args.input_size or (224 if gpu else 48)
-    kwargs = parse_model_kwargs(args.model_kwargs if args.model_kwargs is not None
-                                else ([] if gpu else ["patch_size=8", "depth=4"]))
+    kwargs = parse_model_kwargs(
+        args.model_kwargs if args.model_kwargs is not None else ([] if gpu else ["patch_size=8", "depth=4"])
+    )
     batch = args.batch_size or (64 if gpu else 32)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,15 +94,21 @@ def main(args):
     it_s = train_speed(model, device, batch, size, args.memory, args.iters, args.warmup, args.amp)
     img_s = embed_speed(model, device, args.embed_batch_size or 2 * batch, size, args.iters, args.warmup, args.amp)
     kw = " ".join(f"{k}={v}" for k, v in kwargs.items())
-    print(f"| {name} {kw} | {size} px | batch {batch} | XBM {args.memory} | {it_s:.2f} it/s "
-          f"({it_s * batch:.0f} img/s) | embedding {img_s:.0f} img/s | {machine(device)}"
-          f"{' | bf16 autocast' if args.amp and gpu else ''} |")
+    print(
+        f"| {name} {kw} | {size} px | batch {batch} | XBM {args.memory} | {it_s:.2f} it/s "
+        f"({it_s * batch:.0f} img/s) | embedding {img_s:.0f} img/s | {machine(device)}"
+        f"{' | bf16 autocast' if args.amp and gpu else ''} |"
+    )
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("IRT speed benchmark", add_help=add_help)
-    p.add_argument("--model", default=None, help="timm ViT (default: deit_small_distilled_patch16_224 on GPU, "
-                                                 "vit_tiny_patch16_224 patch_size=8 depth=4 on CPU)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="timm ViT (default: deit_small_distilled_patch16_224 on GPU, "
+        "vit_tiny_patch16_224 patch_size=8 depth=4 on CPU)",
+    )
     p.add_argument("--input-size", default=None, type=int, help="px (default: 224 GPU, 48 CPU)")
     p.add_argument("--model-kwargs", nargs="*", default=None, metavar="KEY=VALUE", help="timm kwargs")
     p.add_argument("--batch-size", default=None, type=int, help="training batch (default: 64 GPU, 32 CPU)")

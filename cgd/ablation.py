@@ -7,6 +7,7 @@ at least as good) and Better Ratio@K (wins / losses); saved as ``results/cgd/<be
     python cgd/ablation.py --better_data_base car_uncropped_resnet50_SG_1536_0.1_0.5_0.1_128_data_base.pth \\
         --worse_data_base car_uncropped_resnet50_MG_1536_0.1_0.5_0.1_128_data_base.pth --save_results
 """
+
 from cgd.spec import SPEC
 from common.contract import ablation_parser, run_ablation, script
 from common.errors import run_cli

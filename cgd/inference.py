@@ -6,6 +6,7 @@ query_img.jpg, retrieval_img_<rank>_<distance>.jpg, grid.png and ranking.csv int
 
     python cgd/inference.py --query_img_name data/car/car_ims/008055.jpg --retrieval_num 10
 """
+
 from cgd.spec import SPEC
 from common.contract import inference_parser, run_inference, script
 from common.errors import run_cli

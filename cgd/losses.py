@@ -1,5 +1,6 @@
 """CGD's two losses: temperature-scaled label-smoothing cross-entropy (auxiliary classifier) and batch-hard
 triplet (ranking loss on the combined embedding), summed 1:1 by the training loop."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -7,6 +7,7 @@ retrieval embedding. An auxiliary classifier (BatchNorm1d -> Linear) on the FIRS
 FC, carries the classification loss. Attribute names (``features``, ``global_descriptors``, ``main_modules``,
 ``auxiliary_module``) follow the original so its state-dict keys are the same.
 """
+
 import copy
 import warnings
 from typing import Any, Mapping, Tuple
@@ -20,8 +21,21 @@ from common.device import unwrap
 from common.errors import UserError
 from common.pooling import GeM  # p = 3 fixed, clamp(eps) before the power: no NaN gradient on all-zero channels
 
-__all__ = ["SPoC", "MAC", "GeM", "DESCRIPTORS", "GD_CONFIGS", "BACKBONE_TYPES", "MODEL_KEYS", "Model",
-           "build_features", "embed", "freeze_bn", "count_flops", "model_from_config"]
+__all__ = [
+    "SPoC",
+    "MAC",
+    "GeM",
+    "DESCRIPTORS",
+    "GD_CONFIGS",
+    "BACKBONE_TYPES",
+    "MODEL_KEYS",
+    "Model",
+    "build_features",
+    "embed",
+    "freeze_bn",
+    "count_flops",
+    "model_from_config",
+]
 
 GD_CONFIGS = ("S", "M", "G", "SM", "MS", "SG", "GS", "MG", "GM", "SMG", "MSG", "GSM")
 BACKBONE_TYPES = ("resnet50", "resnext50", "resnet18", "resnet34")
@@ -75,21 +89,24 @@ def build_features(backbone_type: str, pretrained: str = "none") -> Tuple[nn.Seq
 class Model(nn.Module):
     """CGD network; ``forward`` returns (embedding (B, feature_dim) of unit length, logits (B, num_classes))."""
 
-    def __init__(self, backbone_type: str, gd_config: str, feature_dim: int, num_classes: int,
-                 pretrained: str = "none"):
+    def __init__(
+        self, backbone_type: str, gd_config: str, feature_dim: int, num_classes: int, pretrained: str = "none"
+    ):
         super().__init__()
         if gd_config not in GD_CONFIGS:
             raise UserError(f"unknown gd_config {gd_config!r} (choose from {', '.join(GD_CONFIGS)})")
         n = len(gd_config)
         if feature_dim % n != 0:
-            raise UserError(f"--feature_dim {feature_dim} is not divisible by the {n} global descriptors of "
-                            f"--gd_config {gd_config}")
+            raise UserError(
+                f"--feature_dim {feature_dim} is not divisible by the {n} global descriptors of --gd_config {gd_config}"
+            )
         self.features, channels = build_features(backbone_type, pretrained)
         k = feature_dim // n
         self.gd_config = gd_config
         self.global_descriptors = nn.ModuleList([DESCRIPTORS[letter]() for letter in gd_config])
-        self.main_modules = nn.ModuleList([nn.Sequential(nn.Linear(channels, k, bias=False), L2Norm())
-                                           for _ in gd_config])
+        self.main_modules = nn.ModuleList(
+            [nn.Sequential(nn.Linear(channels, k, bias=False), L2Norm()) for _ in gd_config]
+        )
         self.auxiliary_module = nn.Sequential(nn.BatchNorm1d(channels), nn.Linear(channels, num_classes))
         self.l2 = L2Norm()
 
@@ -138,5 +155,10 @@ def count_flops(model: nn.Module, image_size: int = 224) -> Tuple[int, float]:
 
 def model_from_config(config: Mapping[str, Any]) -> Model:
     """An untrained model with the architecture a stored configuration describes."""
-    return Model(config["backbone_type"], config["gd_config"], int(config["feature_dim"]),
-                 int(config["num_classes"]), pretrained="none")
+    return Model(
+        config["backbone_type"],
+        config["gd_config"],
+        int(config["feature_dim"]),
+        int(config["num_classes"]),
+        pretrained="none",
+    )

@@ -1,4 +1,5 @@
 """CGD as the shared test / inference / ablation / export code sees it."""
+
 from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple
 
@@ -16,22 +17,42 @@ __all__ = ["SPEC", "cgd_run_name"]
 
 def cgd_run_name(config: Mapping[str, Any]) -> str:
     """leftthomas/CGD's ``<data>_<crop>_<backbone>_<gd>_<dim>_<smoothing>_<temperature>_<margin>_<batch>``."""
-    return run_name(config["data_name"], config["crop_type"], config["backbone_type"], config["gd_config"],
-                    config["feature_dim"], config["smoothing"], config["temperature"], config["margin"],
-                    config["batch_size"])
+    return run_name(
+        config["data_name"],
+        config["crop_type"],
+        config["backbone_type"],
+        config["gd_config"],
+        config["feature_dim"],
+        config["smoothing"],
+        config["temperature"],
+        config["margin"],
+        config["batch_size"],
+    )
 
 
 def original_config(path: Path, suffix: str) -> Dict[str, Any]:
     """The settings leftthomas/CGD encoded in a file name (``cgd_run_name``'s fields, in order)."""
     fields = split_name(path, suffix)
     if len(fields) != 9:
-        raise UserError(f"{Path(path).name}: expected <data>_<crop>_<backbone>_<gd>_<dim>_<smoothing>_<temperature>_"
-                        f"<margin>_<batch>{suffix}, as leftthomas/CGD names its files")
+        raise UserError(
+            f"{Path(path).name}: expected <data>_<crop>_<backbone>_<gd>_<dim>_<smoothing>_<temperature>_"
+            f"<margin>_<batch>{suffix}, as leftthomas/CGD names its files"
+        )
     data, crop, backbone, gd, dim, smoothing, temperature, margin, batch = fields
     try:
-        return {"data_name": data, "crop_type": crop, "backbone_type": backbone, "gd_config": gd,
-                "feature_dim": int(dim), "smoothing": float(smoothing), "temperature": float(temperature),
-                "margin": float(margin), "batch_size": int(batch), "image_size": None, "method": "cgd"}
+        return {
+            "data_name": data,
+            "crop_type": crop,
+            "backbone_type": backbone,
+            "gd_config": gd,
+            "feature_dim": int(dim),
+            "smoothing": float(smoothing),
+            "temperature": float(temperature),
+            "margin": float(margin),
+            "batch_size": int(batch),
+            "image_size": None,
+            "method": "cgd",
+        }
     except ValueError:
         raise UserError(f"{Path(path).name}: cannot read the settings from the file name") from None
 

@@ -6,6 +6,7 @@ ranking.csv in results/cgd/<query stem>/).
     python cgd/test.py --data_base car_uncropped_resnet50_SG_1536_0.1_0.5_0.1_128_data_base.pth \\
         --query_img_name data/car/car_ims/008055.jpg --retrieval_num 8
 """
+
 from cgd.spec import SPEC
 from common.contract import run_test, script, test_parser
 from common.errors import run_cli

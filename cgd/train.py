@@ -8,6 +8,7 @@ requested rank (among trained epochs) and its database go to ``results/cgd/<run 
     python cgd/train.py --feature_dim 512 --gd_config SM
     torchrun --standalone --nproc_per_node 4 cgd/train.py --feature_dim 512   # DDP, same global batch of 128
 """
+
 import argparse
 from typing import Dict
 
@@ -44,13 +45,33 @@ from common.samplers import MPerClassSampler
 
 M_PER_CLASS = 4  # images per class in a batch (the original's MPerClassSampler m)
 # Keys a resumed run must share with its checkpoint (besides the model-defining ones).
-RESUME_KEYS = MODEL_KEYS + ("smoothing", "temperature", "margin", "batch_size", "num_epochs", "seed", "freeze_bn",
-                             "lr", "float64", "augment")
+RESUME_KEYS = MODEL_KEYS + (
+    "smoothing",
+    "temperature",
+    "margin",
+    "batch_size",
+    "num_epochs",
+    "seed",
+    "freeze_bn",
+    "lr",
+    "float64",
+    "augment",
+)
 
 
-def train_one_epoch(model: nn.Module, criteria: Dict[str, nn.Module], optimizer: torch.optim.Optimizer,
-                    loader: DataLoader, device: torch.device, epoch: int, num_epochs: int, *,
-                    amp: bool = False, frozen_bn: bool = True, dtype: torch.dtype = torch.float32) -> Dict[str, float]:
+def train_one_epoch(
+    model: nn.Module,
+    criteria: Dict[str, nn.Module],
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    device: torch.device,
+    epoch: int,
+    num_epochs: int,
+    *,
+    amp: bool = False,
+    frozen_bn: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> Dict[str, float]:
     """One pass over the sampler's batches; returns the mean loss and the auxiliary classifier's accuracy (%).
 
     Under DDP the batch-hard triplet loss sees the embeddings of the global batch (gathered with gradients), the
@@ -75,19 +96,38 @@ def train_one_epoch(model: nn.Module, criteria: Dict[str, nn.Module], optimizer:
         accuracy = (logits.argmax(dim=-1) == labels).double().mean()
         sums += all_reduce_mean(torch.stack([loss.detach().double(), accuracy]).cpu())
         steps += 1
-        bar.set_description(f"Train Epoch {epoch}/{num_epochs} Loss:{sums[0] / steps:.4f} "
-                            f"Acc:{100.0 * sums[1] / steps:.2f}%")
+        bar.set_description(
+            f"Train Epoch {epoch}/{num_epochs} Loss:{sums[0] / steps:.4f} Acc:{100.0 * sums[1] / steps:.2f}%"
+        )
     steps = max(1, steps)
     return {"train_loss": float(sums[0] / steps), "train_accuracy": 100.0 * float(sums[1] / steps)}
 
 
-def evaluate(model: nn.Module, datasets, query: str, gallery: str, device: torch.device, ranks, *,
-             batch_size: int, num_workers: int, amp: bool = False) -> Evaluation:
+def evaluate(
+    model: nn.Module,
+    datasets,
+    query: str,
+    gallery: str,
+    device: torch.device,
+    ranks,
+    *,
+    batch_size: int,
+    num_workers: int,
+    amp: bool = False,
+) -> Evaluation:
     """Recall@K of the query split against the gallery split (the same split, self excluded, except In-shop)."""
     splits = {}
     for name in dict.fromkeys((query, gallery)):
-        features = embed_dataset(model, datasets[name], batch_size=batch_size, num_workers=num_workers,
-                                 device=device, embed=embed, amp=amp, desc=f"{name} features")
+        features = embed_dataset(
+            model,
+            datasets[name],
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            embed=embed,
+            amp=amp,
+            desc=f"{name} features",
+        )
         splits[name] = Split(datasets[name].images, datasets[name].labels, features)
     return Evaluation(eval_recalls(splits[query], splits[gallery], ranks, same_set=query == gallery), splits)
 
@@ -100,18 +140,21 @@ def build_data(args: argparse.Namespace, info: DistInfo):
     ensure_dataset(args.data_path, args.data_name, args.crop_type)
     query, gallery = eval_splits(args.data_name, args.data_path)
     test_tf = build_transform("cgd", False, args.data_name, args.crop_type, args.image_size)
-    train_tf = build_transform("cgd", True, args.data_name, args.crop_type, args.image_size) if args.augment \
-        else test_tf
-    datasets = load_splits(args.data_path, args.data_name, args.crop_type,
-                           {"train": train_tf, query: test_tf, gallery: test_tf})
+    train_tf = (
+        build_transform("cgd", True, args.data_name, args.crop_type, args.image_size) if args.augment else test_tf
+    )
+    datasets = load_splits(
+        args.data_path, args.data_name, args.crop_type, {"train": train_tf, query: test_tf, gallery: test_tf}
+    )
     validate_args(args, gallery_size=len(datasets[gallery]), self_excluded=query == gallery)
     try:
         sampler = MPerClassSampler(datasets["train"].labels, args.batch_size, M_PER_CLASS, seed=args.seed)
     except ValueError as e:
         raise UserError(f"--batch_size {args.batch_size}: {e}") from None
     sampler = RankBatchSampler(sampler, info.rank, info.world_size, datasets["train"].labels)
-    train_loader = DataLoader(datasets["train"], batch_sampler=sampler, num_workers=args.num_workers,
-                              pin_memory=torch.cuda.is_available())
+    train_loader = DataLoader(
+        datasets["train"], batch_sampler=sampler, num_workers=args.num_workers, pin_memory=torch.cuda.is_available()
+    )
     return train_loader, datasets, query, gallery
 
 
@@ -119,8 +162,10 @@ def check_args(args: argparse.Namespace, info: DistInfo) -> None:
     if args.batch_size % M_PER_CLASS != 0:
         raise UserError(f"--batch_size {args.batch_size} must be a multiple of {M_PER_CLASS} (images per class)")
     if args.batch_size % (M_PER_CLASS * info.world_size) != 0:
-        raise UserError(f"--batch_size {args.batch_size} (the global batch) must split into {info.world_size} "
-                        f"processes x a multiple of {M_PER_CLASS} images")
+        raise UserError(
+            f"--batch_size {args.batch_size} (the global batch) must split into {info.world_size} "
+            f"processes x a multiple of {M_PER_CLASS} images"
+        )
 
 
 def main(args: argparse.Namespace) -> None:
@@ -129,8 +174,11 @@ def main(args: argparse.Namespace) -> None:
     if info.rank == 0:
         print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())), flush=True)
         if args.freeze_bn and args.pretrained == "none" and not args.resume:
-            print("note: --freeze_bn with --pretrained none keeps the BatchNorm statistics of a random network "
-                  "(mean 0, var 1); use --no-freeze_bn when training from scratch", flush=True)
+            print(
+                "note: --freeze_bn with --pretrained none keeps the BatchNorm statistics of a random network "
+                "(mean 0, var 1); use --no-freeze_bn when training from scratch",
+                flush=True,
+            )
     set_seed(args.seed)
     gpu_ids = [] if info.distributed else first_device(args.gpu_ids)
     device = info.device if info.distributed else main_device(gpu_ids)
@@ -139,8 +187,13 @@ def main(args: argparse.Namespace) -> None:
     num_classes = train_loader.dataset.num_classes
 
     # ---- model: one process (DataParallel over --gpu_ids) or one DDP process per GPU/CPU under torchrun
-    model = Model(args.backbone_type, args.gd_config, args.feature_dim, num_classes,
-                  pretrained="none" if args.resume else args.pretrained).to(dtype)
+    model = Model(
+        args.backbone_type,
+        args.gd_config,
+        args.feature_dim,
+        num_classes,
+        pretrained="none" if args.resume else args.pretrained,
+    ).to(dtype)
     if info.rank == 0:
         params, flops = count_flops(model, args.image_size or 224)
         print("# Model Params: {} FLOPs: {}".format(*clever_format([params, flops])), flush=True)
@@ -148,29 +201,57 @@ def main(args: argparse.Namespace) -> None:
     model = wrap_ddp(model, info) if info.distributed else data_parallel(model, gpu_ids)
 
     # ---- optimisation
-    criteria = {"class": LabelSmoothingCrossEntropyLoss(args.smoothing, args.temperature),
-                "triplet": BatchHardTripletLoss(args.margin)}
+    criteria = {
+        "class": LabelSmoothingCrossEntropyLoss(args.smoothing, args.temperature),
+        "triplet": BatchHardTripletLoss(args.margin),
+    }
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     milestones = [int(0.6 * args.num_epochs), int(0.8 * args.num_epochs)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
 
     # ---- epochs
     config = {**plain_config(args), "num_classes": num_classes, "method": "cgd"}
-    run = Run(RunFiles(results_dir("cgd"), cgd_run_name(config)), config, RESUME_KEYS, "cgd", args.num_epochs,
-              recalls=args.recalls, selection=args.model_selection,
-              database={"metric": "euclidean", "query": query, "gallery": gallery})
+    run = Run(
+        RunFiles(results_dir("cgd"), cgd_run_name(config)),
+        config,
+        RESUME_KEYS,
+        "cgd",
+        args.num_epochs,
+        recalls=args.recalls,
+        selection=args.model_selection,
+        database={"metric": "euclidean", "query": query, "gallery": gallery},
+    )
     start, _ = run.resume(args.resume, model, optimizer, scheduler)
 
     def evaluate_now() -> Evaluation:
-        return evaluate(model, datasets, query, gallery, device, args.recalls, batch_size=args.batch_size,
-                        num_workers=args.num_workers, amp=args.amp)
+        return evaluate(
+            model,
+            datasets,
+            query,
+            gallery,
+            device,
+            args.recalls,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            amp=args.amp,
+        )
 
     if start == 1:
         run.log(0, {}, evaluate_now(), model)
     for epoch in range(start, args.num_epochs + 1):
         train_loader.batch_sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model, criteria, optimizer, train_loader, device, epoch, args.num_epochs,
-                                      amp=args.amp, frozen_bn=args.freeze_bn, dtype=dtype)
+        train_stats = train_one_epoch(
+            model,
+            criteria,
+            optimizer,
+            train_loader,
+            device,
+            epoch,
+            args.num_epochs,
+            amp=args.amp,
+            frozen_bn=args.freeze_bn,
+            dtype=dtype,
+        )
         scheduler.step()
         run.log(epoch, train_stats, evaluate_now(), model)
         run.checkpoint(epoch, model, optimizer, scheduler)
@@ -178,28 +259,51 @@ def main(args: argparse.Namespace) -> None:
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train CGD", add_help=add_help,
-                                     parents=[common_parser(data_name="car", batch_size=128, num_epochs=20,
-                                                            recalls="1,2,4,8")])
+    parser = argparse.ArgumentParser(
+        description="Train CGD",
+        add_help=add_help,
+        parents=[common_parser(data_name="car", batch_size=128, num_epochs=20, recalls="1,2,4,8")],
+    )
     g = parser.add_argument_group("CGD model")
-    g.add_argument("--backbone_type", default="resnet50", type=str, choices=BACKBONE_TYPES,
-                   help="backbone network type (default: resnet50; resnet18/34 are additions for small runs)")
-    g.add_argument("--gd_config", default="SG", type=str, choices=GD_CONFIGS,
-                   help="global descriptors in order, S=SPoC M=MAC G=GeM; the first feeds the classifier "
-                        "(default: SG)")
-    g.add_argument("--feature_dim", default=1536, type=int,
-                   help="embedding size, divisible by the number of descriptors (default: 1536)")
+    g.add_argument(
+        "--backbone_type",
+        default="resnet50",
+        type=str,
+        choices=BACKBONE_TYPES,
+        help="backbone network type (default: resnet50; resnet18/34 are additions for small runs)",
+    )
+    g.add_argument(
+        "--gd_config",
+        default="SG",
+        type=str,
+        choices=GD_CONFIGS,
+        help="global descriptors in order, S=SPoC M=MAC G=GeM; the first feeds the classifier (default: SG)",
+    )
+    g.add_argument(
+        "--feature_dim",
+        default=1536,
+        type=int,
+        help="embedding size, divisible by the number of descriptors (default: 1536)",
+    )
     bool_pair(g, "freeze_bn", True, "keep the backbone BatchNorm2d running statistics frozen, as leftthomas/CGD")
     g = parser.add_argument_group("CGD loss")
     g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing epsilon (default: 0.1)")
     g.add_argument("--temperature", default=0.5, type=float, help="softmax temperature (default: 0.5)")
     g.add_argument("--margin", default=0.1, type=float, help="triplet margin m (default: 0.1)")
     g = parser.add_argument_group("optimizer")
-    g.add_argument("--lr", default=1e-4, type=float,
-                   help="Adam learning rate, x0.1 at 60%% and 80%% of the epochs (default: 1e-4, the original's)")
-    g.add_argument("--model_selection", default="best", choices=["best", "last"],
-                   help="model and database kept: best R@<first of --recalls> among trained epochs (the "
-                        "original's, on R@1) or the last epoch (default: best)")
+    g.add_argument(
+        "--lr",
+        default=1e-4,
+        type=float,
+        help="Adam learning rate, x0.1 at 60%% and 80%% of the epochs (default: 1e-4, the original's)",
+    )
+    g.add_argument(
+        "--model_selection",
+        default="best",
+        choices=["best", "last"],
+        help="model and database kept: best R@<first of --recalls> among trained epochs (the "
+        "original's, on R@1) or the last epoch (default: best)",
+    )
     return parser
 
 

@@ -1,4 +1,5 @@
 """torchvision ResNet backbones with ``--pretrained imagenet|none|PATH``."""
+
 import os
 from typing import Callable, Dict
 
@@ -27,7 +28,7 @@ def load_state_dict_file(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"--pretrained {path}: cannot read it as a PyTorch state dict ({type(e).__name__})")
+        raise UserError(f"--pretrained {path}: cannot read it as a PyTorch state dict ({type(e).__name__})") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -39,8 +40,10 @@ def _imagenet_state(weights) -> dict:
     try:
         return weights.get_state_dict(progress=True, check_hash=False)
     except Exception as e:  # noqa: BLE001 - offline machines raise URLError/OSError/...
-        raise UserError(f"cannot load ImageNet weights {weights} ({type(e).__name__}: offline and not in the "
-                        f"TORCH_HOME cache?); use --pretrained PATH with a local copy of the file, or --pretrained none")
+        raise UserError(
+            f"cannot load ImageNet weights {weights} ({type(e).__name__}: offline and not in the "
+            f"TORCH_HOME cache?); use --pretrained PATH with a local copy of the file, or --pretrained none"
+        ) from None
 
 
 def build_resnet(name: str, pretrained: str = "none", keep_fc: bool = True) -> nn.Module:
@@ -58,11 +61,19 @@ def build_resnet(name: str, pretrained: str = "none", keep_fc: bool = True) -> n
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-            raise UserError(f"--pretrained {pretrained} does not fit {name}: {first}")
+            raise UserError(f"--pretrained {pretrained} does not fit {name}: {first}") from None
     return model
 
 
 def resnet_stages(model: nn.Module) -> Dict[str, Callable]:
     """Named stages of a torchvision ResNet in forward order (stem, layer1..layer4)."""
-    return {"conv1": model.conv1, "bn1": model.bn1, "relu": model.relu, "maxpool": model.maxpool,
-            "layer1": model.layer1, "layer2": model.layer2, "layer3": model.layer3, "layer4": model.layer4}
+    return {
+        "conv1": model.conv1,
+        "bn1": model.bn1,
+        "relu": model.relu,
+        "maxpool": model.maxpool,
+        "layer1": model.layer1,
+        "layer2": model.layer2,
+        "layer3": model.layer3,
+        "layer4": model.layer4,
+    }

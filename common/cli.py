@@ -3,14 +3,22 @@
 Each method's ``get_args_parser`` starts from :func:`common_parser` and only sets its own defaults
 (``parser.set_defaults(batch_size=10)``) and adds the flags its paper needs.
 """
+
 import argparse
 import re
 from typing import List, Optional, Sequence
 
 from common.errors import UserError
 
-__all__ = ["DATASETS", "dataset_name", "common_parser", "parse_recalls", "validate_args", "bool_pair",
-           "add_check_flags"]
+__all__ = [
+    "DATASETS",
+    "dataset_name",
+    "common_parser",
+    "parse_recalls",
+    "validate_args",
+    "bool_pair",
+    "add_check_flags",
+]
 
 DATASETS = ("car", "cub", "sop", "isc", "demo")  # the benchmarks; any dataset processed by data_utils.py also works
 CROPPABLE = ("car", "cub", "demo")
@@ -21,8 +29,10 @@ def dataset_name(text: str) -> str:
     """A benchmark name or a plain folder name; whether ``<data_path>/<name>/`` holds an index is checked when the
     data is loaded (common.preprocess.ensure_dataset), where --data_path is known."""
     if text not in DATASETS and not _DATA_NAME.match(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a dataset name: {', '.join(DATASETS)} or a dataset "
-                                         f"processed by data_utils.py (letters, digits, '_', '-', '.')")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a dataset name: {', '.join(DATASETS)} or a dataset "
+            f"processed by data_utils.py (letters, digits, '_', '-', '.')"
+        )
     return text
 
 
@@ -31,7 +41,7 @@ def parse_recalls(text: str) -> List[int]:
     try:
         ks = [int(k) for k in str(text).split(",") if k.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"recalls must be comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"recalls must be comma-separated integers, got {text!r}") from None
     if not ks or any(k < 1 for k in ks):
         raise argparse.ArgumentTypeError(f"recalls must be positive integers, got {text!r}")
     return ks
@@ -45,37 +55,66 @@ def bool_pair(parser: argparse.ArgumentParser, name: str, default: bool, help: s
     parser.set_defaults(**{dest: default})
 
 
-def common_parser(data_name: str = "car", batch_size: int = 128, num_epochs: int = 20,
-                  recalls: str = "1,2,4,8") -> argparse.ArgumentParser:
+def common_parser(
+    data_name: str = "car", batch_size: int = 128, num_epochs: int = 20, recalls: str = "1,2,4,8"
+) -> argparse.ArgumentParser:
     """Parent parser with the flags shared by all methods; defaults mirror the originals per method."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default="data", type=str, help="root holding <data_name>/ folders (default: data)")
-    g.add_argument("--data_name", default=data_name, type=dataset_name, metavar="NAME",
-                   help=f"dataset: {' '.join(DATASETS)}, or your own processed by data_utils.py --from_folder / "
-                        f"--from_csv into <data_path>/NAME/ (default: {data_name})")
-    g.add_argument("--crop_type", default="uncropped", choices=["uncropped", "cropped"],
-                   help="bounding-box cropped images: car, cub, demo, or own data from a CSV with boxes "
-                        "(default: uncropped)")
-    g.add_argument("--image_size", default=None, type=int,
-                   help="scale the method's transform preset to this crop size (default: the paper's size)")
+    g.add_argument(
+        "--data_name",
+        default=data_name,
+        type=dataset_name,
+        metavar="NAME",
+        help=f"dataset: {' '.join(DATASETS)}, or your own processed by data_utils.py --from_folder / "
+        f"--from_csv into <data_path>/NAME/ (default: {data_name})",
+    )
+    g.add_argument(
+        "--crop_type",
+        default="uncropped",
+        choices=["uncropped", "cropped"],
+        help="bounding-box cropped images: car, cub, demo, or own data from a CSV with boxes (default: uncropped)",
+    )
+    g.add_argument(
+        "--image_size",
+        default=None,
+        type=int,
+        help="scale the method's transform preset to this crop size (default: the paper's size)",
+    )
     g.add_argument("--num_workers", default=4, type=int, help="DataLoader workers (default: 4)")
     g = p.add_argument_group("training")
     g.add_argument("--batch_size", default=batch_size, type=int, help=f"batch size (default: {batch_size})")
     g.add_argument("--num_epochs", default=num_epochs, type=int, help=f"epochs (default: {num_epochs})")
     g.add_argument("--seed", default=0, type=int, help="seed for python, numpy and torch (default: 0)")
-    g.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue an interrupted run: this run's last checkpoint, or a given checkpoint path")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="continue an interrupted run: this run's last checkpoint, or a given checkpoint path",
+    )
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained", default="imagenet",
-                   help="backbone weights: imagenet (torchvision cache/download), none, or a state-dict PATH")
+    g.add_argument(
+        "--pretrained",
+        default="imagenet",
+        help="backbone weights: imagenet (torchvision cache/download), none, or a state-dict PATH",
+    )
     g = p.add_argument_group("evaluation")
-    g.add_argument("--recalls", default=parse_recalls(recalls), type=parse_recalls,
-                   help=f"ranks K for Recall@K, comma separated (default: {recalls})")
+    g.add_argument(
+        "--recalls",
+        default=parse_recalls(recalls),
+        type=parse_recalls,
+        help=f"ranks K for Recall@K, comma separated (default: {recalls})",
+    )
     g = p.add_argument_group("device")
-    g.add_argument("--gpu_ids", default=None, type=str,
-                   help="GPUs of a single process, e.g. '0,1' (default: the first visible; CPU if none); under "
-                        "torchrun each process takes GPU LOCAL_RANK")
+    g.add_argument(
+        "--gpu_ids",
+        default=None,
+        type=str,
+        help="GPUs of a single process, e.g. '0,1' (default: the first visible; CPU if none); under "
+        "torchrun each process takes GPU LOCAL_RANK",
+    )
     bool_pair(g, "amp", False, "bf16 autocast on CUDA")
     add_check_flags(p)
     return p
@@ -90,10 +129,14 @@ def add_check_flags(parser: argparse.ArgumentParser) -> None:
 
 def validate_args(args: argparse.Namespace, gallery_size: Optional[int] = None, self_excluded: bool = True) -> None:
     """Reject bad combinations with one line instead of an assertion deep inside training."""
-    if getattr(args, "crop_type", "uncropped") == "cropped" and args.data_name in DATASETS \
-            and args.data_name not in CROPPABLE:  # own data: cropped exists iff its CSV had boxes (ensure_dataset)
-        raise UserError(f"--crop_type cropped needs bounding boxes: only {', '.join(CROPPABLE)} have them, "
-                        f"not {args.data_name}")
+    if (
+        getattr(args, "crop_type", "uncropped") == "cropped"
+        and args.data_name in DATASETS
+        and args.data_name not in CROPPABLE
+    ):  # own data: cropped exists iff its CSV had boxes (ensure_dataset)
+        raise UserError(
+            f"--crop_type cropped needs bounding boxes: only {', '.join(CROPPABLE)} have them, not {args.data_name}"
+        )
     for name in ("batch_size", "num_epochs"):
         value = getattr(args, name, None)
         if value is not None and value < (0 if name == "num_epochs" else 1):

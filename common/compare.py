@@ -7,6 +7,7 @@ For each query both databases rank the same gallery; ``correct`` = same-label it
 The original decided "same set, exclude self" with ``is`` on strings, which was always false; here self is
 excluded exactly when query and gallery are the same split.
 """
+
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -31,12 +32,20 @@ def _check_same(a: Database, b: Database, q: str, g: str) -> None:
     for split in {q, g}:
         sa, sb = a.split(split), b.split(split)
         if sa.images != sb.images or sa.labels != sb.labels:
-            raise UserError(f"the two databases hold different '{split}' images or labels; "
-                            "compare runs on the same dataset and crop type")
+            raise UserError(
+                f"the two databases hold different '{split}' images or labels; "
+                "compare runs on the same dataset and crop type"
+            )
 
 
-def compare_databases(better: Database, worse: Database, data_type: str = "test", k: int = 8,
-                      save_dir: Optional[Path] = None, size=(224, 224)) -> Dict[str, float]:
+def compare_databases(
+    better: Database,
+    worse: Database,
+    data_type: str = "test",
+    k: int = 8,
+    save_dir: Optional[Path] = None,
+    size=(224, 224),
+) -> Dict[str, float]:
     """AR@K of each database, GE Rate@K and Better Ratio@K; with ``save_dir`` the queries ``better`` wins."""
     q_name, g_name = query_and_gallery(better, data_type)
     _check_same(better, worse, q_name, g_name)
@@ -50,8 +59,14 @@ def compare_databases(better: Database, worse: Database, data_type: str = "test"
     for i in tqdm(range(len(query.images)), desc="comparing", leave=False):
         ranked = {}
         for key, db in (("better", better), ("worse", worse)):
-            idx, score = rank_gallery(db.split(q_name).features[i], db.split(g_name).features, db.metric, k,
-                                      db.scale, exclude=i if same_set else None)
+            idx, score = rank_gallery(
+                db.split(q_name).features[i],
+                db.split(g_name).features,
+                db.metric,
+                k,
+                db.scale,
+                exclude=i if same_set else None,
+            )
             correct = int((gallery_labels[idx] == query.labels[i]).sum())
             totals[key][0] += correct
             totals[key][1] += correct > 0
@@ -59,15 +74,20 @@ def compare_databases(better: Database, worse: Database, data_type: str = "test"
         wins += ranked["better"][2] > ranked["worse"][2]
         ties += ranked["better"][2] == ranked["worse"][2]
         if save_dir is not None and ranked["better"][2] > ranked["worse"][2]:
-            _save_example(Path(save_dir) / Path(query.images[i]).stem, query.images[i], query.labels[i],
-                          gallery, ranked, size)
+            _save_example(
+                Path(save_dir) / Path(query.images[i]).stem, query.images[i], query.labels[i], gallery, ranked, size
+            )
     n = len(query.images)
     losses = n - wins - ties
-    return {f"better_AR@{k}": 100.0 * totals["better"][0] / max(1, totals["better"][1] * k),
-            f"worse_AR@{k}": 100.0 * totals["worse"][0] / max(1, totals["worse"][1] * k),
-            f"GE_Rate@{k}": 100.0 * (wins + ties) / n,
-            f"Better_Ratio@{k}": wins / losses if losses else float("inf"),
-            "wins": wins, "ties": ties, "losses": losses}
+    return {
+        f"better_AR@{k}": 100.0 * totals["better"][0] / max(1, totals["better"][1] * k),
+        f"worse_AR@{k}": 100.0 * totals["worse"][0] / max(1, totals["worse"][1] * k),
+        f"GE_Rate@{k}": 100.0 * (wins + ties) / n,
+        f"Better_Ratio@{k}": wins / losses if losses else float("inf"),
+        "wins": wins,
+        "ties": ties,
+        "losses": losses,
+    }
 
 
 def _save_example(out: Path, query_path: str, query_label: int, gallery, ranked, size) -> None:
@@ -79,9 +99,17 @@ def _save_example(out: Path, query_path: str, query_label: int, gallery, ranked,
     (out / "worse" / "query_img.jpg").unlink()
 
 
-def compare_runs(better: str, worse: str, method: str, dataset: Callable[[Mapping[str, Any]], Tuple[str, str]],
-                 data_type: str = "test", k: int = 8, save_results: bool = False, size=(224, 224),
-                 opener: Optional[Callable[[str], Tuple[Path, Database]]] = None) -> Dict[str, float]:
+def compare_runs(
+    better: str,
+    worse: str,
+    method: str,
+    dataset: Callable[[Mapping[str, Any]], Tuple[str, str]],
+    data_type: str = "test",
+    k: int = 8,
+    save_results: bool = False,
+    size=(224, 224),
+    opener: Optional[Callable[[str], Tuple[Path, Database]]] = None,
+) -> Dict[str, float]:
     """The ablation script of every method: two databases of ``method`` (paths or names under
     ``results/<method>/``, opened by ``opener``), refused unless built on the same data (``dataset(config)``: name
     and crop type), compared and printed; ``save_results`` draws the queries ``better`` wins under
@@ -92,15 +120,18 @@ def compare_runs(better: str, worse: str, method: str, dataset: Callable[[Mappin
     better_path, better_db = opener(better)
     worse_path, worse_db = opener(worse)
     if dataset(better_db.config) != dataset(worse_db.config):
-        raise UserError(f"the databases were built on different data: {dataset(better_db.config)} vs "
-                        f"{dataset(worse_db.config)}")
+        raise UserError(
+            f"the databases were built on different data: {dataset(better_db.config)} vs {dataset(worse_db.config)}"
+        )
     save_dir = None
     if save_results:
         save_dir = results_dir(method) / f"{run_prefix(better_path)}----{run_prefix(worse_path)}"
     result = compare_databases(better_db, worse_db, data_type, k, save_dir, size=size)
-    print(f"better data base AR@{k}:{result[f'better_AR@{k}']:.2f}% | worse data base AR@{k}:"
-          f"{result[f'worse_AR@{k}']:.2f}% | GE Rate@{k}:{result[f'GE_Rate@{k}']:.2f}% | "
-          f"Better Ratio@{k}:{result[f'Better_Ratio@{k}']:.2f}")
+    print(
+        f"better data base AR@{k}:{result[f'better_AR@{k}']:.2f}% | worse data base AR@{k}:"
+        f"{result[f'worse_AR@{k}']:.2f}% | GE Rate@{k}:{result[f'GE_Rate@{k}']:.2f}% | "
+        f"Better Ratio@{k}:{result[f'Better_Ratio@{k}']:.2f}"
+    )
     if save_dir is not None:
         print(f"wrote the {result['wins']} queries the better database wins to {save_dir}")
     return result

@@ -13,6 +13,7 @@ The contract (README "One contract for all five methods"):
   ``grid.png`` and ``ranking.csv`` (``rank,path,label,score``).
 * ``ablation.py --better_data_base A --worse_data_base B`` compares two databases query by query.
 """
+
 import argparse
 import csv
 from pathlib import Path
@@ -37,8 +38,20 @@ from common.retrieval import DB_SUFFIX, database_path, embed_file, model_path, o
 from common.runio import load_model_file, results_dir, safe_load
 from common.spec import MethodSpec
 
-__all__ = ["script", "add_flag", "load_for_test", "test_parser", "run_test", "inference_parser", "run_inference", "ablation_parser", "run_ablation",
-           "open_run_model", "stored_or_new", "IMAGE_SUFFIXES"]
+__all__ = [
+    "script",
+    "add_flag",
+    "load_for_test",
+    "test_parser",
+    "run_test",
+    "inference_parser",
+    "run_inference",
+    "ablation_parser",
+    "run_ablation",
+    "open_run_model",
+    "stored_or_new",
+    "IMAGE_SUFFIXES",
+]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -49,8 +62,12 @@ def add_flag(group, name: str, **kwargs) -> None:
     group.add_argument(*names, dest=name, **kwargs)
 
 
-def script(parser: Callable[..., argparse.ArgumentParser], body: Callable[[MethodSpec, argparse.Namespace], Any],
-           spec: MethodSpec, *parser_args: Any) -> Tuple[Callable[..., argparse.ArgumentParser], Callable]:
+def script(
+    parser: Callable[..., argparse.ArgumentParser],
+    body: Callable[[MethodSpec, argparse.Namespace], Any],
+    spec: MethodSpec,
+    *parser_args: Any,
+) -> Tuple[Callable[..., argparse.ArgumentParser], Callable]:
     """``(get_args_parser, main)`` of a method's thin script: a shared parser and body bound to its spec."""
 
     def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -81,8 +98,9 @@ def open_run_model(spec: MethodSpec, path: Path, expected: Dict[str, Any], devic
     return model.to(device).eval()
 
 
-def load_for_test(spec: MethodSpec, args: argparse.Namespace,
-                   device: torch.device) -> Tuple[str, Dict[str, Any], nn.Module]:
+def load_for_test(
+    spec: MethodSpec, args: argparse.Namespace, device: torch.device
+) -> Tuple[str, Dict[str, Any], nn.Module]:
     """(run name, configuration, model) from ``--model_file`` or from the model file next to ``--data_base``.
 
     ``--model_file`` may also be a file of the original project (no stored configuration): the method's
@@ -110,11 +128,18 @@ def _model_beside(spec: MethodSpec, db_path: Path, db: Database, device: torch.d
     path = Path(stored) if stored else model_path(db_path)
     if stored and not path.is_file():
         raise UserError(f"database {db_path} was embedded with {path}, which no longer exists")
-    if "original_file" in db.config and spec.import_original is not None and path.is_file() \
-            and not _is_toolkit_file(path):
+    if (
+        "original_file" in db.config
+        and spec.import_original is not None
+        and path.is_file()
+        and not _is_toolkit_file(path)
+    ):
         config, model = spec.import_original(path, argparse.Namespace())
-        mismatch = {k: (config.get(k), db.config.get(k)) for k in spec.model_keys
-                    if k in db.config and k != "num_classes" and config.get(k) != db.config.get(k)}
+        mismatch = {
+            k: (config.get(k), db.config.get(k))
+            for k in spec.model_keys
+            if k in db.config and k != "num_classes" and config.get(k) != db.config.get(k)
+        }
         if mismatch:
             raise UserError(f"model {path} does not match database {db_path}: {mismatch}")
         return model.to(device).eval()
@@ -144,8 +169,13 @@ def add_postprocess_flags(parser: argparse.ArgumentParser, rerank: bool) -> None
     k-reciprocal re-ranking, with fast-reid's defaults."""
     g = parser.add_argument_group("post-processing (fast-reid TEST.FLIP / QE / RERANK; all off by default)")
     add_flag(g, "flip", action="store_true", help="embed every image and its mirror, average, re-normalise")
-    add_flag(g, "qe_k", default=0, type=int, help="alpha-query expansion with the k nearest (query included; 0 = off; "
-          "fast-reid: 5)")
+    add_flag(
+        g,
+        "qe_k",
+        default=0,
+        type=int,
+        help="alpha-query expansion with the k nearest (query included; 0 = off; fast-reid: 5)",
+    )
     add_flag(g, "qe_alpha", default=3.0, type=float, help="alpha of alpha-QE / DBA weights sim^alpha (default: 3)")
     add_flag(g, "dba_k", default=0, type=int, help="database-side augmentation with the k nearest (0 = off)")
     if rerank:
@@ -175,17 +205,27 @@ def _postprocess_tag(args: argparse.Namespace) -> str:
     return "-".join(parts)
 
 
-def postprocessed_metrics(splits: Dict[str, Split], query: str, gallery: str, ranks: Sequence[int],
-                          args: argparse.Namespace) -> Dict[str, float]:
+def postprocessed_metrics(
+    splits: Dict[str, Split], query: str, gallery: str, ranks: Sequence[int], args: argparse.Namespace
+) -> Dict[str, float]:
     """Recall@K, MAP@R, R-precision after DBA / alpha-QE / re-ranking, from memory-bounded ranked lists."""
     q, g = splits[query], splits[gallery]
     same = query == gallery
     topk = required_topk(ranks, q.labels, None if same else g.labels)
-    indices, _ = postprocess_rank(q.features, None if same else g.features, same_set=same,
-                                  rerank=getattr(args, "rerank", False), k1=getattr(args, "k1", 20),
-                                  k2=getattr(args, "k2", 6), lambda_value=getattr(args, "lambda_value", 0.3),
-                                  qe_k=args.qe_k, qe_alpha=args.qe_alpha, dba_k=args.dba_k, dba_alpha=args.qe_alpha,
-                                  topk=topk)
+    indices, _ = postprocess_rank(
+        q.features,
+        None if same else g.features,
+        same_set=same,
+        rerank=getattr(args, "rerank", False),
+        k1=getattr(args, "k1", 20),
+        k2=getattr(args, "k2", 6),
+        lambda_value=getattr(args, "lambda_value", 0.3),
+        qe_k=args.qe_k,
+        qe_alpha=args.qe_alpha,
+        dba_k=args.dba_k,
+        dba_alpha=args.qe_alpha,
+        topk=topk,
+    )
     values = metrics_from_ranking(indices, q.labels, None if same else g.labels, ranks)
     return {f"test_{k}": 100.0 * v for k, v in values.items()}
 
@@ -195,24 +235,49 @@ def postprocessed_metrics(splits: Dict[str, Split], query: str, gallery: str, ra
 
 def test_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentParser:
     """The flags of every method's ``test.py`` (originals' underscore names, hyphenated aliases)."""
-    parser = argparse.ArgumentParser(description=f"Test a trained {spec.display} run: Recall@K, MAP@R, "
-                                     "R-precision on its evaluation splits", add_help=add_help)
+    parser = argparse.ArgumentParser(
+        description=f"Test a trained {spec.display} run: Recall@K, MAP@R, R-precision on its evaluation splits",
+        add_help=add_help,
+    )
     g = parser.add_argument_group("run")
-    add_flag(g, "data_base", default=spec.default_data_base, type=str,
-          help=f"the run's database, a path or a name under results/{spec.name}/; its model is the "
-               f"<run>_model.pth beside it (default: {spec.default_data_base})")
-    g.add_argument("--model_file", "--model-file", "--checkpoint", dest="model_file", default=None, type=str,
-                   help="a <run>_model.pth to test instead of --data_base's model (or an original project's file)")
+    add_flag(
+        g,
+        "data_base",
+        default=spec.default_data_base,
+        type=str,
+        help=f"the run's database, a path or a name under results/{spec.name}/; its model is the "
+        f"<run>_model.pth beside it (default: {spec.default_data_base})",
+    )
+    g.add_argument(
+        "--model_file",
+        "--model-file",
+        "--checkpoint",
+        dest="model_file",
+        default=None,
+        type=str,
+        help="a <run>_model.pth to test instead of --data_base's model (or an original project's file)",
+    )
     g = parser.add_argument_group("data and evaluation")
     add_flag(g, "data_path", default="data", type=str, help="root of the processed datasets (default: data)")
-    add_flag(g, "recalls", default=None, type=parse_recalls,
-          help="ranks K, comma separated (default: the run's own, else " + spec.default_recalls + ")")
+    add_flag(
+        g,
+        "recalls",
+        default=None,
+        type=parse_recalls,
+        help="ranks K, comma separated (default: the run's own, else " + spec.default_recalls + ")",
+    )
     add_flag(g, "batch_size", default=64, type=int, help="images per forward pass (default: 64)")
     add_flag(g, "num_workers", default=4, type=int, help="DataLoader workers (default: 4)")
-    add_flag(g, "gpu_ids", default=None, type=str, help="GPU to embed on, e.g. '0' (default: first visible; CPU if none)")
-    add_flag(g, "save_data_base", default=None, type=str,
-          help="also write the recomputed features as a new database FILE (the training database is never "
-               "overwritten)")
+    add_flag(
+        g, "gpu_ids", default=None, type=str, help="GPU to embed on, e.g. '0' (default: first visible; CPU if none)"
+    )
+    add_flag(
+        g,
+        "save_data_base",
+        default=None,
+        type=str,
+        help="also write the recomputed features as a new database FILE (the training database is never overwritten)",
+    )
     add_postprocess_flags(parser, rerank=True)
     g = parser.add_argument_group("rendering one query (CGD's original test.py)")
     add_flag(g, "query_img_name", default=None, type=str, help="render this query (a file or a database image)")
@@ -227,8 +292,9 @@ def _recalls(args: argparse.Namespace, spec: MethodSpec, config: Dict[str, Any])
     return list(stored) if isinstance(stored, (list, tuple)) and stored else parse_recalls(spec.default_recalls)
 
 
-def evaluation_splits(spec: MethodSpec, config: Dict[str, Any], model: nn.Module, args: argparse.Namespace,
-                      device: torch.device) -> Tuple[Dict[str, Split], str, str]:
+def evaluation_splits(
+    spec: MethodSpec, config: Dict[str, Any], model: nn.Module, args: argparse.Namespace, device: torch.device
+) -> Tuple[Dict[str, Split], str, str]:
     """Features of the run's query and gallery splits, recomputed from the images."""
     data_name, crop_type = spec.dataset(config)
     query, gallery = eval_splits(data_name, args.data_path)
@@ -237,8 +303,15 @@ def evaluation_splits(spec: MethodSpec, config: Dict[str, Any], model: nn.Module
     datasets = load_splits(args.data_path, data_name, crop_type, {n: transform for n in names})
     splits = {}
     for name, dataset in datasets.items():
-        features = embed_dataset(model, dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                                 device=device, embed=_embed_fn(spec, args), desc=f"{name} features")
+        features = embed_dataset(
+            model,
+            dataset,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=device,
+            embed=_embed_fn(spec, args),
+            desc=f"{name} features",
+        )
         splits[name] = Split(dataset.images, dataset.labels, features)
     return splits, query, gallery
 
@@ -276,12 +349,21 @@ def run_test(spec: MethodSpec, args: argparse.Namespace) -> Dict[str, float]:
         target = Path(args.save_data_base)
         if target.resolve() == (results_dir(spec.name) / f"{run}{DB_SUFFIX}").resolve():
             raise UserError(f"--save_data_base {target} is the training database; choose another file name")
-        save_database(target, config=config, method=spec.name, splits=splits, metric=spec.metric,
-                      scale=db.scale, query=query, gallery=gallery)
+        save_database(
+            target,
+            config=config,
+            method=spec.name,
+            splits=splits,
+            metric=spec.metric,
+            scale=db.scale,
+            query=query,
+            gallery=gallery,
+        )
         print(f"database saved to {target}")
     if args.query_img_name:
-        answer_query(spec, db, args.query_img_name, args.retrieval_num, query, gallery, lambda: model, device,
-                     options=args)
+        answer_query(
+            spec, db, args.query_img_name, args.retrieval_num, query, gallery, lambda: model, device, options=args
+        )
     return metrics
 
 
@@ -290,24 +372,55 @@ def run_test(spec: MethodSpec, args: argparse.Namespace) -> Dict[str, float]:
 
 def inference_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentParser:
     """The flags of every method's ``inference.py`` (CGD/REIR names; hyphenated aliases)."""
-    parser = argparse.ArgumentParser(description=f"{spec.display} retrieval: rank a database's gallery for a query "
-                                     "image (new file or database image) or a folder of them", add_help=add_help)
-    add_flag(parser, "query_img_name", default=None, type=str,
-          help="an image file (embedded now), a database image (its stored path or unique file name), or a folder")
-    add_flag(parser, "data_base", default=spec.default_data_base, type=str,
-          help=f"queried database, a path or a name under results/{spec.name}/ (default: {spec.default_data_base})")
-    add_flag(parser, "data_type", default="test", choices=["test", "train"],
-          help="search the database's query/gallery splits (test) or its train split (default: test)")
+    parser = argparse.ArgumentParser(
+        description=f"{spec.display} retrieval: rank a database's gallery for a query "
+        "image (new file or database image) or a folder of them",
+        add_help=add_help,
+    )
+    add_flag(
+        parser,
+        "query_img_name",
+        default=None,
+        type=str,
+        help="an image file (embedded now), a database image (its stored path or unique file name), or a folder",
+    )
+    add_flag(
+        parser,
+        "data_base",
+        default=spec.default_data_base,
+        type=str,
+        help=f"queried database, a path or a name under results/{spec.name}/ (default: {spec.default_data_base})",
+    )
+    add_flag(
+        parser,
+        "data_type",
+        default="test",
+        choices=["test", "train"],
+        help="search the database's query/gallery splits (test) or its train split (default: test)",
+    )
     add_flag(parser, "retrieval_num", default=8, type=int, help="results per query (default: 8)")
-    add_flag(parser, "gpu_ids", default=None, type=str, help="GPU for embedding new images (default: first; CPU if none)")
+    add_flag(
+        parser, "gpu_ids", default=None, type=str, help="GPU for embedding new images (default: first; CPU if none)"
+    )
     add_postprocess_flags(parser, rerank=False)
     g = parser.add_argument_group("searching your own collection")
-    add_flag(g, "gallery", default=None, type=str,
-          help="embed a collection into a new database: a folder (recursive) or a list file (one path per line, "
-               "or a CSV with a 'path' and an optional 'label' column); needs --save_data_base")
+    add_flag(
+        g,
+        "gallery",
+        default=None,
+        type=str,
+        help="embed a collection into a new database: a folder (recursive) or a list file (one path per line, "
+        "or a CSV with a 'path' and an optional 'label' column); needs --save_data_base",
+    )
     add_flag(g, "save_data_base", default=None, type=str, help="where --gallery's database is written")
-    g.add_argument("--model_file", "--model-file", dest="model_file", default=None, type=str,
-                   help="the model that embeds --gallery (default: the <run>_model.pth beside --data_base)")
+    g.add_argument(
+        "--model_file",
+        "--model-file",
+        dest="model_file",
+        default=None,
+        type=str,
+        help="the model that embeds --gallery (default: the <run>_model.pth beside --data_base)",
+    )
     add_flag(g, "batch_size", default=64, type=int, help="images per forward pass for --gallery (default: 64)")
     add_flag(g, "num_workers", default=4, type=int, help="DataLoader workers for --gallery (default: 4)")
     return parser
@@ -349,9 +462,18 @@ def write_ranking(out_dir: Path, results: Sequence[Tuple[str, Optional[int], flo
     return path
 
 
-def answer_query(spec: MethodSpec, db: Database, name: str, k: int, q_name: str, g_name: str, get_model,
-                 device: torch.device, out_root: Optional[Path] = None,
-                 options: Optional[argparse.Namespace] = None) -> Tuple[Path, list]:
+def answer_query(
+    spec: MethodSpec,
+    db: Database,
+    name: str,
+    k: int,
+    q_name: str,
+    g_name: str,
+    get_model,
+    device: torch.device,
+    out_root: Optional[Path] = None,
+    options: Optional[argparse.Namespace] = None,
+) -> Tuple[Path, list]:
     """Rank the gallery for one query and write its folder (the originals' files, grid.png, ranking.csv,
     index.html) under ``out_root`` (default ``results/<method>/``); ``get_model()`` is only called for a new
     image."""
@@ -370,11 +492,21 @@ def answer_query(spec: MethodSpec, db: Database, name: str, k: int, q_name: str,
     options = options or argparse.Namespace()
     if getattr(options, "qe_k", 0) > 1:  # alpha-QE: the query plus its nearest gallery items, re-normalised
         norm = feature.norm()
-        feature = alpha_query_expansion(feature[None], gallery.features, k=options.qe_k, alpha=options.qe_alpha,
-                                        exclude_self=False)[0] * norm
+        feature = (
+            alpha_query_expansion(
+                feature[None], gallery.features, k=options.qe_k, alpha=options.qe_alpha, exclude_self=False
+            )[0]
+            * norm
+        )
     results = search(feature, gallery, db.metric, k, db.scale, exclude)
-    out = save_retrieval(Path(out_root or results_dir(spec.name)) / Path(path).stem, path, label, results,
-                         size=spec.render_size, width=spec.frame_width)
+    out = save_retrieval(
+        Path(out_root or results_dir(spec.name)) / Path(path).stem,
+        path,
+        label,
+        results,
+        size=spec.render_size,
+        width=spec.frame_width,
+    )
     write_ranking(out, results)
     query_page(out, path, label, results, db.metric)
     known = "unknown" if label is None else label
@@ -408,13 +540,13 @@ def run_inference(spec: MethodSpec, args: argparse.Namespace) -> List[Tuple[Path
 
     queries = _queries(args.query_img_name)
     if not Path(args.query_img_name).is_dir():
-        return [answer_query(spec, db, queries[0], args.retrieval_num, q_name, g_name, get_model, device,
-                             options=args)]
+        return [answer_query(spec, db, queries[0], args.retrieval_num, q_name, g_name, get_model, device, options=args)]
     root = results_dir(spec.name) / Path(args.query_img_name).resolve().name
     answers, entries = [], []
     for q in tqdm(queries, desc="queries", dynamic_ncols=True):
-        out, results = answer_query(spec, db, q, args.retrieval_num, q_name, g_name, get_model, device, root,
-                                    options=args)
+        out, results = answer_query(
+            spec, db, q, args.retrieval_num, q_name, g_name, get_model, device, root, options=args
+        )
         answers.append((out, results))
         entries.append((out, q, None))
     print(f"summary page: {summary_page(root, entries)}")
@@ -465,8 +597,7 @@ def _collate(batch):
 
 
 @torch.inference_mode()
-def build_gallery_database(spec: MethodSpec, args: argparse.Namespace,
-                           device: torch.device) -> Tuple[Path, Database]:
+def build_gallery_database(spec: MethodSpec, args: argparse.Namespace, device: torch.device) -> Tuple[Path, Database]:
     """Embed ``--gallery`` with the run's model into ``--save_data_base``: progress bar, unreadable images skipped,
     counted and listed in ``<database>.errors.log``; the database stores the model's configuration and file."""
     if not args.save_data_base:
@@ -480,8 +611,12 @@ def build_gallery_database(spec: MethodSpec, args: argparse.Namespace,
     items = _gallery_items(args.gallery)
     if not items:
         raise UserError(f"--gallery {args.gallery} lists no images")
-    loader = torch.utils.data.DataLoader(_Images(items, spec.eval_transform(config)), batch_size=args.batch_size,
-                                         num_workers=args.num_workers, collate_fn=_collate)
+    loader = torch.utils.data.DataLoader(
+        _Images(items, spec.eval_transform(config)),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        collate_fn=_collate,
+    )
     dtype = next(model.parameters()).dtype
     features, kept, failed = [], [], []
     for images, index, bad in tqdm(loader, desc="embedding the gallery", dynamic_ncols=True):
@@ -498,30 +633,62 @@ def build_gallery_database(spec: MethodSpec, args: argparse.Namespace,
         log.write_text("".join(f"{items[i][0]}\n" for i in sorted(failed)))
     split = Split([items[i][0] for i in kept], [items[i][1] for i in kept], torch.cat(features))
     stored = {**dict(config), "model_file": str(model_file.resolve()), "gallery_source": str(args.gallery)}
-    save_database(target, config=stored, method=spec.name, splits={"gallery": split}, metric=spec.metric,
-                  scale=spec.scale(config), query="gallery", gallery="gallery")
-    print(f"embedded {len(kept)} images into {target}" + (f"; skipped {len(failed)} unreadable (listed in {log})"
-                                                          if failed else ""))
-    return target, Database(stored, spec.name, spec.metric, spec.scale(config), "gallery", "gallery",
-                            {"gallery": split})
+    save_database(
+        target,
+        config=stored,
+        method=spec.name,
+        splits={"gallery": split},
+        metric=spec.metric,
+        scale=spec.scale(config),
+        query="gallery",
+        gallery="gallery",
+    )
+    print(
+        f"embedded {len(kept)} images into {target}"
+        + (f"; skipped {len(failed)} unreadable (listed in {log})" if failed else "")
+    )
+    return target, Database(
+        stored, spec.name, spec.metric, spec.scale(config), "gallery", "gallery", {"gallery": split}
+    )
 
 
 # ---------------------------------------------------------------- ablation.py
 
 
-def ablation_parser(spec: MethodSpec, better: str = "", worse: str = "",
-                    add_help: bool = True) -> argparse.ArgumentParser:
+def ablation_parser(
+    spec: MethodSpec, better: str = "", worse: str = "", add_help: bool = True
+) -> argparse.ArgumentParser:
     """The flags of every method's ``ablation.py`` (REIR's names; IRT's ``--better-db`` / ``--worse-db`` too)."""
-    parser = argparse.ArgumentParser(description=f"Compare two {spec.display} databases query by query",
-                                     add_help=add_help)
-    parser.add_argument("--better_data_base", "--better-data-base", "--better-db", dest="better_data_base",
-                        default=better or None, required=not better, type=str,
-                        help=f"the database expected to be better (path or name under results/{spec.name}/)")
-    parser.add_argument("--worse_data_base", "--worse-data-base", "--worse-db", dest="worse_data_base",
-                        default=worse or None, required=not worse, type=str,
-                        help="the database it is compared with")
-    add_flag(parser, "data_type", default="test", choices=["test", "train"],
-          help="compare on the query/gallery splits (test) or the train split (default: test)")
+    parser = argparse.ArgumentParser(
+        description=f"Compare two {spec.display} databases query by query", add_help=add_help
+    )
+    parser.add_argument(
+        "--better_data_base",
+        "--better-data-base",
+        "--better-db",
+        dest="better_data_base",
+        default=better or None,
+        required=not better,
+        type=str,
+        help=f"the database expected to be better (path or name under results/{spec.name}/)",
+    )
+    parser.add_argument(
+        "--worse_data_base",
+        "--worse-data-base",
+        "--worse-db",
+        dest="worse_data_base",
+        default=worse or None,
+        required=not worse,
+        type=str,
+        help="the database it is compared with",
+    )
+    add_flag(
+        parser,
+        "data_type",
+        default="test",
+        choices=["test", "train"],
+        help="compare on the query/gallery splits (test) or the train split (default: test)",
+    )
     add_flag(parser, "retrieval_num", default=8, type=int, help="K of the top-K lists (default: 8)")
     add_flag(parser, "save_results", action="store_true", help="render every query the better database wins")
     return parser
@@ -529,12 +696,19 @@ def ablation_parser(spec: MethodSpec, better: str = "", worse: str = "",
 
 def run_ablation(spec: MethodSpec, args: argparse.Namespace) -> Dict[str, float]:
     """``ablation.py``: AR@K, GE Rate@K, Better Ratio@K printed and saved as ``<better>----<worse>_ablation.csv``."""
-    result = compare_runs(args.better_data_base, args.worse_data_base, spec.name, spec.dataset, args.data_type,
-                          args.retrieval_num, args.save_results, size=spec.render_size,
-                          opener=lambda name: open_spec_database(spec, name))
+    result = compare_runs(
+        args.better_data_base,
+        args.worse_data_base,
+        spec.name,
+        spec.dataset,
+        args.data_type,
+        args.retrieval_num,
+        args.save_results,
+        size=spec.render_size,
+        opener=lambda name: open_spec_database(spec, name),
+    )
     name = f"{run_prefix(Path(args.better_data_base))}----{run_prefix(Path(args.worse_data_base))}"
     out = results_dir(spec.name) / f"{name}_ablation.csv"
     pd.DataFrame([result]).to_csv(out, index=False)
     print(f"saved {out}")
     return result
-

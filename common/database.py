@@ -10,6 +10,7 @@ Layout (a plain dict, ``weights_only``-loadable)::
 (larger first; REIR stores the concatenated per-learner unit vectors with ``scale`` = E, so the score is the mean
 per-learner cosine). For unit vectors both orders are the same ranking.
 """
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,27 +47,50 @@ class Database:
         return self.splits[name]
 
 
-def save_database(path: os.PathLike, *, config: Mapping[str, Any], method: str, splits: Mapping[str, Split],
-                  metric: str = "cosine", scale: float = 1.0, query: str = "test", gallery: str = "test") -> None:
-    atomic_save({"config": dict(config), "method": method, "metric": metric, "scale": float(scale),
-                 "query": query, "gallery": gallery,
-                 "splits": {k: {"images": list(s.images), "labels": [int(x) for x in s.labels],
-                                "features": s.features.detach().float().cpu().contiguous()}
-                            for k, s in splits.items()}}, path)
+def save_database(
+    path: os.PathLike,
+    *,
+    config: Mapping[str, Any],
+    method: str,
+    splits: Mapping[str, Split],
+    metric: str = "cosine",
+    scale: float = 1.0,
+    query: str = "test",
+    gallery: str = "test",
+) -> None:
+    atomic_save(
+        {
+            "config": dict(config),
+            "method": method,
+            "metric": metric,
+            "scale": float(scale),
+            "query": query,
+            "gallery": gallery,
+            "splits": {
+                k: {
+                    "images": list(s.images),
+                    "labels": [int(x) for x in s.labels],
+                    "features": s.features.detach().float().cpu().contiguous(),
+                }
+                for k, s in splits.items()
+            },
+        },
+        path,
+    )
 
 
-def load_database(path: os.PathLike, expected: Optional[Mapping[str, Any]] = None,
-                  keys: Sequence[str] = ()) -> Database:
+def load_database(
+    path: os.PathLike, expected: Optional[Mapping[str, Any]] = None, keys: Sequence[str] = ()
+) -> Database:
     """Load and, when ``expected`` is given, refuse a database written by a different model configuration."""
     obj = safe_load(path, "database")
     if expected is not None:
         check_config(obj["config"], expected, f"database {path}", keys)
     try:
         splits = {k: Split(v["images"], v["labels"], v["features"]) for k, v in obj["splits"].items()}
-        return Database(obj["config"], obj["method"], obj["metric"], obj["scale"], obj["query"], obj["gallery"],
-                        splits)
+        return Database(obj["config"], obj["method"], obj["metric"], obj["scale"], obj["query"], obj["gallery"], splits)
     except (KeyError, TypeError) as e:
-        raise UserError(f"database {path} is incomplete ({e})")
+        raise UserError(f"database {path} is incomplete ({e})") from None
 
 
 def scores(query: torch.Tensor, gallery: torch.Tensor, metric: str, scale: float = 1.0) -> torch.Tensor:
@@ -76,8 +100,9 @@ def scores(query: torch.Tensor, gallery: torch.Tensor, metric: str, scale: float
     return gallery.float() @ query.float() / scale
 
 
-def rank_gallery(query: torch.Tensor, gallery: torch.Tensor, metric: str, k: int, scale: float = 1.0,
-                 exclude: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def rank_gallery(
+    query: torch.Tensor, gallery: torch.Tensor, metric: str, k: int, scale: float = 1.0, exclude: Optional[int] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Indices and scores of the ``k`` best gallery items, best first; ``exclude`` drops one index (self)."""
     s = scores(query, gallery, metric, scale)
     worst = float("inf") if metric == "euclidean" else float("-inf")

@@ -5,6 +5,7 @@ Labels are mapped to integers once per *label space*: the training split has its
 (test, or In-shop query + gallery together) share one, so a query item and its gallery images get the same integer
 (the original CGD mapped query and gallery independently).
 """
+
 import json
 import os
 import warnings
@@ -52,13 +53,16 @@ def load_index(data_path: str, data_name: str, crop_type: str = "uncropped") -> 
     if not path.is_file():
         if data_name not in DATASET_NAMES:
             ensure_dataset(data_path, data_name, crop_type)  # one line naming the path and the command for own data
-        raise UserError(f"processed dataset not found: {path}; run `python data_utils.py --data_path {data_path} "
-                        f"--data_name {data_name}` first")
+        raise UserError(
+            f"processed dataset not found: {path}; run `python data_utils.py --data_path {data_path} "
+            f"--data_name {data_name}` first"
+        )
     try:
         index = json.loads(path.read_text())
         root = path.parent
-        return {split: [(_join(root, rel), str(label)) for rel, label in items]
-                for split, items in index["splits"].items()}
+        return {
+            split: [(_join(root, rel), str(label)) for rel, label in items] for split, items in index["splits"].items()
+        }
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"corrupt dataset index {path} ({e}); re-run data_utils.py with --force") from None
 
@@ -94,8 +98,13 @@ def label_space(index: Dict[str, List[Tuple[str, str]]], split: str) -> Dict[str
 class RetrievalDataset(Dataset):
     """Images of one split with integer labels; ``return_index`` also yields the sample index (DINO style)."""
 
-    def __init__(self, items: Sequence[Tuple[str, str]], label_map: Dict[str, int],
-                 transform: Optional[Callable] = None, return_index: bool = False):
+    def __init__(
+        self,
+        items: Sequence[Tuple[str, str]],
+        label_map: Dict[str, int],
+        transform: Optional[Callable] = None,
+        return_index: bool = False,
+    ):
         self.images: List[str] = [path for path, _ in items]
         self.labels: List[int] = [label_map[label] for _, label in items]
         self.transform = transform
@@ -114,12 +123,17 @@ class RetrievalDataset(Dataset):
         return img, self.labels[i]
 
 
-def load_splits(data_path: str, data_name: str, crop_type: str, transforms: Dict[str, Callable],
-                splits: Optional[Sequence[str]] = None) -> Dict[str, RetrievalDataset]:
+def load_splits(
+    data_path: str,
+    data_name: str,
+    crop_type: str,
+    transforms: Dict[str, Callable],
+    splits: Optional[Sequence[str]] = None,
+) -> Dict[str, RetrievalDataset]:
     """Build the datasets named in ``transforms`` (split -> transform) from one index read."""
     index = load_index(data_path, data_name, crop_type)
     out = {}
-    for split in (splits or transforms.keys()):
+    for split in splits or transforms.keys():
         if split not in index:
             raise UserError(f"split '{split}' not in the {data_name} index (has: {', '.join(index)})")
         if not index[split]:
@@ -128,11 +142,18 @@ def load_splits(data_path: str, data_name: str, crop_type: str, transforms: Dict
     return out
 
 
-def make_loader(dataset: Dataset, device: torch.device, *, batch_size: int = 1, shuffle: bool = False,
-                num_workers: int = 0, batch_sampler=None, drop_last: bool = False) -> DataLoader:
+def make_loader(
+    dataset: Dataset,
+    device: torch.device,
+    *,
+    batch_size: int = 1,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    batch_sampler=None,
+    drop_last: bool = False,
+) -> DataLoader:
     """A DataLoader with pinned memory on GPU; evaluation loaders keep dataset order (no shuffle)."""
-    kwargs = dict(num_workers=num_workers, pin_memory=device.type == "cuda",
-                  persistent_workers=False)
+    kwargs = dict(num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=False)
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **kwargs)

@@ -11,6 +11,7 @@ scale, rotation (+-15 deg, small enough that stripe orientations stay distinct),
 so an untrained network, which mostly reacts to colour, retrieves poorly. Generation is seeded per image and
 deterministic; 64 x 30 images of 80x80 px take a few seconds.
 """
+
 from __future__ import annotations
 
 import os
@@ -88,8 +89,9 @@ def _colour(rng: np.random.Generator, avoid: List[np.ndarray], distance: float) 
     return colour
 
 
-def render(shape: str, pattern: str, rng: np.random.Generator, size: int = IMAGE_SIZE
-           ) -> Tuple[np.ndarray, Tuple[int, int, int, int]]:
+def render(
+    shape: str, pattern: str, rng: np.random.Generator, size: int = IMAGE_SIZE
+) -> Tuple[np.ndarray, Tuple[int, int, int, int]]:
     """One RGB uint8 image of the class plus its bounding box (x, y, w, h) with a small annotation margin."""
     radius = rng.uniform(0.27, 0.4) * size
     cx, cy = rng.uniform(radius, size - radius, 2)
@@ -124,8 +126,9 @@ def demo_is_generated(root: Path) -> bool:
     return all((Path(root) / f).is_file() for f in _FILES)
 
 
-def generate_demo(root: os.PathLike, images_per_class: int = IMAGES_PER_CLASS, size: int = IMAGE_SIZE,
-                  seed: int = SEED) -> Path:
+def generate_demo(
+    root: os.PathLike, images_per_class: int = IMAGES_PER_CLASS, size: int = IMAGE_SIZE, seed: int = SEED
+) -> Path:
     """Write the raw demo (CUB layout) into root; annotation files go last so a partial run is not mistaken
     for a finished one."""
     root = Path(root)

@@ -1,4 +1,5 @@
 """Device placement: ``--gpu_ids`` parsing, DataParallel, spreading ensemble learners, AMP and channels-last."""
+
 import contextlib
 from typing import List, Optional, Sequence
 
@@ -7,8 +8,18 @@ from torch import nn
 
 from common.errors import UserError
 
-__all__ = ["parse_gpu_ids", "get_devices", "main_device", "data_parallel", "spread_groups", "autocast",
-           "channels_last", "unwrap", "upcast", "first_device"]
+__all__ = [
+    "parse_gpu_ids",
+    "get_devices",
+    "main_device",
+    "data_parallel",
+    "spread_groups",
+    "autocast",
+    "channels_last",
+    "unwrap",
+    "upcast",
+    "first_device",
+]
 
 
 def parse_gpu_ids(text: Optional[str]) -> List[int]:
@@ -19,7 +30,7 @@ def parse_gpu_ids(text: Optional[str]) -> List[int]:
     try:
         ids = [int(t) for t in str(text).split(",") if t.strip()]
     except ValueError:
-        raise UserError(f"--gpu_ids must look like '0,1', got {text!r}")
+        raise UserError(f"--gpu_ids must look like '0,1', got {text!r}") from None
     if available == 0:
         print(f"note: --gpu_ids {text} given but no CUDA device is available; running on CPU")
         return []

@@ -12,6 +12,7 @@
   global batch, and :class:`GlobalBatchNorm` normalises with global-batch statistics (on CPU/gloo as well, where
   ``nn.SyncBatchNorm`` refuses to run).
 """
+
 import os
 import socket
 from dataclasses import dataclass
@@ -23,11 +24,30 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import Sampler
 
-__all__ = ["DistInfo", "is_dist_avail_and_initialized", "get_world_size", "get_rank", "is_main_process",
-           "barrier", "launched_by_torchrun", "launch", "init_process", "cleanup", "all_reduce_mean",
-           "all_reduce_sum_with_grad", "all_gather_by_index", "free_port", "init_distributed", "broadcast_object",
-           "all_gather_with_grad", "shard_batch", "RankBatchSampler", "GlobalBatchNorm",
-           "convert_global_batchnorm", "wrap_ddp"]
+__all__ = [
+    "DistInfo",
+    "is_dist_avail_and_initialized",
+    "get_world_size",
+    "get_rank",
+    "is_main_process",
+    "barrier",
+    "launched_by_torchrun",
+    "launch",
+    "init_process",
+    "cleanup",
+    "all_reduce_mean",
+    "all_reduce_sum_with_grad",
+    "all_gather_by_index",
+    "free_port",
+    "init_distributed",
+    "broadcast_object",
+    "all_gather_with_grad",
+    "shard_batch",
+    "RankBatchSampler",
+    "GlobalBatchNorm",
+    "convert_global_batchnorm",
+    "wrap_ddp",
+]
 
 
 @dataclass
@@ -74,8 +94,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process(backend: str, use_cuda: bool, rank: Optional[int] = None, world_size: Optional[int] = None,
-                 local_rank: Optional[int] = None, device_ids: Optional[Sequence[int]] = None) -> DistInfo:
+def init_process(
+    backend: str,
+    use_cuda: bool,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    local_rank: Optional[int] = None,
+    device_ids: Optional[Sequence[int]] = None,
+) -> DistInfo:
     """Join the process group (env:// rendezvous) and pick this process's device; no group for one process.
 
     ``device_ids`` maps local ranks to GPU indices (``--gpu_ids``); by default local rank i uses GPU i.
@@ -90,8 +116,13 @@ def init_process(backend: str, use_cuda: bool, rank: Optional[int] = None, world
         device = torch.device("cuda", index)
     if world_size > 1 and not is_dist_avail_and_initialized():
         backend = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
-                                **({"device_id": device} if backend == "nccl" else {}))
+        dist.init_process_group(
+            backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world_size,
+            **({"device_id": device} if backend == "nccl" else {}),
+        )
     return DistInfo(rank, world_size, local_rank, device)
 
 
@@ -100,8 +131,15 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def _spawned(local_rank: int, worker: Callable[[Any, DistInfo], Any], args: Any, num_procs: int, backend: str,
-             use_cuda: bool, device_ids: Optional[Sequence[int]]) -> None:
+def _spawned(
+    local_rank: int,
+    worker: Callable[[Any, DistInfo], Any],
+    args: Any,
+    num_procs: int,
+    backend: str,
+    use_cuda: bool,
+    device_ids: Optional[Sequence[int]],
+) -> None:
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(num_procs))
     info = init_process(backend, use_cuda, local_rank, num_procs, local_rank, device_ids)
     try:
@@ -110,8 +148,14 @@ def _spawned(local_rank: int, worker: Callable[[Any, DistInfo], Any], args: Any,
         cleanup()
 
 
-def launch(worker: Callable[[Any, DistInfo], Any], args: Any, num_procs: int = 1, backend: str = "auto",
-           use_cuda: bool = False, device_ids: Optional[Sequence[int]] = None) -> Any:
+def launch(
+    worker: Callable[[Any, DistInfo], Any],
+    args: Any,
+    num_procs: int = 1,
+    backend: str = "auto",
+    use_cuda: bool = False,
+    device_ids: Optional[Sequence[int]] = None,
+) -> Any:
     """Run ``worker(args, info)`` once per process; returns its result in the single-process case.
 
     ``worker`` must be a module-level function (it is pickled for the spawned processes).
@@ -180,17 +224,18 @@ def all_gather_by_index(features: torch.Tensor, indices: torch.Tensor, total: in
         dim = features.shape[1] if features.dim() == 2 else 0
         pad_f = torch.zeros(longest, dim, dtype=features.dtype, device=device)
         pad_i = torch.full((longest,), -1, dtype=torch.long, device=device)
-        pad_f[:len(indices)], pad_i[:len(indices)] = features.to(device), indices.to(device)
+        pad_f[: len(indices)], pad_i[: len(indices)] = features.to(device), indices.to(device)
         all_f = [torch.empty_like(pad_f) for _ in sizes]
         all_i = [torch.empty_like(pad_i) for _ in sizes]
         dist.all_gather(all_f, pad_f)
         dist.all_gather(all_i, pad_i)
-        gathered_feats = [f[:int(n)].cpu() for f, n in zip(all_f, sizes)]
-        gathered_idx = [i[:int(n)].cpu() for i, n in zip(all_i, sizes)]
+        gathered_feats = [f[: int(n)].cpu() for f, n in zip(all_f, sizes)]
+        gathered_idx = [i[: int(n)].cpu() for i, n in zip(all_i, sizes)]
     idx = torch.cat(gathered_idx)
     if len(idx) != total or not torch.equal(torch.sort(idx).values, torch.arange(total)):
-        raise RuntimeError(f"all_gather_by_index: ranks hold {len(idx)} rows for {total} samples "
-                           "(missing or duplicated indices)")
+        raise RuntimeError(
+            f"all_gather_by_index: ranks hold {len(idx)} rows for {total} samples (missing or duplicated indices)"
+        )
     out = torch.empty(total, gathered_feats[0].shape[1], dtype=gathered_feats[0].dtype)
     out[idx] = torch.cat(gathered_feats)
     return out
@@ -325,8 +370,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.num_batches_tracked += 1
             momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
             self.running_mean.mul_(1 - momentum).add_(momentum * mean.to(self.running_mean.dtype))
-            self.running_var.mul_(1 - momentum).add_(momentum * (var * n / (n - 1).clamp(min=1)).to(
-                self.running_var.dtype))
+            self.running_var.mul_(1 - momentum).add_(
+                momentum * (var * n / (n - 1).clamp(min=1)).to(self.running_var.dtype)
+            )
         shape = [1, c] + [1] * (x.dim() - 2)
         out = (xc - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
         if self.affine:
@@ -339,8 +385,9 @@ def convert_global_batchnorm(module: nn.Module) -> nn.Module:
     buffers (``nn.SyncBatchNorm.convert_sync_batchnorm``'s role). Layers in eval mode stay what they are: a frozen
     BatchNorm does not depend on the batch."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
+        new = GlobalBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         like = next((t for t in (module.running_mean, module.weight) if t is not None), None)
         if like is not None:
             new.to(device=like.device, dtype=like.dtype)

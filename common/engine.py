@@ -2,6 +2,7 @@
 bookkeeping of an epoch loop that every method writes out in its own ``main``: an epoch-0 evaluation, per-epoch CSV
 + plot, an atomic checkpoint every epoch for ``--resume``, and the kept model and database — on rank 0 only.
 """
+
 import math
 import sys
 import time
@@ -25,9 +26,14 @@ __all__ = ["extract_features", "embed_dataset", "eval_recalls", "RunFiles", "Eva
 
 
 @torch.inference_mode()
-def extract_features(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False,
-                     embed: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
-                     desc: str = "features") -> torch.Tensor:
+def extract_features(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp: bool = False,
+    embed: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
+    desc: str = "features",
+) -> torch.Tensor:
     """Embeddings of ``loader``'s dataset in dataset order (loader must not shuffle), on CPU: float32, or float64
     for a float64 model."""
     model.eval()
@@ -41,16 +47,25 @@ def extract_features(model: nn.Module, loader: DataLoader, device: torch.device,
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
-def embed_dataset(model: nn.Module, dataset: Dataset, *, batch_size: int, num_workers: int, device: torch.device,
-                  embed: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None, amp: bool = False,
-                  desc: str = "features") -> torch.Tensor:
+def embed_dataset(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    embed: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
+    amp: bool = False,
+    desc: str = "features",
+) -> torch.Tensor:
     """Embeddings of a whole split in dataset order, on every rank: under DDP rank r embeds samples r, r+N, ...
     and the rows are gathered by index (no padding, no duplicates); one process embeds everything."""
     rank, world = get_rank(), get_world_size()
     indices = list(range(rank, len(dataset), world))
     subset = dataset if world == 1 else Subset(dataset, indices)
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
     features = extract_features(unwrap(model), loader, device, amp, embed=embed, desc=desc)
     if world == 1:
         return features
@@ -82,6 +97,7 @@ def check_finite(loss: torch.Tensor) -> None:
 @dataclass
 class RunFiles:
     """Where one run writes: ``<dir>/<name>_{statistics.csv,statistics.png,checkpoint.pth,model.pth,data_base.pth}``."""
+
     directory: Path
     name: str
 
@@ -108,13 +124,15 @@ class RunFiles:
 @dataclass
 class Evaluation:
     """What a method's evaluate() returns: CSV metrics and the database splits to save if this is the best epoch."""
+
     metrics: Dict[str, float]
     splits: Dict[str, Split] = field(default_factory=dict)
 
 
 def _print_row(epoch: int, num_epochs: int, row: Mapping[str, float]) -> None:
-    text = " ".join(f"{k.replace('test_recall', 'R')}:{v:.2f}{'%' if 'recall' in k or 'acc' in k else ''}"
-                    for k, v in row.items())
+    text = " ".join(
+        f"{k.replace('test_recall', 'R')}:{v:.2f}{'%' if 'recall' in k or 'acc' in k else ''}" for k, v in row.items()
+    )
     print(f"Epoch {epoch}/{num_epochs} - {text}", flush=True)
 
 
@@ -139,9 +157,18 @@ class Run:
     the model only for an evaluation-only run (no training epochs).
     """
 
-    def __init__(self, files: RunFiles, config: Mapping[str, Any], resume_keys: Sequence[str], method: str,
-                 num_epochs: int, *, recalls: Sequence[int], selection: str = "best",
-                 database: Optional[Mapping[str, Any]] = None):
+    def __init__(
+        self,
+        files: RunFiles,
+        config: Mapping[str, Any],
+        resume_keys: Sequence[str],
+        method: str,
+        num_epochs: int,
+        *,
+        recalls: Sequence[int],
+        selection: str = "best",
+        database: Optional[Mapping[str, Any]] = None,
+    ):
         if selection not in ("best", "last"):
             raise UserError(f"model selection must be 'best' or 'last', got {selection!r}")
         self.files, self.config, self.resume_keys, self.method = files, dict(config), list(resume_keys), method
@@ -154,8 +181,9 @@ class Run:
         self.saved_epoch: Optional[int] = None
         self.started = time.time()
 
-    def resume(self, resume: Optional[str], model: nn.Module, optimizer=None, scheduler=None,
-               scaler=None) -> Tuple[int, Dict[str, Any]]:
+    def resume(
+        self, resume: Optional[str], model: nn.Module, optimizer=None, scheduler=None, scaler=None
+    ) -> Tuple[int, Dict[str, Any]]:
         """``(first epoch to train, checkpoint dict)``: 1 and {} for a new run, else after the checkpoint's epoch
         (weights, optimizer, scheduler, scaler and RNG restored on every rank)."""
         if not resume:
@@ -163,8 +191,15 @@ class Run:
         path = self.files.checkpoint if resume == "auto" else Path(resume)
         if resume == "auto" and not path.is_file():
             raise UserError(f"--resume: no checkpoint of this run at {path}")
-        state = load_checkpoint(path, self.config, self.resume_keys, model=unwrap(model), optimizer=optimizer,
-                                scheduler=scheduler, scaler=scaler)
+        state = load_checkpoint(
+            path,
+            self.config,
+            self.resume_keys,
+            model=unwrap(model),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+        )
         self.stats = Statistics.resume(self.files.statistics, state["epoch"])
         trained = [r.get(self.key_metric) for e, r in self.stats.rows.items() if e > 0 and self.key_metric in r]
         self.best = max(trained, default=float("-inf"))
@@ -194,19 +229,28 @@ class Run:
             return
         splits = {name: Split(s.images, s.labels, s.features) for name, s in evaluation.splits.items()}  # all ranks
         if self.main:
-            atomic_save({"model": unwrap(model).state_dict(), "config": self.config, "epoch": epoch},
-                        self.files.model)
+            atomic_save({"model": unwrap(model).state_dict(), "config": self.config, "epoch": epoch}, self.files.model)
             if splits:
-                save_database(self.files.database, config=self.config, method=self.method, splits=splits,
-                              **self.database)
+                save_database(
+                    self.files.database, config=self.config, method=self.method, splits=splits, **self.database
+                )
         self.saved_epoch = epoch
 
-    def checkpoint(self, epoch: int, model: nn.Module, optimizer=None, scheduler=None, scaler=None,
-                   **extra: Any) -> None:
+    def checkpoint(
+        self, epoch: int, model: nn.Module, optimizer=None, scheduler=None, scaler=None, **extra: Any
+    ) -> None:
         """Everything ``--resume`` needs, written atomically by rank 0 after every epoch."""
         if self.main:
-            save_checkpoint(self.files.checkpoint, model=unwrap(model), config=self.config, epoch=epoch,
-                            optimizer=optimizer, scheduler=scheduler, scaler=scaler, **extra)
+            save_checkpoint(
+                self.files.checkpoint,
+                model=unwrap(model),
+                config=self.config,
+                epoch=epoch,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                **extra,
+            )
             print(f"epoch {epoch} done, {time.time() - self.started:.1f}s since start", flush=True)
         barrier()
 

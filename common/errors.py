@@ -1,4 +1,5 @@
 """User-facing errors: one line on stderr and a non-zero exit instead of a traceback."""
+
 import sys
 from typing import Any, Callable
 

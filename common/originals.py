@@ -4,6 +4,7 @@
 The model-defining settings come from the original file name (leftthomas encodes them in it) through the method's
 ``MethodSpec.original_config``; a file that fits no model is refused in one line naming the mismatching keys.
 """
+
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -21,15 +22,23 @@ def read_original(path: Path, what: str) -> Dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a pickle of arbitrary objects, a truncated file ...
-        raise UserError(f"cannot read {what} {path} with weights_only=True ({type(e).__name__}); re-save its "
-                        "tensors alone, e.g. torch.save(model.state_dict(), path)") from None
+        raise UserError(
+            f"cannot read {what} {path} with weights_only=True ({type(e).__name__}); re-save its "
+            "tensors alone, e.g. torch.save(model.state_dict(), path)"
+        ) from None
     if not isinstance(obj, dict):
         raise UserError(f"{what} {path} is not a dict of tensors")
     return obj
 
 
-def original_database(path: Path, config: Dict[str, Any], method: str, metric: str,
-                      scale: Callable[[Mapping[str, Any]], float], flatten: bool = False) -> Database:
+def original_database(
+    path: Path,
+    config: Dict[str, Any],
+    method: str,
+    metric: str,
+    scale: Callable[[Mapping[str, Any]], float],
+    flatten: bool = False,
+) -> Database:
     """leftthomas' layout: ``test_images/labels/features`` (the query split for In-shop), ``gallery_*`` for
     In-shop (REIR: for every dataset, the same lists as ``test_*``), REIR's ``train_*``; features may be CUDA
     tensors and REIR's are ``[N, E, M]`` per-learner unit vectors (``flatten`` concatenates them)."""
@@ -42,8 +51,7 @@ def original_database(path: Path, config: Dict[str, Any], method: str, metric: s
             features = obj[f"{prefix}_features"].float().cpu()
             if flatten:
                 features = features.reshape(len(features), -1)
-            splits[prefix] = Split(list(obj[f"{prefix}_images"]), [int(x) for x in obj[f"{prefix}_labels"]],
-                                   features)
+            splits[prefix] = Split(list(obj[f"{prefix}_images"]), [int(x) for x in obj[f"{prefix}_labels"]], features)
     in_shop = config.get("data_name") == "isc"
     query, gallery = ("test", "gallery") if in_shop else ("test", "test")
     if not in_shop:
@@ -64,26 +72,33 @@ def load_original_state(path: Path) -> Dict[str, torch.Tensor]:
     state = state.get("state_dict", state.get("model", state)) if not _all_tensors(state) else state
     if not _all_tensors(state):
         raise UserError(f"model {path} holds no plain state dict")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
 def _all_tensors(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def strict_load(model: nn.Module, state: Mapping[str, torch.Tensor], what: str,
-                renames: Optional[Callable[[str], str]] = None) -> nn.Module:
+def strict_load(
+    model: nn.Module, state: Mapping[str, torch.Tensor], what: str, renames: Optional[Callable[[str], str]] = None
+) -> nn.Module:
     """Load strictly; a mismatch becomes one line naming the missing, unexpected and mis-shaped keys."""
     if renames is not None:
         state = {renames(k): v for k, v in state.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or shapes:
-        parts = [f"{name}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys]
+        parts = [
+            f"{name}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
+            for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+            if keys
+        ]
         raise UserError(f"{what} does not fit the model its name describes; " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
     return model

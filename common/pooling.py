@@ -4,6 +4,7 @@ Shared implementation so CGD (its GD = GeM with p=3) and FastRetri (fastreid ``G
 same way: clamp at ``eps`` before the power so that ``x ** (1/p)`` never sees zeros or negatives (ReLU output can
 be exactly 0, whose cube root has an infinite gradient).
 """
+
 import torch
 from torch import nn
 

@@ -8,6 +8,7 @@ bounding-box crops (car, cub, demo) are written once to ``<name>/cropped/<origin
 without chroma subsampling, which is visually lossless. Every image is decoded once here, so a corrupt or missing
 file is found now (skipped, counted and logged) instead of crashing a training run hours later.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,8 +33,11 @@ INDEX_FORMAT = 1
 REAL_DATASETS = ("car", "cub", "sop", "isc")
 DATASET_NAMES = REAL_DATASETS + ("demo",)
 CROP_TYPES: Dict[str, Tuple[str, ...]] = {
-    "car": ("uncropped", "cropped"), "cub": ("uncropped", "cropped"), "demo": ("uncropped", "cropped"),
-    "sop": ("uncropped",), "isc": ("uncropped",),
+    "car": ("uncropped", "cropped"),
+    "cub": ("uncropped", "cropped"),
+    "demo": ("uncropped", "cropped"),
+    "sop": ("uncropped",),
+    "isc": ("uncropped",),
 }
 SPLITS: Dict[str, Tuple[str, ...]] = {name: ("train", "test") for name in DATASET_NAMES}
 SPLITS["isc"] = ("train", "query", "gallery")
@@ -42,8 +46,11 @@ CARS_TRAIN_CLASSES = 98  # CARS-196 DML split: classes 1..98 train, 99..196 test
 
 _CUB_FILES = ("images.txt", "image_class_labels.txt", "bounding_boxes.txt")
 ANNOTATIONS: Dict[str, Tuple[str, ...]] = {
-    "car": ("cars_annos.mat",), "cub": _CUB_FILES, "demo": _CUB_FILES,
-    "sop": ("Ebay_train.txt", "Ebay_test.txt"), "isc": ("Eval/list_eval_partition.txt",),
+    "car": ("cars_annos.mat",),
+    "cub": _CUB_FILES,
+    "demo": _CUB_FILES,
+    "sop": ("Ebay_train.txt", "Ebay_test.txt"),
+    "isc": ("Eval/list_eval_partition.txt",),
 }
 EXPECTED: Dict[str, str] = {
     "car": "cars_annos.mat and car_ims/ (the Stanford Cars DML download)",
@@ -59,6 +66,7 @@ Box = Tuple[int, int, int, int]
 @dataclass(frozen=True)
 class Entry:
     """One annotated image. ``box`` is (left, upper, right, lower) in PIL convention, not yet clipped."""
+
     split: str
     path: str
     label: str
@@ -68,6 +76,7 @@ class Entry:
 @dataclass
 class Summary:
     """Outcome of processing one dataset / crop type, printed as one line."""
+
     name: str
     crop_type: str
     index: Path
@@ -78,14 +87,14 @@ class Summary:
 
     def line(self) -> str:
         if self.up_to_date:
-            return (f"{self.name} {self.crop_type}: index {self.index} is up to date, skipping "
-                    f"(use --force to rebuild)")
+            return f"{self.name} {self.crop_type}: index {self.index} is up to date, skipping (use --force to rebuild)"
         counts = " / ".join(f"{n} {split}" for split, n in self.counts.items())
         tail = f" (see {self.log})" if self.log else ""
         return f"{self.name} {self.crop_type}: {counts} images, {self.skipped} skipped{tail}"
 
 
 # ----------------------------------------------------------------------------------------------- paths
+
 
 def index_path(data_path: os.PathLike, name: str, crop_type: str) -> Path:
     """Where the index of one dataset / crop type lives (one place, so readers and writers agree)."""
@@ -113,8 +122,10 @@ def _annotation(root: Path, name: str, rel: str) -> Path:
 
 # --------------------------------------------------------------------------------------------- readers
 
-def _rows(path: Path, min_fields: int, skip: Callable[[List[str]], bool] = lambda f: False
-          ) -> List[Tuple[int, List[str]]]:
+
+def _rows(
+    path: Path, min_fields: int, skip: Callable[[List[str]], bool] = lambda f: False
+) -> List[Tuple[int, List[str]]]:
     """Whitespace-split non-empty lines (In-shop pads columns and leaves trailing spaces, so never split(' '))."""
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -123,8 +134,9 @@ def _rows(path: Path, min_fields: int, skip: Callable[[List[str]], bool] = lambd
             if not fields or skip(fields):
                 continue
             if len(fields) < min_fields:
-                raise UserError(f"{path}:{number}: expected {min_fields} whitespace-separated fields, "
-                                f"got {len(fields)}")
+                raise UserError(
+                    f"{path}:{number}: expected {min_fields} whitespace-separated fields, got {len(fields)}"
+                )
             rows.append((number, fields))
     return rows
 
@@ -207,11 +219,16 @@ def read_isc(root: Path) -> List[Entry]:
 
 
 READERS: Dict[str, Callable[[Path], List[Entry]]] = {
-    "car": read_car, "cub": read_cub, "demo": lambda root: read_cub(root, "demo"), "sop": read_sop, "isc": read_isc,
+    "car": read_car,
+    "cub": read_cub,
+    "demo": lambda root: read_cub(root, "demo"),
+    "sop": read_sop,
+    "isc": read_isc,
 }
 
 
 # ---------------------------------------------------------------------------------------- image work
+
 
 def clip_box(box: Box, size: Tuple[int, int]) -> Box:
     """Clip a (left, upper, right, lower) box to the image: PIL would silently pad outside pixels with black."""
@@ -277,6 +294,7 @@ def _run(tasks: Sequence[tuple], num_workers: int, desc: str) -> List[Optional[s
 
 # --------------------------------------------------------------------------------------------- index
 
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -291,17 +309,22 @@ def _up_to_date(index: Path, sources: Sequence[Path], name: str, crop_type: str)
     except (OSError, ValueError):
         return False
     if not isinstance(data, dict) or (data.get("format"), data.get("dataset"), data.get("crop_type")) != (
-            INDEX_FORMAT, name, crop_type):
+        INDEX_FORMAT,
+        name,
+        crop_type,
+    ):
         return False
     return index.stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in sources)
 
 
-def process_dataset(data_path: os.PathLike, name: str, crop_type: str,
-                    num_workers: Optional[int] = None, force: bool = False) -> Summary:
+def process_dataset(
+    data_path: os.PathLike, name: str, crop_type: str, num_workers: Optional[int] = None, force: bool = False
+) -> Summary:
     """Build (or keep, if newer than its annotations) the index of one dataset / crop type and print a summary."""
     if crop_type not in CROP_TYPES.get(name, ()):
-        raise UserError(f"crop type {crop_type!r} is not available for {name!r} "
-                        f"(available: {', '.join(CROP_TYPES.get(name, ()))})")
+        raise UserError(
+            f"crop type {crop_type!r} is not available for {name!r} (available: {', '.join(CROP_TYPES.get(name, ()))})"
+        )
     data_path = Path(data_path)
     root = _dataset_dir(data_path, name)
     index = index_path(data_path, name, crop_type)
@@ -324,8 +347,10 @@ def process_dataset(data_path: os.PathLike, name: str, crop_type: str,
         _atomic_write(log, "".join(f"{line}\n" for line in failed))
         summary.log = log
         if len(failed) == len(entries):  # nothing readable: a layout mistake, not a few bad files
-            raise UserError(f"{name} {crop_type}: none of the {len(entries)} images could be read (see {log}); "
-                            f"{root} should hold {EXPECTED[name]}")
+            raise UserError(
+                f"{name} {crop_type}: none of the {len(entries)} images could be read (see {log}); "
+                f"{root} should hold {EXPECTED[name]}"
+            )
     else:
         log.unlink(missing_ok=True)  # a stale log from an earlier run would mislead
     doc = {"format": INDEX_FORMAT, "dataset": name, "crop_type": crop_type, "splits": splits}
@@ -351,32 +376,44 @@ def ensure_dataset(data_path: os.PathLike, data_name: str, crop_type: str) -> Pa
     if data_name not in CROP_TYPES:
         return _ensure_custom(data_path, data_name, crop_type)
     if crop_type not in CROP_TYPES[data_name]:
-        raise UserError(f"crop type {crop_type!r} is not available for {data_name!r} "
-                        f"(available: {', '.join(CROP_TYPES[data_name])})")
+        raise UserError(
+            f"crop type {crop_type!r} is not available for {data_name!r} "
+            f"(available: {', '.join(CROP_TYPES[data_name])})"
+        )
     if data_name == "demo":
         from common.demo import ensure_demo  # local import: demo builds on this module
+
         ensure_demo(data_path)
     path = index_path(data_path, data_name, crop_type)
     if not path.is_file():
-        raise UserError(f"no {crop_type} index for {data_name} at {path}; run: "
-                        f"python data_utils.py --data_path {data_path} --data_name {data_name}")
+        raise UserError(
+            f"no {crop_type} index for {data_name} at {path}; run: "
+            f"python data_utils.py --data_path {data_path} --data_name {data_name}"
+        )
     return path
 
 
-def prepare(data_path: os.PathLike, names: Optional[Sequence[str]] = None,
-            num_workers: Optional[int] = None, force: bool = False) -> List[Summary]:
+def prepare(
+    data_path: os.PathLike,
+    names: Optional[Sequence[str]] = None,
+    num_workers: Optional[int] = None,
+    force: bool = False,
+) -> List[Summary]:
     """Process the named datasets (all crop types), or every real dataset folder present when names is None."""
     data_path = Path(data_path)
     if not names:
         names = [n for n in REAL_DATASETS if (data_path / n).is_dir()]
         if not names:
-            raise UserError(f"no dataset folder found under {data_path} (looked for "
-                            f"{', '.join(n + '/' for n in REAL_DATASETS)}); extract a dataset there "
-                            f"or use --data_name demo")
+            raise UserError(
+                f"no dataset folder found under {data_path} (looked for "
+                f"{', '.join(n + '/' for n in REAL_DATASETS)}); extract a dataset there "
+                f"or use --data_name demo"
+            )
     summaries = []
     for name in dict.fromkeys(names):
         if name == "demo":
             from common.demo import demo_is_generated, generate_demo
+
             if force or not demo_is_generated(data_path / "demo"):
                 print(f"generating the synthetic demo dataset in {data_path / 'demo'}")
                 generate_demo(data_path / "demo")
@@ -389,8 +426,9 @@ def prepare(data_path: os.PathLike, names: Optional[Sequence[str]] = None,
 
 # ------------------------------------------------------------------------------------------ own data
 
-CUSTOM_PREPARE = ("python data_utils.py --data_path {data_path} --data_name {name} --from_folder DIR "
-                  "(or --from_csv FILE)")
+CUSTOM_PREPARE = (
+    "python data_utils.py --data_path {data_path} --data_name {name} --from_folder DIR (or --from_csv FILE)"
+)
 CSV_COLUMNS = ("path", "label", "split")  # open-metric-learning's names, so a CSV moves between the two toolkits
 CSV_FLAGS = ("is_query", "is_gallery")
 CSV_BOX = ("x_1", "y_1", "x_2", "y_2")  # PIL (left, upper, right, lower), as OML crops them
@@ -403,6 +441,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 @dataclass(frozen=True)
 class Sample:
     """One image of a custom dataset: absolute ``src``, ``where`` it came from (for messages), crop sub-path."""
+
     split: str
     src: Path
     label: str
@@ -428,8 +467,10 @@ def custom_protocol(data_path: os.PathLike, name: str) -> Tuple[str, str]:
         query, gallery = doc.get("eval_splits") or (("query", "gallery") if "query" in doc["splits"] else ("test",) * 2)
         return str(query), str(gallery)
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"corrupt dataset index {path} ({e}); rebuild it with: "
-                        f"{CUSTOM_PREPARE.format(data_path=data_path, name=name)}") from None
+        raise UserError(
+            f"corrupt dataset index {path} ({e}); rebuild it with: "
+            f"{CUSTOM_PREPARE.format(data_path=data_path, name=name)}"
+        ) from None
 
 
 def _ensure_custom(data_path: os.PathLike, name: str, crop_type: str) -> Path:
@@ -438,10 +479,14 @@ def _ensure_custom(data_path: os.PathLike, name: str, crop_type: str) -> Path:
     if path.is_file():
         return path
     if base.is_file():
-        raise UserError(f"no {crop_type} index for {name} at {path}: it is built only from a CSV with "
-                        f"{','.join(CSV_BOX)} boxes (available: uncropped)")
-    raise UserError(f"unknown dataset {name!r}: not a benchmark ({', '.join(DATASET_NAMES)}) and no processed index "
-                    f"at {base}; create it with: {CUSTOM_PREPARE.format(data_path=data_path, name=name)}")
+        raise UserError(
+            f"no {crop_type} index for {name} at {path}: it is built only from a CSV with "
+            f"{','.join(CSV_BOX)} boxes (available: uncropped)"
+        )
+    raise UserError(
+        f"unknown dataset {name!r}: not a benchmark ({', '.join(DATASET_NAMES)}) and no processed index "
+        f"at {base}; create it with: {CUSTOM_PREPARE.format(data_path=data_path, name=name)}"
+    )
 
 
 def _flag(value: str, where: str, column: str) -> Optional[bool]:
@@ -494,13 +539,17 @@ def read_custom_csv(csv_path: os.PathLike, dataset_root: Optional[os.PathLike] =
         header = [h.strip() for h in next(reader, [])]
         missing = [c for c in CSV_COLUMNS if c not in header]
         if missing:
-            raise UserError(f"{csv_path}: missing column {', '.join(missing)} (needs {','.join(CSV_COLUMNS)}; "
-                            f"optional {','.join(CSV_FLAGS)} and {','.join(CSV_BOX)}; header: {','.join(header)})")
+            raise UserError(
+                f"{csv_path}: missing column {', '.join(missing)} (needs {','.join(CSV_COLUMNS)}; "
+                f"optional {','.join(CSV_FLAGS)} and {','.join(CSV_BOX)}; header: {','.join(header)})"
+            )
         for group in (CSV_FLAGS, CSV_BOX):
             present = [c for c in group if c in header]
             if present and len(present) < len(group):
-                raise UserError(f"{csv_path}: has {', '.join(present)} but not "
-                                f"{', '.join(c for c in group if c not in present)} (give all or none)")
+                raise UserError(
+                    f"{csv_path}: has {', '.join(present)} but not "
+                    f"{', '.join(c for c in group if c not in present)} (give all or none)"
+                )
         col = {name: i for i, name in enumerate(header)}
         rows = []
         for row in reader:
@@ -532,17 +581,22 @@ def read_custom_csv(csv_path: os.PathLike, dataset_root: Optional[os.PathLike] =
     return _query_gallery(samples, flags, csv_path)
 
 
-def _query_gallery(samples: List[Sample], flags: List[Tuple[Optional[bool], Optional[bool]]],
-                   csv_path: Path) -> List[Sample]:
+def _query_gallery(
+    samples: List[Sample], flags: List[Tuple[Optional[bool], Optional[bool]]], csv_path: Path
+) -> List[Sample]:
     """Turn is_query/is_gallery into splits: all both -> test; each exactly one -> query / gallery."""
     test_flags = {(q, g) for s, (q, g) in zip(samples, flags) if s.split == "test" and q is not None}
     if not test_flags or test_flags == {(True, True)}:
         return samples
     if (True, True) in test_flags:
-        raise UserError(f"{csv_path}: some test rows are both query and gallery and some only one: use one protocol "
-                        f"(all both = every test image ranked against the others, or each row query xor gallery)")
-    return [Sample("query" if q else "gallery", s.src, s.label, s.where, s.box, s.crop_rel)
-            if s.split == "test" else s for s, (q, _) in zip(samples, flags)]
+        raise UserError(
+            f"{csv_path}: some test rows are both query and gallery and some only one: use one protocol "
+            f"(all both = every test image ranked against the others, or each row query xor gallery)"
+        )
+    return [
+        Sample("query" if q else "gallery", s.src, s.label, s.where, s.box, s.crop_rel) if s.split == "test" else s
+        for s, (q, _) in zip(samples, flags)
+    ]
 
 
 def _images_under(folder: Path) -> Tuple[List[Path], int]:
@@ -567,19 +621,26 @@ def read_custom_folder(folder: os.PathLike, test_ratio: Optional[float] = None, 
     protocol, test classes unseen in training), or ``root/train|test/<class>/`` (or train|query|gallery) as given."""
     root = Path(os.path.abspath(folder))
     if not root.is_dir():
-        raise UserError(f"image folder {folder} not found (expected {folder}/<class>/<image> "
-                        f"or {folder}/train/<class>/... + {folder}/test/<class>/...)")
+        raise UserError(
+            f"image folder {folder} not found (expected {folder}/<class>/<image> "
+            f"or {folder}/train/<class>/... + {folder}/test/<class>/...)"
+        )
     top = _subdirs(root)
     names = {p.name for p in top}
     given = names in ({"train", "test"}, {"train", "query", "gallery"})
     if given and test_ratio is not None:
-        raise UserError(f"{folder} is already split into {', '.join(sorted(names))}/; --test_ratio applies only to "
-                        f"a {folder}/<class>/ tree")
+        raise UserError(
+            f"{folder} is already split into {', '.join(sorted(names))}/; --test_ratio applies only to "
+            f"a {folder}/<class>/ tree"
+        )
     if not given and test_ratio is not None and not 0 < test_ratio < 1:
         raise UserError(f"--test_ratio must be between 0 and 1 (exclusive), got {test_ratio}")
     if not given and names & {"train", "test", "query", "gallery"} and len(names) <= 3:
-        print(f"warning: {folder} has folders named {', '.join(sorted(names))}; they are read as classes "
-              f"(a given split needs exactly train/ + test/ or train/ + query/ + gallery/)", file=sys.stderr)
+        print(
+            f"warning: {folder} has folders named {', '.join(sorted(names))}; they are read as classes "
+            f"(a given split needs exactly train/ + test/ or train/ + query/ + gallery/)",
+            file=sys.stderr,
+        )
     if given:
         class_dirs = [(p.name, c) for p in top for c in _subdirs(p)]
     else:
@@ -591,21 +652,27 @@ def read_custom_folder(folder: os.PathLike, test_ratio: Optional[float] = None, 
         if images:
             found.append((split, class_dir, images))
     if others:
-        print(f"note: ignored {others} files in {folder} without an image extension "
-              f"({' '.join(IMAGE_EXTENSIONS)})", file=sys.stderr)
+        print(
+            f"note: ignored {others} files in {folder} without an image extension ({' '.join(IMAGE_EXTENSIONS)})",
+            file=sys.stderr,
+        )
     if len(found) < len(class_dirs):
         print(f"note: ignored {len(class_dirs) - len(found)} class folders without images in {folder}", file=sys.stderr)
     if not given:
         found = _split_classes(found, folder, test_ratio, seed)
-    samples = [Sample(split, p, class_dir.name, str(p), None, p.relative_to(root).as_posix())
-               for split, class_dir, images in found for p in images]
+    samples = [
+        Sample(split, p, class_dir.name, str(p), None, p.relative_to(root).as_posix())
+        for split, class_dir, images in found
+        for p in images
+    ]
     if not samples:
         raise UserError(f"no images found under {folder} (expected {folder}/<class>/<image>)")
     return samples
 
 
-def _split_classes(found: List[Tuple[str, Path, List[Path]]], folder: os.PathLike, test_ratio: Optional[float],
-                   seed: int) -> List[Tuple[str, Path, List[Path]]]:
+def _split_classes(
+    found: List[Tuple[str, Path, List[Path]]], folder: os.PathLike, test_ratio: Optional[float], seed: int
+) -> List[Tuple[str, Path, List[Path]]]:
     """Class-disjoint split: shuffle the sorted class names with ``seed``; the first ``test_ratio`` of them are test."""
     ratio = 0.5 if test_ratio is None else test_ratio
     if len(found) < 2:
@@ -617,8 +684,11 @@ def _split_classes(found: List[Tuple[str, Path, List[Path]]], folder: os.PathLik
 
 
 def _splits_of(samples: Sequence[Sample]) -> Tuple[str, ...]:
-    return ("train", "query", "gallery") if any(s.split == "query" or s.split == "gallery" for s in samples) \
+    return (
+        ("train", "query", "gallery")
+        if any(s.split == "query" or s.split == "gallery" for s in samples)
         else ("train", "test")
+    )
 
 
 def check_custom(samples: Sequence[Sample], source: str) -> List[str]:
@@ -635,15 +705,19 @@ def check_custom(samples: Sequence[Sample], source: str) -> List[str]:
     train = {s.label for s in samples if s.split == "train"}
     both = sorted(train & {s.label for s in samples if s.split != "train"}, key=_natural)
     if both:
-        raise UserError(f"{source}: {len(both)} class(es) in both train and test (e.g. {both[0]!r}); the retrieval "
-                        f"protocol tests on classes unseen in training")
+        raise UserError(
+            f"{source}: {len(both)} class(es) in both train and test (e.g. {both[0]!r}); the retrieval "
+            f"protocol tests on classes unseen in training"
+        )
     warnings = []
     if "query" in _splits_of(samples):
         gallery = {s.label for s in samples if s.split == "gallery"}
         lonely = [s for s in samples if s.split == "query" and s.label not in gallery]
         if lonely:
-            warnings.append(f"{len(lonely)} query images have no gallery image of their class: no positive to "
-                            f"find, each counts as a miss in Recall@K")
+            warnings.append(
+                f"{len(lonely)} query images have no gallery image of their class: no positive to "
+                f"find, each counts as a miss in Recall@K"
+            )
     else:
         sizes: Dict[str, int] = {}
         for s in samples:
@@ -651,8 +725,10 @@ def check_custom(samples: Sequence[Sample], source: str) -> List[str]:
                 sizes[s.label] = sizes.get(s.label, 0) + 1
         single = sorted((c for c, n in sizes.items() if n == 1), key=_natural)
         if single:
-            warnings.append(f"{len(single)} test classes have a single image (e.g. {single[0]!r}): no positive to "
-                            f"find, each counts as a miss in Recall@K")
+            warnings.append(
+                f"{len(single)} test classes have a single image (e.g. {single[0]!r}): no positive to "
+                f"find, each counts as a miss in Recall@K"
+            )
     return warnings
 
 
@@ -670,8 +746,14 @@ def _stored(src: Path, folder: Path, data_path: Path) -> str:
     return PurePosixPath(os.path.relpath(src, os.path.abspath(folder))).as_posix()
 
 
-def prepare_custom(data_path: os.PathLike, name: str, samples: Sequence[Sample], source: str,
-                   num_workers: Optional[int] = None, force: bool = False) -> List[Summary]:
+def prepare_custom(
+    data_path: os.PathLike,
+    name: str,
+    samples: Sequence[Sample],
+    source: str,
+    num_workers: Optional[int] = None,
+    force: bool = False,
+) -> List[Summary]:
     """Verify every image (and crop where boxed), then write ``<data_path>/<name>/<crop_type>_index.json``.
 
     Nothing is written before every check passed; unreadable or missing images are skipped, counted and listed in
@@ -707,8 +789,9 @@ def prepare_custom(data_path: os.PathLike, name: str, samples: Sequence[Sample],
             raise UserError(f"{name} {crop_type}: none of the {len(samples)} images could be read (see {log})")
         empty = [split for split, n in left.items() if n == 0]
         if empty:
-            raise UserError(f"{name} {crop_type}: the {empty[0]} split is empty once the unreadable images are "
-                            f"skipped (see {log})")
+            raise UserError(
+                f"{name} {crop_type}: the {empty[0]} split is empty once the unreadable images are skipped (see {log})"
+            )
     if kept["uncropped"] != list(samples):
         warnings = check_custom(kept["uncropped"], source)
     eval_pair = ["query", "gallery"] if "query" in splits_order else ["test", "test"]
@@ -719,23 +802,36 @@ def prepare_custom(data_path: os.PathLike, name: str, samples: Sequence[Sample],
             boxed = crop_type == "cropped" and s.box is not None
             rel = f"cropped/{s.crop_rel}" if boxed else _stored(s.src, folder, data_path)
             splits[s.split].append([rel, s.label])
-        doc = {"format": INDEX_FORMAT, "dataset": name, "crop_type": crop_type, "splits": splits,
-               "eval_splits": eval_pair, "source": source}
+        doc = {
+            "format": INDEX_FORMAT,
+            "dataset": name,
+            "crop_type": crop_type,
+            "splits": splits,
+            "eval_splits": eval_pair,
+            "source": source,
+        }
         _atomic_write(index_path(data_path, name, crop_type), json.dumps(doc, indent=0))
         log = errors_path(data_path, name, crop_type)
         if not failures[crop_type]:
             log.unlink(missing_ok=True)
-        summary = Summary(name, crop_type, index_path(data_path, name, crop_type),
-                          {k: len(v) for k, v in splits.items()}, len(failures[crop_type]),
-                          log if failures[crop_type] else None)
+        summary = Summary(
+            name,
+            crop_type,
+            index_path(data_path, name, crop_type),
+            {k: len(v) for k, v in splits.items()},
+            len(failures[crop_type]),
+            log if failures[crop_type] else None,
+        )
         print(summary.line())
         summaries.append(summary)
     if crop_types == ("uncropped",):  # a stale cropped index of an earlier CSV with boxes would mislead
         index_path(data_path, name, "cropped").unlink(missing_ok=True)
         errors_path(data_path, name, "cropped").unlink(missing_ok=True)
     classes = {split: len({s.label for s in kept["uncropped"] if s.split == split}) for split in splits_order}
-    print(f"{name}: {' / '.join(f'{n} {split}' for split, n in classes.items())} classes; evaluation ranks "
-          f"{eval_pair[0]} against {eval_pair[1]}{' (self excluded)' if eval_pair[0] == eval_pair[1] else ''}")
+    print(
+        f"{name}: {' / '.join(f'{n} {split}' for split, n in classes.items())} classes; evaluation ranks "
+        f"{eval_pair[0]} against {eval_pair[1]}{' (self excluded)' if eval_pair[0] == eval_pair[1] else ''}"
+    )
     for line in warnings:
         print(f"warning: {name}: {line}", file=sys.stderr)
     return summaries

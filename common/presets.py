@@ -3,6 +3,7 @@
 ``image_size`` rescales a CNN preset proportionally (e.g. CGD 252->224 becomes 72->64 for ``--image_size 64``),
 which is what the demo quickstart and the CPU tests use.
 """
+
 from typing import Optional, Sequence, Tuple
 
 from torchvision import transforms as T
@@ -10,8 +11,14 @@ from torchvision.transforms import InterpolationMode
 
 from common.decode import from_env
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DATASET_STATS", "build_transform", "fastretri_transform",
-           "fastretri_preset"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DATASET_STATS",
+    "build_transform",
+    "fastretri_transform",
+    "fastretri_preset",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,8 +77,9 @@ def irt_transform(train: bool, input_size: int = 224) -> T.Compose:
     return _finish(ops, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def build_transform(method: str, train: bool, data_name: str = "car", crop_type: str = "uncropped",
-                    image_size: Optional[int] = None) -> T.Compose:
+def build_transform(
+    method: str, train: bool, data_name: str = "car", crop_type: str = "uncropped", image_size: Optional[int] = None
+) -> T.Compose:
     """The transform of ``method`` for training or evaluation."""
     if method == "cgd":
         return cgd_transform(train, image_size)
@@ -109,10 +117,19 @@ def fastretri_preset(data_name: str, image_size: Optional[int] = None) -> dict:
     return preset
 
 
-def fastretri_transform(train: bool, resize: Sequence[int] = (256,), crop_size: int = 224, crop: bool = True,
-                        scale: Tuple[float, float] = (0.16, 1.0), ratio: Tuple[float, float] = (0.75, 1.33),
-                        flip_prob: float = 0.5, jitter: Optional[Sequence[float]] = None, jitter_prob: float = 0.5,
-                        mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> T.Compose:
+def fastretri_transform(
+    train: bool,
+    resize: Sequence[int] = (256,),
+    crop_size: int = 224,
+    crop: bool = True,
+    scale: Tuple[float, float] = (0.16, 1.0),
+    ratio: Tuple[float, float] = (0.75, 1.33),
+    flip_prob: float = 0.5,
+    jitter: Optional[Sequence[float]] = None,
+    jitter_prob: float = 0.5,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> T.Compose:
     """FastRetri (fastreid ``build_transforms``): bicubic Resize -> RandomResizedCrop(scale 0.16-1) -> flip ->
     ColorJitter with probability 0.5; test Resize -> CenterCrop. ``resize`` [s] is the shorter side, [h, w] a fixed
     size, [0] no resize. fastreid normalises inside the model on 0-255 tensors; Normalize here is the same map."""

@@ -1,4 +1,5 @@
 """Rendering a ranked retrieval: the originals' per-image files plus one grid PNG to see it at a glance."""
+
 import html
 import shutil
 from pathlib import Path
@@ -27,8 +28,15 @@ def framed(path: str, size: Tuple[int, int], color=None, width: int = 8) -> Imag
     return img
 
 
-def save_retrieval(out_dir: Path, query_path: str, query_label: Optional[int], results: Sequence[Result],
-                   size: Tuple[int, int] = (224, 224), width: int = 8, clean: bool = True) -> Path:
+def save_retrieval(
+    out_dir: Path,
+    query_path: str,
+    query_label: Optional[int],
+    results: Sequence[Result],
+    size: Tuple[int, int] = (224, 224),
+    width: int = 8,
+    clean: bool = True,
+) -> Path:
     """Write ``query_img.jpg`` and ``retrieval_img_<rank>_<score>.jpg`` (originals' names) and ``grid.png``.
 
     ``query_label=None`` is a query of unknown label (a new image file): same files, but no frames, since
@@ -44,16 +52,19 @@ def save_retrieval(out_dir: Path, query_path: str, query_label: Optional[int], r
     return out_dir
 
 
-def retrieval_grid(query_path: str, query_label: Optional[int], results: Sequence[Result], cell: int = 160,
-                   width: int = 6) -> Image.Image:
+def retrieval_grid(
+    query_path: str, query_label: Optional[int], results: Sequence[Result], cell: int = 160, width: int = 6
+) -> Image.Image:
     """Query (blue frame) then the K results in one row, each captioned with its rank and score; unframed when
     ``query_label`` is None."""
     pad, caption = 8, 18
     grid = Image.new("RGB", ((len(results) + 1) * (cell + pad) + pad, cell + 2 * pad + caption), "white")
     draw = ImageDraw.Draw(grid)
     tiles = [(framed(query_path, (cell, cell), None if query_label is None else BLUE, width), "query")]
-    tiles += [(framed(p, (cell, cell), _color(lab, query_label), width), f"#{r} {s:.4f}")
-              for r, (p, lab, s) in enumerate(results, start=1)]
+    tiles += [
+        (framed(p, (cell, cell), _color(lab, query_label), width), f"#{r} {s:.4f}")
+        for r, (p, lab, s) in enumerate(results, start=1)
+    ]
     for i, (tile, text) in enumerate(tiles):
         x = pad + i * (cell + pad)
         grid.paste(tile, (x, pad))
@@ -65,8 +76,9 @@ def _known(label: Optional[int]) -> bool:
     return label is not None and int(label) >= 0
 
 
-def query_page(out_dir: Path, query_path: str, query_label: Optional[int], results: Sequence[Result],
-               metric: str) -> Path:
+def query_page(
+    out_dir: Path, query_path: str, query_label: Optional[int], results: Sequence[Result], metric: str
+) -> Path:
     """``index.html`` beside the rendered files: the query, then the top-K thumbnails with rank and score, green /
     red frames when both labels are known. Only relative links, so the folder can be zipped and shared."""
     out_dir = Path(out_dir)
@@ -75,18 +87,23 @@ def query_page(out_dir: Path, query_path: str, query_label: Optional[int], resul
     for rank, ((path, label, score), file) in enumerate(zip(results, files), start=1):
         colour = "" if not (_known(query_label) and _known(label)) else ("#0a0" if label == query_label else "#d00")
         style = f"border:6px solid {colour}" if colour else "border:6px solid transparent"
-        cells.append(f'<figure><img src="{html.escape(file.name)}" style="{style}" width="160">'
-                     f"<figcaption>#{rank} {score:.4f}<br>{html.escape(Path(path).name)}"
-                     f"{'' if not _known(label) else f' (label {label})'}</figcaption></figure>")
+        cells.append(
+            f'<figure><img src="{html.escape(file.name)}" style="{style}" width="160">'
+            f"<figcaption>#{rank} {score:.4f}<br>{html.escape(Path(path).name)}"
+            f"{'' if not _known(label) else f' (label {label})'}</figcaption></figure>"
+        )
     order = "smaller is closer" if metric == "euclidean" else "larger is closer"
-    page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(Path(query_path).name)}</title>"
-            "<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px;text-align:center}"
-            "figcaption{font-size:12px;max-width:170px;word-wrap:break-word}</style>"
-            f"<h2>Query {html.escape(Path(query_path).name)}"
-            f"{'' if not _known(query_label) else f' (label {query_label})'}</h2>"
-            f'<figure><img src="query_img.jpg" style="border:6px solid #00f" width="160">'
-            f"<figcaption>query</figcaption></figure><h3>Top {len(cells)} ({metric}: {order})</h3>"
-            + "".join(cells) + '<p><a href="ranking.csv">ranking.csv</a></p>')
+    page = (
+        f"<!doctype html><meta charset='utf-8'><title>{html.escape(Path(query_path).name)}</title>"
+        "<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px;text-align:center}"
+        "figcaption{font-size:12px;max-width:170px;word-wrap:break-word}</style>"
+        f"<h2>Query {html.escape(Path(query_path).name)}"
+        f"{'' if not _known(query_label) else f' (label {query_label})'}</h2>"
+        f'<figure><img src="query_img.jpg" style="border:6px solid #00f" width="160">'
+        f"<figcaption>query</figcaption></figure><h3>Top {len(cells)} ({metric}: {order})</h3>"
+        + "".join(cells)
+        + '<p><a href="ranking.csv">ranking.csv</a></p>'
+    )
     target = out_dir / "index.html"
     target.write_text(page)
     return target
@@ -99,13 +116,18 @@ def summary_page(folder: Path, entries: Sequence[Tuple[Path, str, Optional[bool]
     for out, name, correct in entries:
         rel = Path(out).relative_to(folder).as_posix()
         mark = "" if correct is None else ("&#10003;" if correct else "&#10007;")
-        rows.append(f'<tr><td><a href="{html.escape(rel)}/index.html"><img src="{html.escape(rel)}/grid.png" '
-                    f'height="90"></a></td><td><a href="{html.escape(rel)}/index.html">{html.escape(name)}</a>'
-                    f"</td><td>{mark}</td></tr>")
+        rows.append(
+            f'<tr><td><a href="{html.escape(rel)}/index.html"><img src="{html.escape(rel)}/grid.png" '
+            f'height="90"></a></td><td><a href="{html.escape(rel)}/index.html">{html.escape(name)}</a>'
+            f"</td><td>{mark}</td></tr>"
+        )
     known = [c for _, _, c in entries if c is not None]
     score = f"<p>top-1 correct: {sum(known)} of {len(known)}</p>" if known else ""
-    page = ("<!doctype html><meta charset='utf-8'><title>Queries</title><style>body{font-family:sans-serif}"
-            "td{padding:4px}</style>" f"<h2>{len(entries)} queries</h2>{score}<table>" + "".join(rows) + "</table>")
+    page = (
+        "<!doctype html><meta charset='utf-8'><title>Queries</title><style>body{font-family:sans-serif}"
+        "td{padding:4px}</style>"
+        f"<h2>{len(entries)} queries</h2>{score}<table>" + "".join(rows) + "</table>"
+    )
     target = folder / "index.html"
     target.write_text(page)
     return target

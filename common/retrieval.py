@@ -5,6 +5,7 @@ Every method writes ``results/<method>/<run>_data_base.pth`` and ``<run>_model.p
 here once. What differs per method (building its model from a stored config, its evaluation transform, how its
 output becomes an embedding) is passed in by the caller.
 """
+
 from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional, Tuple
 
@@ -45,22 +46,27 @@ def model_path(db_path: Path) -> Path:
     return RunFiles(db_path.parent, run_prefix(db_path)).model
 
 
-def open_database(name: str, method: str,
-                  requested: Optional[Mapping[str, Any]] = None) -> Tuple[Path, Database]:
+def open_database(name: str, method: str, requested: Optional[Mapping[str, Any]] = None) -> Tuple[Path, Database]:
     """Load a database of ``method``; flags the user gave explicitly (``requested``, None = not given) must match
     its stored config, so a query never runs against features of another model."""
     path = database_path(name, method)
     requested = {k: v for k, v in (requested or {}).items() if v is not None}
     db = load_database(path, requested, list(requested))
     if db.method != method:
-        raise UserError(f"database {path} was written by {db.method!r}, "
-                        f"not by {_DISPLAY_NAMES.get(method, method.upper())}")
+        raise UserError(
+            f"database {path} was written by {db.method!r}, not by {_DISPLAY_NAMES.get(method, method.upper())}"
+        )
     return path, db
 
 
 @torch.inference_mode()
-def embed_file(model: nn.Module, path: str, transform: Callable[[Any], torch.Tensor], device: torch.device,
-               embed: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+def embed_file(
+    model: nn.Module,
+    path: str,
+    transform: Callable[[Any], torch.Tensor],
+    device: torch.device,
+    embed: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
     """Float embedding (on CPU) of any image file, so a query need not be in the database.
 
     ``transform`` must be the method's evaluation transform and ``embed(model, images)`` (as in
@@ -69,14 +75,15 @@ def embed_file(model: nn.Module, path: str, transform: Callable[[Any], torch.Ten
     try:
         image = open_image(path)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read image {path}: {e}")
+        raise UserError(f"cannot read image {path}: {e}") from None
     images = transform(image)[None].to(device, next(model.parameters()).dtype)
     out = embed(model, images) if embed is not None else model(images)
     return out[0].float().cpu()
 
 
-def search(feature: torch.Tensor, gallery: Split, metric: str, k: int, scale: float = 1.0,
-           exclude: Optional[int] = None) -> List[Result]:
+def search(
+    feature: torch.Tensor, gallery: Split, metric: str, k: int, scale: float = 1.0, exclude: Optional[int] = None
+) -> List[Result]:
     """The ``k`` best gallery images for one query feature, best first, as (path, label, score) to print/render."""
     index, scores = rank_gallery(feature, gallery.features, metric, k, scale, exclude)
     return [(gallery.images[i], gallery.labels[i], float(s)) for i, s in zip(index.tolist(), scores.tolist())]

@@ -4,6 +4,7 @@ Checkpoints and databases are plain dicts of tensors, numbers, strings and lists
 ``torch.load(..., weights_only=True)``; the run's configuration is stored inside as a dict and compared with the
 model asked for before anything is loaded.
 """
+
 import os
 import random
 import tempfile
@@ -15,9 +16,23 @@ import torch
 
 from common.errors import UserError
 
-__all__ = ["results_root", "results_dir", "run_name", "set_seed", "rng_state", "set_rng_state", "atomic_save",
-           "safe_load", "check_config", "save_checkpoint", "load_checkpoint", "load_model_file", "Statistics",
-           "plain_config"]
+__all__ = [
+    "results_root",
+    "results_dir",
+    "run_name",
+    "set_seed",
+    "rng_state",
+    "set_rng_state",
+    "atomic_save",
+    "safe_load",
+    "check_config",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model_file",
+    "Statistics",
+    "plain_config",
+]
+
 
 def results_root() -> Path:
     """``results/`` by default; the ``RETRIEVAL_RESULTS`` environment variable moves it (tests use a tmp dir)."""
@@ -60,10 +75,16 @@ def set_seed(seed: int) -> None:
 def rng_state() -> Dict[str, Any]:
     """Python, numpy and torch RNG states as tensors/lists (weights_only-loadable)."""
     np_state = np.random.get_state()
-    state = {"python": list(map(lambda x: list(x) if isinstance(x, tuple) else x, random.getstate())),
-             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                       "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": list(map(lambda x: list(x) if isinstance(x, tuple) else x, random.getstate())),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -72,8 +93,15 @@ def rng_state() -> Dict[str, Any]:
 def set_rng_state(state: Mapping[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32), state["numpy"]["pos"],
-                        state["numpy"]["has_gauss"], state["numpy"]["gauss"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy"]["keys"].numpy().astype(np.uint32),
+            state["numpy"]["pos"],
+            state["numpy"]["has_gauss"],
+            state["numpy"]["gauss"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -102,7 +130,7 @@ def safe_load(path: os.PathLike, what: str = "file") -> Dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot read {what} {path}: not a checkpoint of this toolkit ({type(e).__name__})")
+        raise UserError(f"cannot read {what} {path}: not a checkpoint of this toolkit ({type(e).__name__})") from None
     if not isinstance(obj, dict) or "config" not in obj:
         raise UserError(f"{what} {path} has no stored configuration; it was not written by this toolkit")
     return obj
@@ -115,8 +143,17 @@ def check_config(stored: Mapping[str, Any], expected: Mapping[str, Any], what: s
         raise UserError(f"{what} was written for a different model: " + ", ".join(diffs))
 
 
-def save_checkpoint(path: os.PathLike, *, model: torch.nn.Module, config: Mapping[str, Any], epoch: int,
-                    optimizer=None, scheduler=None, scaler=None, **extra: Any) -> None:
+def save_checkpoint(
+    path: os.PathLike,
+    *,
+    model: torch.nn.Module,
+    config: Mapping[str, Any],
+    epoch: int,
+    optimizer=None,
+    scheduler=None,
+    scaler=None,
+    **extra: Any,
+) -> None:
     """Everything ``--resume`` needs: model, optimizer, scheduler, scaler, RNG states, epoch, configuration."""
     state = {"model": model.state_dict(), "config": dict(config), "epoch": epoch, "rng": rng_state()}
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
@@ -126,8 +163,17 @@ def save_checkpoint(path: os.PathLike, *, model: torch.nn.Module, config: Mappin
     atomic_save(state, path)
 
 
-def load_checkpoint(path: os.PathLike, config: Mapping[str, Any], keys: Sequence[str], *, model: torch.nn.Module,
-                    optimizer=None, scheduler=None, scaler=None, restore_rng: bool = True) -> Dict[str, Any]:
+def load_checkpoint(
+    path: os.PathLike,
+    config: Mapping[str, Any],
+    keys: Sequence[str],
+    *,
+    model: torch.nn.Module,
+    optimizer=None,
+    scheduler=None,
+    scaler=None,
+    restore_rng: bool = True,
+) -> Dict[str, Any]:
     """Load a checkpoint into the given objects after checking its configuration; returns the raw dict."""
     state = _checked_state(path, "checkpoint", config, keys)
     _load_weights(model, state, f"checkpoint {path} does not fit this model")
@@ -139,8 +185,13 @@ def load_checkpoint(path: os.PathLike, config: Mapping[str, Any], keys: Sequence
     return state
 
 
-def load_model_file(path: os.PathLike, expected: Mapping[str, Any], keys: Sequence[str],
-                    build: Callable[[Dict[str, Any]], torch.nn.Module], what: str = "model file") -> torch.nn.Module:
+def load_model_file(
+    path: os.PathLike,
+    expected: Mapping[str, Any],
+    keys: Sequence[str],
+    build: Callable[[Dict[str, Any]], torch.nn.Module],
+    what: str = "model file",
+) -> torch.nn.Module:
     """A trained ``<run>_model.pth``: refused in one line when its configuration differs from ``expected`` on
     ``keys``, then loaded (strictly) into ``build(state)``, the method's own untrained model for that file."""
     state = _checked_state(path, what, expected, keys)
@@ -213,8 +264,10 @@ class Statistics:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        groups = [[c for c in frame.columns if not c.startswith("test_")],
-                  [c for c in frame.columns if c.startswith("test_")]]
+        groups = [
+            [c for c in frame.columns if not c.startswith("test_")],
+            [c for c in frame.columns if c.startswith("test_")],
+        ]
         groups = [g for g in groups if g]
         fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
         for ax, cols in zip(axes[0], groups):

@@ -1,4 +1,5 @@
 """Batch samplers for metric learning."""
+
 from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -16,8 +17,9 @@ class MPerClassSampler(Sampler[List[int]]):
     the same batches as an uninterrupted one.
     """
 
-    def __init__(self, labels: Sequence[int], batch_size: int, m: int, seed: int = 0,
-                 num_batches: Optional[int] = None):
+    def __init__(
+        self, labels: Sequence[int], batch_size: int, m: int, seed: int = 0, num_batches: Optional[int] = None
+    ):
         if m < 1 or batch_size < 1:
             raise ValueError("m and batch_size must be positive")
         labels = np.asarray(labels)

@@ -4,6 +4,7 @@ A method's ``spec.py`` builds a :class:`MethodSpec`; ``common.contract`` impleme
 and ``ablation.py`` once on top of it, so the five methods share one contract (files, columns, flags) and one set
 of bugs to fix.
 """
+
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Tuple
 

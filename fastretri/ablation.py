@@ -8,6 +8,7 @@ dml_cross_entropy::
     python fastretri/ablation.py --better_data_base cub_uncropped_resnet50_data_base.pth \\
         --worse_data_base cub_avgpool_data_base.pth --save_results
 """
+
 from common.contract import ablation_parser, run_ablation, script
 from common.errors import run_cli
 from fastretri.spec import SPEC

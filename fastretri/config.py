@@ -5,6 +5,7 @@ A config is a nested dict. :data:`DEFAULTS` lists every valid key with its defau
 dotted keys followed by values (``SOLVER.BASE_LR 0.01``), parsed as YAML and coerced to the default's type.
 Unknown keys and uncoercible values are one-line :class:`UserError` s.
 """
+
 import argparse
 import ast
 import copy
@@ -17,36 +18,66 @@ from common.engine import RunFiles
 from common.errors import UserError
 from common.runio import plain_config, results_dir, run_name
 
-__all__ = ["DEFAULTS", "DATASET_NAMES", "MODEL_KEYS", "RESUME_FREE", "load_config", "merge_opts", "flatten", "get",
-           "set_value", "resolve_config", "data_name", "pretrained_source", "config_dict", "run_files",
-           "unflatten"]
+__all__ = [
+    "DEFAULTS",
+    "DATASET_NAMES",
+    "MODEL_KEYS",
+    "RESUME_FREE",
+    "load_config",
+    "merge_opts",
+    "flatten",
+    "get",
+    "set_value",
+    "resolve_config",
+    "data_name",
+    "pretrained_source",
+    "config_dict",
+    "run_files",
+    "unflatten",
+]
 
 DEFAULTS: Dict[str, Any] = {
     "MODEL": {
         "WEIGHTS": "",
-        "BACKBONE": {"NAME": "resnet50", "LAST_STRIDE": 1, "NORM": "FrozenBN", "PRETRAIN": True,
-                     "PRETRAIN_PATH": ""},
-        "HEADS": {"POOL_LAYER": "GeneralizedMeanPooling", "GEM_P": 3.0, "WITH_BNNECK": True, "NECK_FEAT": "after",
-                  "CLS_LAYER": "Linear", "SCALE": 1.0},
+        "BACKBONE": {"NAME": "resnet50", "LAST_STRIDE": 1, "NORM": "FrozenBN", "PRETRAIN": True, "PRETRAIN_PATH": ""},
+        "HEADS": {
+            "POOL_LAYER": "GeneralizedMeanPooling",
+            "GEM_P": 3.0,
+            "WITH_BNNECK": True,
+            "NECK_FEAT": "after",
+            "CLS_LAYER": "Linear",
+            "SCALE": 1.0,
+        },
         "LOSSES": {"NAME": ["CrossEntropyLoss"], "CE": {"EPSILON": 0.1, "SCALE": 1.0}},
     },
     "INPUT": {
-        "SIZE_TRAIN": [256, 256], "SIZE_TEST": [256, 256],
+        "SIZE_TRAIN": [256, 256],
+        "SIZE_TEST": [256, 256],
         "CROP": {"ENABLED": True, "SIZE": [224], "SCALE": [0.16, 1.0], "RATIO": [0.75, 1.33]},
         "FLIP": {"ENABLED": True, "PROB": 0.5},
-        "CJ": {"ENABLED": False, "PROB": 0.5, "BRIGHTNESS": 0.15, "CONTRAST": 0.15, "SATURATION": 0.1,
-               "HUE": 0.1},
+        "CJ": {"ENABLED": False, "PROB": 0.5, "BRIGHTNESS": 0.15, "CONTRAST": 0.15, "SATURATION": 0.1, "HUE": 0.1},
     },
     "DATASETS": {"NAMES": ["cub"], "ROOT": "data", "CROP_TYPE": "uncropped"},
     "DATALOADER": {"SAMPLER_TRAIN": "TrainingSampler", "NUM_WORKERS": 8},
     "SOLVER": {
         "AMP": {"ENABLED": True, "DTYPE": "bfloat16"},
-        "OPT": "SGD", "MAX_EPOCH": 100, "BASE_LR": 0.003, "MOMENTUM": 0.99, "NESTEROV": True,
-        "WEIGHT_DECAY": 0.0005, "WEIGHT_DECAY_BIAS": 0.0, "WEIGHT_DECAY_NORM": 0.0005, "BIAS_LR_FACTOR": 1.0,
-        "SCHED": "CosineAnnealingLR", "ETA_MIN_LR": 3e-5,
-        "WARMUP_FACTOR": 0.1, "WARMUP_ITERS": 1000, "WARMUP_METHOD": "linear",
+        "OPT": "SGD",
+        "MAX_EPOCH": 100,
+        "BASE_LR": 0.003,
+        "MOMENTUM": 0.99,
+        "NESTEROV": True,
+        "WEIGHT_DECAY": 0.0005,
+        "WEIGHT_DECAY_BIAS": 0.0,
+        "WEIGHT_DECAY_NORM": 0.0005,
+        "BIAS_LR_FACTOR": 1.0,
+        "SCHED": "CosineAnnealingLR",
+        "ETA_MIN_LR": 3e-5,
+        "WARMUP_FACTOR": 0.1,
+        "WARMUP_ITERS": 1000,
+        "WARMUP_METHOD": "linear",
         "CLIP_GRADIENTS": {"ENABLED": True, "CLIP_TYPE": "norm", "CLIP_VALUE": 5.0, "NORM_TYPE": 2.0},
-        "IMS_PER_BATCH": 128, "CHECKPOINT_PERIOD": 10,
+        "IMS_PER_BATCH": 128,
+        "CHECKPOINT_PERIOD": 10,
     },
     "TEST": {"EVAL_PERIOD": 10, "IMS_PER_BATCH": 256, "RECALLS": [1, 2, 4, 8, 16, 32], "METRIC": "cosine"},
     "SEED": 0,
@@ -180,17 +211,51 @@ def flatten(cfg: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 # DATASETS.NAMES (case-insensitive) -> this repository's processed datasets: the names fast-reid's FastRetri
 # registers (projects/FastRetri/fastretri/datasets.py: Cars196, CUB, SOP, InShop) and this repository's own
-DATASET_NAMES = {"cub": "cub", "cars196": "car", "cars": "car", "car": "car", "sop": "sop", "inshop": "isc",
-                 "isc": "isc", "demo": "demo"}
+DATASET_NAMES = {
+    "cub": "cub",
+    "cars196": "car",
+    "cars": "car",
+    "car": "car",
+    "sop": "sop",
+    "inshop": "isc",
+    "isc": "isc",
+    "demo": "demo",
+}
 # keys that must match to load a model or database; everything but these bookkeeping keys must match to resume
-MODEL_KEYS = ("MODEL.BACKBONE.NAME", "MODEL.BACKBONE.LAST_STRIDE", "MODEL.BACKBONE.NORM", "MODEL.HEADS.GEM_P",
-              "MODEL.HEADS.WITH_BNNECK", "MODEL.HEADS.SCALE", "DATASETS.NAMES", "DATASETS.CROP_TYPE",
-              "INPUT.SIZE_TEST", "INPUT.CROP.ENABLED", "INPUT.CROP.SIZE")
-RESUME_FREE = ("DATALOADER.NUM_WORKERS", "SOLVER.MAX_EPOCH", "TEST.EVAL_PERIOD", "TEST.IMS_PER_BATCH",
-               "TEST.RECALLS", "DATASETS.ROOT", "SOLVER.CHECKPOINT_PERIOD", "MODEL.WEIGHTS", "OUTPUT_NAME")
-_CLI_KEYS = {"data_path": "DATASETS.ROOT", "crop_type": "DATASETS.CROP_TYPE", "num_workers": "DATALOADER.NUM_WORKERS",
-             "batch_size": "SOLVER.IMS_PER_BATCH", "num_epochs": "SOLVER.MAX_EPOCH", "seed": "SEED",
-             "recalls": "TEST.RECALLS", "amp": "SOLVER.AMP.ENABLED"}
+MODEL_KEYS = (
+    "MODEL.BACKBONE.NAME",
+    "MODEL.BACKBONE.LAST_STRIDE",
+    "MODEL.BACKBONE.NORM",
+    "MODEL.HEADS.GEM_P",
+    "MODEL.HEADS.WITH_BNNECK",
+    "MODEL.HEADS.SCALE",
+    "DATASETS.NAMES",
+    "DATASETS.CROP_TYPE",
+    "INPUT.SIZE_TEST",
+    "INPUT.CROP.ENABLED",
+    "INPUT.CROP.SIZE",
+)
+RESUME_FREE = (
+    "DATALOADER.NUM_WORKERS",
+    "SOLVER.MAX_EPOCH",
+    "TEST.EVAL_PERIOD",
+    "TEST.IMS_PER_BATCH",
+    "TEST.RECALLS",
+    "DATASETS.ROOT",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "MODEL.WEIGHTS",
+    "OUTPUT_NAME",
+)
+_CLI_KEYS = {
+    "data_path": "DATASETS.ROOT",
+    "crop_type": "DATASETS.CROP_TYPE",
+    "num_workers": "DATALOADER.NUM_WORKERS",
+    "batch_size": "SOLVER.IMS_PER_BATCH",
+    "num_epochs": "SOLVER.MAX_EPOCH",
+    "seed": "SEED",
+    "recalls": "TEST.RECALLS",
+    "amp": "SOLVER.AMP.ENABLED",
+}
 
 
 def resolve_config(args: argparse.Namespace) -> Dict:
@@ -223,8 +288,9 @@ def data_name(cfg: Dict) -> str:
     or the name of a custom dataset made by data_utils.py (checked when its index is read)."""
     names = cfg["DATASETS"]["NAMES"]
     if len(names) != 1:
-        raise UserError(f"DATASETS.NAMES must name one dataset (CUB, Cars196, SOP, InShop, demo or your own), "
-                        f"got {names}")
+        raise UserError(
+            f"DATASETS.NAMES must name one dataset (CUB, Cars196, SOP, InShop, demo or your own), got {names}"
+        )
     return DATASET_NAMES.get(str(names[0]).lower(), str(names[0]))
 
 
@@ -238,8 +304,9 @@ def config_dict(cfg: Dict) -> Dict:
 
 
 def run_files(cfg: Dict) -> RunFiles:
-    name = cfg["OUTPUT_NAME"] or run_name(data_name(cfg), cfg["DATASETS"]["CROP_TYPE"],
-                                          cfg["MODEL"]["BACKBONE"]["NAME"])
+    name = cfg["OUTPUT_NAME"] or run_name(
+        data_name(cfg), cfg["DATASETS"]["CROP_TYPE"], cfg["MODEL"]["BACKBONE"]["NAME"]
+    )
     return RunFiles(results_dir("fastretri"), name)
 
 

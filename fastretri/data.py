@@ -1,4 +1,5 @@
 """FastRetri data: transforms from the config, the datasets and the global-batch sampler."""
+
 from typing import Dict, Tuple
 
 import torch
@@ -15,10 +16,16 @@ def build_transforms(cfg: Dict) -> Tuple:
     i = cfg["INPUT"]
     cj = i["CJ"]
     common = dict(crop_size=i["CROP"]["SIZE"][0], crop=i["CROP"]["ENABLED"])
-    train = fastretri_transform(True, i["SIZE_TRAIN"], scale=i["CROP"]["SCALE"], ratio=i["CROP"]["RATIO"],
-                                flip_prob=i["FLIP"]["PROB"] if i["FLIP"]["ENABLED"] else 0.0,
-                                jitter=[cj["BRIGHTNESS"], cj["CONTRAST"], cj["SATURATION"], cj["HUE"]]
-                                if cj["ENABLED"] else None, jitter_prob=cj["PROB"], **common)
+    train = fastretri_transform(
+        True,
+        i["SIZE_TRAIN"],
+        scale=i["CROP"]["SCALE"],
+        ratio=i["CROP"]["RATIO"],
+        flip_prob=i["FLIP"]["PROB"] if i["FLIP"]["ENABLED"] else 0.0,
+        jitter=[cj["BRIGHTNESS"], cj["CONTRAST"], cj["SATURATION"], cj["HUE"]] if cj["ENABLED"] else None,
+        jitter_prob=cj["PROB"],
+        **common,
+    )
     return train, fastretri_transform(False, i["SIZE_TEST"], **common)
 
 
@@ -52,4 +59,4 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000003 + self.epoch))
         for b in range(len(self)):
             start = b * self.global_batch + self.rank * self.per_rank
-            yield perm[start:start + self.per_rank].tolist()
+            yield perm[start : start + self.per_rank].tolist()

@@ -1,5 +1,6 @@
 """FastRetri's only loss: cross-entropy with fast-reid's label smoothing (1 - eps on the target, eps / (C - 1) on
 every other class; torch's ``label_smoothing`` instead puts eps / C on every class including the target)."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -11,6 +11,7 @@ The neck's BatchNorm is fast-reid's SyncBN in spirit: with several processes it 
 the *global* batch (so 4 x 32 images behave like 1 x 128), but unlike ``nn.SyncBatchNorm`` it needs no GPU and no
 process group: a single process is a plain BatchNorm1d (the original crashed there, fast-reid #667).
 """
+
 import os
 import re
 from typing import Any, Dict, Mapping, Tuple, Union
@@ -27,8 +28,17 @@ from common.presets import IMAGENET_MEAN, IMAGENET_STD
 from common.runio import load_model_file
 from fastretri.config import MODEL_KEYS, config_dict
 
-__all__ = ["GlobalBatchNorm1d", "FastRetri", "freeze_batchnorm", "fastreid_stem_pool", "build_model", "load_model",
-           "is_fastreid_state", "fastreid_to_fastretri", "load_fastreid_model"]
+__all__ = [
+    "GlobalBatchNorm1d",
+    "FastRetri",
+    "freeze_batchnorm",
+    "fastreid_stem_pool",
+    "build_model",
+    "load_model",
+    "is_fastreid_state",
+    "fastreid_to_fastretri",
+    "load_fastreid_model",
+]
 
 
 class GlobalBatchNorm1d(GlobalBatchNorm):
@@ -62,15 +72,24 @@ class FastRetri(nn.Module):
     The logits come from the same forward so that DistributedDataParallel sees every parameter used.
     """
 
-    def __init__(self, num_classes: int, backbone: str = "resnet50", pretrained: str = "none",
-                 last_stride: int = 1, norm: str = "FrozenBN", gem_p: float = 3.0, with_bnneck: bool = True,
-                 scale: float = 1.0):
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet50",
+        pretrained: str = "none",
+        last_stride: int = 1,
+        norm: str = "FrozenBN",
+        gem_p: float = 3.0,
+        with_bnneck: bool = True,
+        scale: float = 1.0,
+    ):
         super().__init__()
         net = build_resnet(backbone, pretrained)
         if last_stride == 1:
             _last_stride_one(net.layer4)
-        self.backbone = nn.Sequential(net.conv1, net.bn1, net.relu, fastreid_stem_pool(),
-                                      net.layer1, net.layer2, net.layer3, net.layer4)
+        self.backbone = nn.Sequential(
+            net.conv1, net.bn1, net.relu, fastreid_stem_pool(), net.layer1, net.layer2, net.layer3, net.layer4
+        )
         self.feat_dim = net.fc.in_features
         self.frozen_bn = norm == "FrozenBN"
         self.pool = GeM(p=gem_p, eps=1e-6)
@@ -105,13 +124,21 @@ class FastRetri(nn.Module):
 def build_model(cfg: dict, num_classes: int, pretrained: str) -> FastRetri:
     """The model a FastRetri config describes (``MODEL.*``)."""
     backbone, heads = cfg["MODEL"]["BACKBONE"], cfg["MODEL"]["HEADS"]
-    return FastRetri(num_classes, backbone=backbone["NAME"], pretrained=pretrained,
-                     last_stride=backbone["LAST_STRIDE"], norm=backbone["NORM"], gem_p=heads["GEM_P"],
-                     with_bnneck=heads["WITH_BNNECK"], scale=heads["SCALE"])
+    return FastRetri(
+        num_classes,
+        backbone=backbone["NAME"],
+        pretrained=pretrained,
+        last_stride=backbone["LAST_STRIDE"],
+        norm=backbone["NORM"],
+        gem_p=heads["GEM_P"],
+        with_bnneck=heads["WITH_BNNECK"],
+        scale=heads["SCALE"],
+    )
 
 
 def load_model(cfg: Dict, path: str) -> FastRetri:
     """The model of ``cfg`` with the weights in ``path``, refused if they were trained for another model."""
+
     def build(state: Dict) -> FastRetri:
         if "classifier.weight" not in state.get("model", {}):
             raise UserError(f"{path} holds no FastRetri weights")
@@ -129,7 +156,7 @@ _FASTREID_PIXEL = {"pixel_mean": [255 * m for m in IMAGENET_MEAN], "pixel_std": 
 
 
 def _without_ddp_prefix(state: Mapping[str, Any]) -> Dict[str, Any]:
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
 def is_fastreid_state(state: Mapping[str, Any]) -> bool:
@@ -153,14 +180,16 @@ def fastreid_to_fastretri(state: Mapping[str, torch.Tensor], model: FastRetri) -
         if key in _FASTREID_PIXEL:
             expected = torch.tensor(_FASTREID_PIXEL[key], dtype=torch.float64)
             if value.numel() != 3 or not torch.allclose(value.double().flatten(), expected, atol=1e-3):
-                odd.append(f"{key}={[round(v, 3) for v in value.flatten().tolist()]} (this model normalises with "
-                           f"{[round(v, 3) for v in _FASTREID_PIXEL[key]]})")
+                odd.append(
+                    f"{key}={[round(v, 3) for v in value.flatten().tolist()]} (this model normalises with "
+                    f"{[round(v, 3) for v in _FASTREID_PIXEL[key]]})"
+                )
             continue
         m = re.match(r"backbone\.(conv1|bn1|layer[1-4])\.(.+)$", key)
         if m:
             out[f"backbone.{_FASTREID_STAGES[m.group(1)]}.{m.group(2)}"] = value
         elif key.startswith("heads.bottleneck.0."):
-            out["bottleneck." + key[len("heads.bottleneck.0."):]] = value
+            out["bottleneck." + key[len("heads.bottleneck.0.") :]] = value
         elif key in ("heads.weight", "heads.classifier.weight"):
             out["classifier.weight"] = value
         else:
@@ -173,11 +202,15 @@ def fastreid_to_fastretri(state: Mapping[str, torch.Tensor], model: FastRetri) -
             out[key] = value
     missing = [k for k in own if k not in out]
     unexpected = [k for k in out if k not in own]
-    shapes = [f"{k} {tuple(out[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in out and out[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(out[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in out and out[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
-        parts = [f"{label} ({len(keys)}): {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys]
+        parts = [
+            f"{label} ({len(keys)}): {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+            if keys
+        ]
         raise UserError("does not fit " + "; ".join(parts))
     return out
 
@@ -196,12 +229,15 @@ def load_fastreid_model(cfg: Dict, path: Union[str, os.PathLike]) -> FastRetri:
     except Exception as e:  # noqa: BLE001 - anything unreadable is refused in one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         reason = f"{type(e).__name__}: {first[:150]}"
-        raise UserError(f"cannot read {path} with torch.load(weights_only=True) ({reason}); re-save only its "
-                        f"weights: torch.save({{'model': ckpt['model']}}, 'model_weights.pth')") from None
+        raise UserError(
+            f"cannot read {path} with torch.load(weights_only=True) ({reason}); re-save only its "
+            f"weights: torch.save({{'model': ckpt['model']}}, 'model_weights.pth')"
+        ) from None
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not is_fastreid_state(state):
-        raise UserError(f"{path} holds no fast-reid Baseline weights (no 'model' dict with backbone.conv1.* and "
-                        f"heads.* keys)")
+        raise UserError(
+            f"{path} holds no fast-reid Baseline weights (no 'model' dict with backbone.conv1.* and heads.* keys)"
+        )
     state = _without_ddp_prefix(state)
     classifier = state.get("heads.weight", state.get("heads.classifier.weight"))
     if classifier is None or classifier.dim() != 2:
@@ -210,8 +246,9 @@ def load_fastreid_model(cfg: Dict, path: Union[str, os.PathLike]) -> FastRetri:
     try:
         mapped = fastreid_to_fastretri(state, model)
     except UserError as e:
-        raise UserError(f"{path} {e} (a {cfg['MODEL']['BACKBONE']['NAME']} FastRetri with "
-                        f"WITH_BNNECK={cfg['MODEL']['HEADS']['WITH_BNNECK']})") from None
+        raise UserError(
+            f"{path} {e} (a {cfg['MODEL']['BACKBONE']['NAME']} FastRetri with "
+            f"WITH_BNNECK={cfg['MODEL']['HEADS']['WITH_BNNECK']})"
+        ) from None
     model.load_state_dict(mapped, strict=True)
     return model.eval()
-

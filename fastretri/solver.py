@@ -12,6 +12,7 @@
   of all of a group's gradients together with torch's ``clip_grad_norm_`` (``max_norm / (norm + 1e-6)``, at most 1).
   With FrozenBN every trainable FastRetri tensor is in one group, i.e. the norm of all gradients is clipped at 5.
 """
+
 import math
 from typing import Dict, List, Tuple
 
@@ -21,8 +22,16 @@ from torch import nn
 __all__ = ["lr_at", "build_optimizer", "clip_grad_norm_groups", "set_lr"]
 
 
-def lr_at(iteration: int, *, base_lr: float, iters_per_epoch: int, max_epoch: int, warmup_iters: int = 1000,
-          warmup_factor: float = 0.1, eta_min: float = 0.0) -> float:
+def lr_at(
+    iteration: int,
+    *,
+    base_lr: float,
+    iters_per_epoch: int,
+    max_epoch: int,
+    warmup_iters: int = 1000,
+    warmup_factor: float = 0.1,
+    eta_min: float = 0.0,
+) -> float:
     """Learning rate used at global (0-based) ``iteration``."""
     if iteration < warmup_iters:
         alpha = iteration / warmup_iters
@@ -49,22 +58,26 @@ def build_optimizer(model: nn.Module, cfg: Dict) -> torch.optim.Optimizer:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and p is getattr(m, "weight", None)
-                      for m in model.modules())
+        is_norm = any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and p is getattr(m, "weight", None) for m in model.modules()
+        )
         if name.endswith("bias"):
             wd, factor = s["WEIGHT_DECAY_BIAS"], s["BIAS_LR_FACTOR"]
         else:
             wd, factor = (s["WEIGHT_DECAY_NORM"] if is_norm else s["WEIGHT_DECAY"]), 1.0
-        groups.append({"params": [p], "weight_decay": wd, "lr_factor": factor, "lr": s["BASE_LR"] * factor,
-                       "name": name})
+        groups.append(
+            {"params": [p], "weight_decay": wd, "lr_factor": factor, "lr": s["BASE_LR"] * factor, "name": name}
+        )
     if s["OPT"] != "SGD":
         raise ValueError(f"SOLVER.OPT {s['OPT']} is not supported (FastRetri uses SGD)")
-    return torch.optim.SGD(groups, lr=s["BASE_LR"], momentum=s["MOMENTUM"],
-                           nesterov=s["NESTEROV"] and s["MOMENTUM"] > 0)
+    return torch.optim.SGD(
+        groups, lr=s["BASE_LR"], momentum=s["MOMENTUM"], nesterov=s["NESTEROV"] and s["MOMENTUM"] > 0
+    )
 
 
-def clip_grad_norm_groups(optimizer: torch.optim.Optimizer, max_norm: float,
-                          norm_type: float = 2.0) -> List[torch.Tensor]:
+def clip_grad_norm_groups(
+    optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float = 2.0
+) -> List[torch.Tensor]:
     """Clip the gradient norm of each fast-reid ``ContiguousParams`` buffer, i.e. of all parameters sharing a
     (learning-rate factor, weight decay) pair, with torch's ``clip_grad_norm_``; returns each group's norm before
     clipping (0-d tensors: no device synchronisation).

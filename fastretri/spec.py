@@ -1,5 +1,6 @@
 """FastRetri as the shared test / inference / ablation / export code sees it (configs stored flat:
 ``{"MODEL.BACKBONE.NAME": ..., "DATASETS.NAMES": [...], "num_classes": C}``)."""
+
 from typing import Any, Mapping, Tuple
 
 import torch
@@ -38,8 +39,10 @@ def import_fastreid(path, args) -> Tuple[dict, nn.Module]:
     fast-reid's ``--eval-only`` passes along (``args.fastreid_cfg``)."""
     cfg = getattr(args, "fastreid_cfg", None)
     if cfg is None:
-        raise UserError(f"{path} has no stored configuration (a fast-reid file?); evaluate it with "
-                        f"python fastretri/train.py --config-file CONFIG --eval-only MODEL.WEIGHTS {path}")
+        raise UserError(
+            f"{path} has no stored configuration (a fast-reid file?); evaluate it with "
+            f"python fastretri/train.py --config-file CONFIG --eval-only MODEL.WEIGHTS {path}"
+        )
     model = load_fastreid_model(cfg, str(path))
     config = {**config_dict(cfg), "num_classes": model.classifier.weight.shape[0], "method": "fastretri"}
     return config, model

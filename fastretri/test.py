@@ -6,6 +6,7 @@
 
 fast-reid's own spelling works too: ``python fastretri/train.py --config-file ... --eval-only MODEL.WEIGHTS FILE``.
 """
+
 from common.contract import run_test, script, test_parser
 from common.errors import run_cli
 from fastretri.spec import SPEC

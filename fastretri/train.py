@@ -8,6 +8,7 @@ ResNet-50 with frozen BN and last stride 1, GeM, BNNeck and a bias-free classifi
 cross-entropy (SGD, 1k-iteration warm-up, per-epoch cosine, global-norm gradient clipping, AMP). One process per
 GPU with DistributedDataParallel, or CPU processes with gloo; the global batch stays SOLVER.IMS_PER_BATCH.
 """
+
 import argparse
 import os
 from typing import Dict, List, Optional, Tuple
@@ -44,10 +45,22 @@ from fastretri.solver import build_optimizer, clip_grad_norm_groups, lr_at, set_
 from fastretri.spec import SPEC, embed
 
 
-def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                    device: torch.device, epoch: int, *, schedule, scaler=None, amp: bool = False,
-                    amp_dtype: torch.dtype = torch.bfloat16, clip: Optional[float] = None,
-                    main: bool = True, dtype: torch.dtype = torch.float32) -> Dict[str, float]:
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    device: torch.device,
+    epoch: int,
+    *,
+    schedule,
+    scaler=None,
+    amp: bool = False,
+    amp_dtype: torch.dtype = torch.bfloat16,
+    clip: Optional[float] = None,
+    main: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> Dict[str, float]:
     """One epoch; ``schedule(global_iteration)`` sets the learning rate before every step."""
     model.train()
     loader.batch_sampler.set_epoch(epoch)
@@ -83,16 +96,31 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     return {"train_loss": float(totals[0]), "train_accuracy": 100.0 * float(totals[1]), "lr": float(totals[2])}
 
 
-def evaluate(model: nn.Module, datasets: Dict[str, RetrievalDataset], splits_of: Tuple[str, str],
-             device: torch.device, recalls: List[int], batch_size: int = 256, workers: int = 0,
-             amp: bool = False) -> Evaluation:
+def evaluate(
+    model: nn.Module,
+    datasets: Dict[str, RetrievalDataset],
+    splits_of: Tuple[str, str],
+    device: torch.device,
+    recalls: List[int],
+    batch_size: int = 256,
+    workers: int = 0,
+    amp: bool = False,
+) -> Evaluation:
     """Recall@K (cosine of L2-normalised BNNeck features, self excluded by index); every rank embeds its share."""
     q_name, g_name = splits_of
     splits = {}
     for name in dict.fromkeys((q_name, g_name)):
         ds = datasets[name]
-        features = embed_dataset(model, ds, batch_size=batch_size, num_workers=workers, device=device, embed=embed,
-                                 amp=amp, desc=f"{name} features")
+        features = embed_dataset(
+            model,
+            ds,
+            batch_size=batch_size,
+            num_workers=workers,
+            device=device,
+            embed=embed,
+            amp=amp,
+            desc=f"{name} features",
+        )
         splits[name] = Split(ds.images, ds.labels, features)
     return Evaluation(eval_recalls(splits[q_name], splits[g_name], recalls, q_name == g_name), splits)
 
@@ -117,11 +145,17 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
         model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     # ---- data ----
     per_rank = solver["IMS_PER_BATCH"] // info.world_size
-    sampler = GlobalBatchSampler(len(datasets["train"]), solver["IMS_PER_BATCH"], info.rank, info.world_size,
-                                 cfg["SEED"])
+    sampler = GlobalBatchSampler(
+        len(datasets["train"]), solver["IMS_PER_BATCH"], info.rank, info.world_size, cfg["SEED"]
+    )
     workers = cfg["DATALOADER"]["NUM_WORKERS"]
-    loader = DataLoader(datasets["train"], batch_sampler=sampler, num_workers=workers,
-                        pin_memory=info.device.type == "cuda", persistent_workers=workers > 0)
+    loader = DataLoader(
+        datasets["train"],
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=info.device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
     # ---- optimisation ----
     optimizer = build_optimizer(model_without_ddp, cfg)
     ce = cfg["MODEL"]["LOSSES"]["CE"]
@@ -132,36 +166,76 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
     ipe = len(sampler)
 
     def schedule(iteration: int) -> float:
-        return lr_at(iteration, base_lr=solver["BASE_LR"], iters_per_epoch=ipe, max_epoch=solver["MAX_EPOCH"],
-                     warmup_iters=solver["WARMUP_ITERS"], warmup_factor=solver["WARMUP_FACTOR"],
-                     eta_min=solver["ETA_MIN_LR"])
+        return lr_at(
+            iteration,
+            base_lr=solver["BASE_LR"],
+            iters_per_epoch=ipe,
+            max_epoch=solver["MAX_EPOCH"],
+            warmup_iters=solver["WARMUP_ITERS"],
+            warmup_factor=solver["WARMUP_FACTOR"],
+            eta_min=solver["ETA_MIN_LR"],
+        )
 
     clip = solver["CLIP_GRADIENTS"]["CLIP_VALUE"] if solver["CLIP_GRADIENTS"]["ENABLED"] else None
 
     def evaluate_now(epoch: int) -> Evaluation:
         if epoch not in (0, solver["MAX_EPOCH"]) and epoch % cfg["TEST"]["EVAL_PERIOD"]:
             return Evaluation({})
-        return evaluate(model, datasets, eval_splits(data, cfg["DATASETS"]["ROOT"]), info.device, cfg["TEST"]["RECALLS"], cfg["TEST"]["IMS_PER_BATCH"],
-                        workers, amp)
+        return evaluate(
+            model,
+            datasets,
+            eval_splits(data, cfg["DATASETS"]["ROOT"]),
+            info.device,
+            cfg["TEST"]["RECALLS"],
+            cfg["TEST"]["IMS_PER_BATCH"],
+            workers,
+            amp,
+        )
 
     # ---- epochs: the same loop on every rank; Run writes on rank 0 only ----
     files = run_files(cfg)
-    config = {**config_dict(cfg), "num_classes": datasets["train"].num_classes, "method": "fastretri",
-              "float64": args.float64, "augment": args.augment}
+    config = {
+        **config_dict(cfg),
+        "num_classes": datasets["train"].num_classes,
+        "method": "fastretri",
+        "float64": args.float64,
+        "augment": args.augment,
+    }
     q, g = eval_splits(data, cfg["DATASETS"]["ROOT"])
-    run = Run(files, config, [k for k in config if k not in RESUME_FREE], "fastretri", solver["MAX_EPOCH"],
-              recalls=cfg["TEST"]["RECALLS"], selection=args.model_selection,
-              database={"metric": "cosine", "query": q, "gallery": g})
+    run = Run(
+        files,
+        config,
+        [k for k in config if k not in RESUME_FREE],
+        "fastretri",
+        solver["MAX_EPOCH"],
+        recalls=cfg["TEST"]["RECALLS"],
+        selection=args.model_selection,
+        database={"metric": "cosine", "query": q, "gallery": g},
+    )
     if main_rank:
-        print(f"FastRetri {data}: {len(datasets['train'])} training images, {ipe} iterations/epoch, "
-              f"{info.world_size} process(es) x {per_rank} images on {info.device}; writing {files.path('*')}")
+        print(
+            f"FastRetri {data}: {len(datasets['train'])} training images, {ipe} iterations/epoch, "
+            f"{info.world_size} process(es) x {per_rank} images on {info.device}; writing {files.path('*')}"
+        )
     start, _ = run.resume(args.resume, model, optimizer, scaler=scaler)
     if start == 1:
         run.log(0, {}, evaluate_now(0), model)
     for epoch in range(start, solver["MAX_EPOCH"] + 1):
-        train_stats = train_one_epoch(model, criterion, optimizer, loader, info.device, epoch, schedule=schedule,
-                                      scaler=scaler, amp=amp, amp_dtype=amp_dtype, clip=clip, main=main_rank,
-                                      dtype=dtype)
+        train_stats = train_one_epoch(
+            model,
+            criterion,
+            optimizer,
+            loader,
+            info.device,
+            epoch,
+            schedule=schedule,
+            scaler=scaler,
+            amp=amp,
+            amp_dtype=amp_dtype,
+            clip=clip,
+            main=main_rank,
+            dtype=dtype,
+        )
         run.log(epoch, train_stats, evaluate_now(epoch), model)
         run.checkpoint(epoch, model, optimizer, scaler=scaler)
     run.finish()
@@ -175,7 +249,7 @@ def plan_processes(args: argparse.Namespace) -> Tuple[int, bool, Optional[List[i
     if args.num_gpus > 0 and gpu_ids:
         if args.num_gpus > len(gpu_ids):
             raise UserError(f"--num-gpus {args.num_gpus} but only {len(gpu_ids)} GPU(s) available")
-        return args.num_gpus, True, gpu_ids[:args.num_gpus]
+        return args.num_gpus, True, gpu_ids[: args.num_gpus]
     return args.num_procs, False, None
 
 
@@ -186,11 +260,18 @@ def check_setup(cfg: Dict, world_size: int) -> None:
         raise UserError(f"SOLVER.IMS_PER_BATCH {batch} is not divisible by the {world_size} processes")
     datasets = build_datasets(cfg)
     if len(datasets["train"]) < batch:
-        raise UserError(f"the training split has {len(datasets['train'])} images, fewer than one global batch "
-                        f"(SOLVER.IMS_PER_BATCH {batch})")
+        raise UserError(
+            f"the training split has {len(datasets['train'])} images, fewer than one global batch "
+            f"(SOLVER.IMS_PER_BATCH {batch})"
+        )
     q, g = eval_splits(data_name(cfg), cfg["DATASETS"]["ROOT"])
-    ns = argparse.Namespace(data_name=data_name(cfg), crop_type=cfg["DATASETS"]["CROP_TYPE"], batch_size=batch,
-                            num_epochs=cfg["SOLVER"]["MAX_EPOCH"], recalls=cfg["TEST"]["RECALLS"])
+    ns = argparse.Namespace(
+        data_name=data_name(cfg),
+        crop_type=cfg["DATASETS"]["CROP_TYPE"],
+        batch_size=batch,
+        num_epochs=cfg["SOLVER"]["MAX_EPOCH"],
+        recalls=cfg["TEST"]["RECALLS"],
+    )
     validate_args(ns, len(datasets[g]), self_excluded=q == g)
     build_model(cfg, 2, pretrained_source(cfg))  # weights found and matching before spawning
 
@@ -198,11 +279,20 @@ def check_setup(cfg: Dict, world_size: int) -> None:
 def evaluate_only(args: argparse.Namespace, cfg: Dict) -> Dict[str, float]:
     """fast-reid's ``--eval-only``: the shared ``test.py`` on ``MODEL.WEIGHTS`` (default: this run's model file)."""
     weights = cfg["MODEL"]["WEIGHTS"] or str(run_files(cfg).model)
-    test_args = argparse.Namespace(model_file=weights, data_base=None, data_path=cfg["DATASETS"]["ROOT"],
-                                   recalls=cfg["TEST"]["RECALLS"], batch_size=cfg["TEST"]["IMS_PER_BATCH"],
-                                   num_workers=cfg["DATALOADER"]["NUM_WORKERS"], gpu_ids=args.gpu_ids,
-                                   save_data_base=None, query_img_name=None, retrieval_num=8, fastreid_cfg=cfg,
-                                   expected_config={k: v for k, v in config_dict(cfg).items() if k in MODEL_KEYS})
+    test_args = argparse.Namespace(
+        model_file=weights,
+        data_base=None,
+        data_path=cfg["DATASETS"]["ROOT"],
+        recalls=cfg["TEST"]["RECALLS"],
+        batch_size=cfg["TEST"]["IMS_PER_BATCH"],
+        num_workers=cfg["DATALOADER"]["NUM_WORKERS"],
+        gpu_ids=args.gpu_ids,
+        save_data_base=None,
+        query_img_name=None,
+        retrieval_num=8,
+        fastreid_cfg=cfg,
+        expected_config={k: v for k, v in config_dict(cfg).items() if k in MODEL_KEYS},
+    )
     return run_test(SPEC, test_args)
 
 
@@ -230,26 +320,61 @@ def main(args: argparse.Namespace) -> None:
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parent = common_parser(data_name="cub", batch_size=128, num_epochs=30, recalls="1,2,4,8,16,32")
     # the shared flags override the config only when given; by default the YAML decides
-    parent.set_defaults(data_path=None, crop_type=None, num_workers=None, batch_size=None, num_epochs=None,
-                        seed=None, recalls=None, pretrained=None, amp=None, data_name=None)
+    parent.set_defaults(
+        data_path=None,
+        crop_type=None,
+        num_workers=None,
+        batch_size=None,
+        num_epochs=None,
+        seed=None,
+        recalls=None,
+        pretrained=None,
+        amp=None,
+        data_name=None,
+    )
     parser = argparse.ArgumentParser("FastRetri training", parents=[parent], add_help=add_help)
-    parser.add_argument("--config-file", default="fastretri/configs/cub.yml", metavar="FILE",
-                        help="YAML config (default: fastretri/configs/cub.yml)")
+    parser.add_argument(
+        "--config-file",
+        default="fastretri/configs/cub.yml",
+        metavar="FILE",
+        help="YAML config (default: fastretri/configs/cub.yml)",
+    )
     g = parser.add_argument_group("distributed")
-    g.add_argument("--num-gpus", type=int, default=1,
-                   help="GPUs = processes on this machine, one DDP process each (default: 1; 0 or no CUDA = CPU)")
-    g.add_argument("--num-procs", type=int, default=1,
-                   help="CPU processes (gloo DDP) when no GPU is used (default: 1)")
-    g.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
-                   help="process-group backend (default: auto = nccl on GPU, gloo on CPU)")
+    g.add_argument(
+        "--num-gpus",
+        type=int,
+        default=1,
+        help="GPUs = processes on this machine, one DDP process each (default: 1; 0 or no CUDA = CPU)",
+    )
+    g.add_argument("--num-procs", type=int, default=1, help="CPU processes (gloo DDP) when no GPU is used (default: 1)")
+    g.add_argument(
+        "--dist-backend",
+        default="auto",
+        choices=["auto", "nccl", "gloo"],
+        help="process-group backend (default: auto = nccl on GPU, gloo on CPU)",
+    )
     g = parser.add_argument_group("evaluation")
-    g.add_argument("--eval-only", "--eval_only", dest="eval_only", action="store_true",
-                   help="only evaluate MODEL.WEIGHTS (default: this run's model file), as fast-reid's train_net.py")
-    g.add_argument("--model_selection", "--model-selection", default="last", choices=["best", "last"],
-                   help="model and database kept: the last epoch's (fast-reid's model_final) or the best on the "
-                        "first TEST.RECALLS rank (default: last)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
-                        help="config overrides as KEY VALUE pairs, e.g. SOLVER.BASE_LR 0.01")
+    g.add_argument(
+        "--eval-only",
+        "--eval_only",
+        dest="eval_only",
+        action="store_true",
+        help="only evaluate MODEL.WEIGHTS (default: this run's model file), as fast-reid's train_net.py",
+    )
+    g.add_argument(
+        "--model_selection",
+        "--model-selection",
+        default="last",
+        choices=["best", "last"],
+        help="model and database kept: the last epoch's (fast-reid's model_final) or the best on the "
+        "first TEST.RECALLS rank (default: last)",
+    )
+    parser.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides as KEY VALUE pairs, e.g. SOLVER.BASE_LR 0.01",
+    )
     return parser
 
 

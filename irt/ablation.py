@@ -3,6 +3,7 @@
 
     python irt/ablation.py --better-db <IRT_R run>_data_base.pth --worse-db <IRT_L run>_data_base.pth
 """
+
 from common.contract import ablation_parser, run_ablation, script
 from common.errors import run_cli
 from irt.spec import SPEC

@@ -4,6 +4,7 @@ grid.png and ranking.csv into results/irt/<query stem>/.
 
     python irt/inference.py --data_base <run>_data_base.pth --query_img_name my_photo.jpg
 """
+
 from common.contract import inference_parser, run_inference, script
 from common.errors import run_cli
 from irt.spec import SPEC

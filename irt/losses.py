@@ -5,6 +5,7 @@ and the negative pair losses separately over the pairs with a non-zero loss ("no
 and divides by the number of anchors N ("paper"). Both are here; "nonzero" is the default because the published
 hyper-parameters (lr 3e-5, lambda 0.7) and the repo's numbers come from it.
 """
+
 from typing import Optional
 
 import torch
@@ -39,8 +40,14 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.margin, self.pos_margin, self.reduction = margin, pos_margin, reduction
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor] = None,
-                ref_labels: Optional[torch.Tensor] = None, ignore: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        z: torch.Tensor,
+        labels: torch.Tensor,
+        ref: Optional[torch.Tensor] = None,
+        ref_labels: Optional[torch.Tensor] = None,
+        ignore: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """z (B, D), labels (B,), ref (K, D), ref_labels (K,), ignore (B, K) bool -> scalar loss."""
         z = F.normalize(z, dim=1)
         if ref is None:

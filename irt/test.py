@@ -5,6 +5,7 @@ test script (its issues #3 and #5 asked for one).
     python irt/test.py --data_base <run>_data_base.pth
     python irt/test.py --model_file results/irt/<run>_model.pth      # --checkpoint is accepted too
 """
+
 from common.contract import run_test, script, test_parser
 from common.errors import run_cli
 from irt.spec import SPEC

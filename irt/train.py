@@ -6,6 +6,7 @@ constant learning rate; every ``--eval-freq`` steps (one row of the statistics C
 checkpoint is written for ``--resume`` and the best model + database are kept. ``--max-iter 0`` = IRT_O
 (off-the-shelf), ``--lambda-reg 0`` = IRT_L, default = IRT_R.
 """
+
 import argparse
 import math
 import time
@@ -42,9 +43,26 @@ from irt.xbm import XBM, MomentumEncoder
 
 # a checkpoint is only resumed for the same network (MODEL_KEYS) and training recipe
 DATA_KEYS = ("data_name", "crop_type")
-RESUME_KEYS = MODEL_KEYS + DATA_KEYS + ("batch_size", "lr", "weight_decay", "opt", "m", "lambda_reg", "margin",
-                                        "memory_ratio", "encoder_momentum", "loss_reduction", "eval_freq", "seed",
-                                        "float64", "drop_path")
+RESUME_KEYS = (
+    MODEL_KEYS
+    + DATA_KEYS
+    + (
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "opt",
+        "m",
+        "lambda_reg",
+        "margin",
+        "memory_ratio",
+        "encoder_momentum",
+        "loss_reduction",
+        "eval_freq",
+        "seed",
+        "float64",
+        "drop_path",
+    )
+)
 NO_DECAY = ("pos_embed", "cls_token", "dist_token")
 
 
@@ -79,11 +97,24 @@ def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=args.lr, eps=args.opt_eps, betas=betas)
 
 
-def train_one_epoch(model: nn.Module, criterion: ContrastiveLoss, koleo: KoLeo, optimizer, batches, device,
-                    steps: range, *, lambda_reg: float, xbm: Optional[XBM] = None,
-                    key_encoder: Optional[MomentumEncoder] = None, clip_grad: Optional[float] = None,
-                    amp: bool = False, logging_freq: int = 50, max_iter: int = 0,
-                    dtype: torch.dtype = torch.float32) -> Dict[str, float]:
+def train_one_epoch(
+    model: nn.Module,
+    criterion: ContrastiveLoss,
+    koleo: KoLeo,
+    optimizer,
+    batches,
+    device,
+    steps: range,
+    *,
+    lambda_reg: float,
+    xbm: Optional[XBM] = None,
+    key_encoder: Optional[MomentumEncoder] = None,
+    clip_grad: Optional[float] = None,
+    amp: bool = False,
+    logging_freq: int = 50,
+    max_iter: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Dict[str, float]:
     """Optimizer steps ``steps`` (one evaluation period): L = contrastive(batch) + contrastive(batch, XBM)
     + lambda * KoLeo(batch). The batch is enqueued before the memory term (the original's order).
 
@@ -92,8 +123,13 @@ def train_one_epoch(model: nn.Module, criterion: ContrastiveLoss, koleo: KoLeo, 
     of every rank holds the same global batches."""
     model.train()
     sums = torch.zeros(3, dtype=torch.float64)
-    bar = tqdm(steps, desc=f"iter {steps.start + 1}-{steps.stop}", leave=False, dynamic_ncols=True,
-               disable=not is_main_process())
+    bar = tqdm(
+        steps,
+        desc=f"iter {steps.start + 1}-{steps.stop}",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not is_main_process(),
+    )
     for step in bar:
         images, labels, indices = next(batches)
         images, labels = images.to(device, dtype, non_blocking=True), labels.to(device, non_blocking=True)
@@ -126,20 +162,40 @@ def train_one_epoch(model: nn.Module, criterion: ContrastiveLoss, koleo: KoLeo, 
         sums += values  # the same on every rank: the loss is computed on the global batch
         bar.set_postfix(loss=f"{float(values[2]):.4f}")
         if logging_freq and ((step + 1) % logging_freq == 0 or step + 1 == max_iter) and is_main_process():
-            tqdm.write(f"Iteration [{step + 1}/{max_iter}] contrastive: {float(values[0]):.4f} "
-                       f"regularization: {float(values[1]):.4f}(x{lambda_reg}) total_loss: {float(values[2]):.4f}")
+            tqdm.write(
+                f"Iteration [{step + 1}/{max_iter}] contrastive: {float(values[0]):.4f} "
+                f"regularization: {float(values[1]):.4f}(x{lambda_reg}) total_loss: {float(values[2]):.4f}"
+            )
     sums = all_reduce_mean(sums) / max(1, len(steps))
     return {f"train_{k}": float(v) for k, v in zip(("contrastive", "koleo", "loss"), sums)}
 
 
-def evaluate(model: nn.Module, datasets, query: str, gallery: str, ranks, device, *, batch_size: int,
-             num_workers: int, amp: bool = False) -> Evaluation:
+def evaluate(
+    model: nn.Module,
+    datasets,
+    query: str,
+    gallery: str,
+    ranks,
+    device,
+    *,
+    batch_size: int,
+    num_workers: int,
+    amp: bool = False,
+) -> Evaluation:
     """Recall@K of ``query`` against ``gallery`` (self excluded by index when they are the same split); every rank
     embeds its share of the images."""
     splits = {}
     for name in dict.fromkeys((query, gallery)):
-        features = embed_dataset(model, datasets[name], batch_size=batch_size, num_workers=num_workers,
-                                 device=device, embed=embed, amp=amp, desc=name)
+        features = embed_dataset(
+            model,
+            datasets[name],
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            embed=embed,
+            amp=amp,
+            desc=name,
+        )
         splits[name] = Split(datasets[name].images, datasets[name].labels, features)
     return Evaluation(eval_recalls(splits[query], splits[gallery], ranks, same_set=query == gallery), splits)
 
@@ -177,8 +233,9 @@ def setup(args) -> DistInfo:
     if not info.distributed:
         info.device = resolve_device(args.device)
     if args.batch_size % info.world_size:
-        raise UserError(f"--batch-size {args.batch_size} (the global batch) is not divisible by the "
-                        f"{info.world_size} processes")
+        raise UserError(
+            f"--batch-size {args.batch_size} (the global batch) is not divisible by the {info.world_size} processes"
+        )
     return info
 
 
@@ -206,18 +263,32 @@ def main(args):
     model = model_from_config(config, args.pretrained).to(device, dtype)
     ddp_model = wrap_ddp(model, info)
     train_set = datasets["train"]
-    xbm = XBM(max(1, int(args.memory_ratio * len(train_set))), model.embed_dim).to(device, dtype) \
-        if args.memory_ratio > 0 else None
-    key_encoder = MomentumEncoder(model, args.encoder_momentum).to(device) \
-        if args.encoder_momentum is not None else None
+    xbm = (
+        XBM(max(1, int(args.memory_ratio * len(train_set))), model.embed_dim).to(device, dtype)
+        if args.memory_ratio > 0
+        else None
+    )
+    key_encoder = (
+        MomentumEncoder(model, args.encoder_momentum).to(device) if args.encoder_momentum is not None else None
+    )
     optimizer = build_optimizer(model, args)
     criterion, koleo = ContrastiveLoss(args.margin, reduction=args.loss_reduction), KoLeo()
     periods = math.ceil(args.max_iter / args.eval_freq)
-    run = Run(run_files(args), config, RESUME_KEYS, "irt", periods, recalls=args.rank,
-              selection=args.model_selection, database={"metric": "cosine", "query": query, "gallery": gallery})
+    run = Run(
+        run_files(args),
+        config,
+        RESUME_KEYS,
+        "irt",
+        periods,
+        recalls=args.rank,
+        selection=args.model_selection,
+        database={"metric": "cosine", "query": query, "gallery": gallery},
+    )
     if info.rank == 0:
-        print(f"{run.files.name}: {len(train_set)} training images, {args.max_iter} iterations, XBM "
-              f"{xbm.size if xbm is not None else 0} entries, {info.world_size} process(es) on {device}")
+        print(
+            f"{run.files.name}: {len(train_set)} training images, {args.max_iter} iterations, XBM "
+            f"{xbm.size if xbm is not None else 0} entries, {info.world_size} process(es) on {device}"
+        )
     start, state = run.resume(args.resume, model, optimizer)
     if state and xbm is not None:
         xbm.load_state_dict(state["xbm"])
@@ -225,31 +296,74 @@ def main(args):
         key_encoder.encoder.load_state_dict(state["key_encoder"])
 
     def evaluate_now() -> Evaluation:
-        return evaluate(ddp_model, datasets, query, gallery, args.rank, device, batch_size=args.batch_size,
-                        num_workers=args.num_workers, amp=args.amp)
+        return evaluate(
+            ddp_model,
+            datasets,
+            query,
+            gallery,
+            args.rank,
+            device,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            amp=args.amp,
+        )
 
     # ---- periods of --eval-freq steps; the endless batch stream starts where the (resumed) run stands
     began = time.time()
     if start == 1:
         run.log(0, {}, evaluate_now(), model)
-    batches = iter(train_loader(train_set, args.batch_size, args.m, args.seed, (start - 1) * args.eval_freq,
-                                args.num_workers, pin, info.rank, info.world_size)) if start <= periods else None
+    batches = (
+        iter(
+            train_loader(
+                train_set,
+                args.batch_size,
+                args.m,
+                args.seed,
+                (start - 1) * args.eval_freq,
+                args.num_workers,
+                pin,
+                info.rank,
+                info.world_size,
+            )
+        )
+        if start <= periods
+        else None
+    )
     for period in range(start, periods + 1):
         steps = range((period - 1) * args.eval_freq, min(period * args.eval_freq, args.max_iter))
-        train_stats = train_one_epoch(ddp_model, criterion, koleo, optimizer, batches, device, steps,
-                                      lambda_reg=args.lambda_reg, xbm=xbm, key_encoder=key_encoder,
-                                      clip_grad=args.clip_grad, amp=args.amp, logging_freq=args.logging_freq,
-                                      max_iter=args.max_iter, dtype=dtype)
+        train_stats = train_one_epoch(
+            ddp_model,
+            criterion,
+            koleo,
+            optimizer,
+            batches,
+            device,
+            steps,
+            lambda_reg=args.lambda_reg,
+            xbm=xbm,
+            key_encoder=key_encoder,
+            clip_grad=args.clip_grad,
+            amp=args.amp,
+            logging_freq=args.logging_freq,
+            max_iter=args.max_iter,
+            dtype=dtype,
+        )
         run.log(period, train_stats, evaluate_now(), model)
-        run.checkpoint(period, model, optimizer, xbm=xbm.state_dict() if xbm is not None else {},
-                       key_encoder=key_encoder.state() if key_encoder is not None else {})
+        run.checkpoint(
+            period,
+            model,
+            optimizer,
+            xbm=xbm.state_dict() if xbm is not None else {},
+            key_encoder=key_encoder.state() if key_encoder is not None else {},
+        )
     stats = run.finish()
     if args.output_dir and info.rank == 0:
         save_original_encoder(model, run.files.directory / "encoder.pth")
     last = stats.rows[max(stats.rows)] if stats.rows else {}
     if info.rank == 0 and last:
-        print(" ".join(f"Recall@{k} : {last[f'test_recall@{k}']:.2f}%" for k in args.rank if
-                       f"test_recall@{k}" in last))
+        print(
+            " ".join(f"Recall@{k} : {last[f'test_recall@{k}']:.2f}%" for k in args.rank if f"test_recall@{k}" in last)
+        )
         print(f"training time {time.time() - began:.0f}s; results in {run.files.directory}/{run.files.name}_*")
     return stats
 
@@ -257,71 +371,159 @@ def main(args):
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("IRT training (hyphenated flags as in the original main.py)", add_help=add_help)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="deit_small_distilled_patch16_224", type=str,
-                   help="timm Vision Transformer name (default: deit_small_distilled_patch16_224)")
-    g.add_argument("--input-size", "--image_size", dest="input_size", default=224, type=int,
-                   help="image and model input size in px; the train/test resize is 256/224 of it (default: 224)")
-    g.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="extra timm.create_model kwargs, e.g. patch_size=8 depth=2 (default: none)")
-    g.add_argument("--distilled-embedding", default="original", choices=DISTILLED_EMBEDDINGS,
-                   help="distilled models: original = CLS token in training (and the key encoder), mean of CLS and "
-                        "distillation tokens in evaluation; mean or cls = one rule everywhere (default: original)")
-    g.add_argument("--pretrained", default="imagenet",
-                   help="imagenet (timm download/cache), none, or a state-dict PATH (default: imagenet)")
+    g.add_argument(
+        "--model",
+        default="deit_small_distilled_patch16_224",
+        type=str,
+        help="timm Vision Transformer name (default: deit_small_distilled_patch16_224)",
+    )
+    g.add_argument(
+        "--input-size",
+        "--image_size",
+        dest="input_size",
+        default=224,
+        type=int,
+        help="image and model input size in px; the train/test resize is 256/224 of it (default: 224)",
+    )
+    g.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra timm.create_model kwargs, e.g. patch_size=8 depth=2 (default: none)",
+    )
+    g.add_argument(
+        "--distilled-embedding",
+        default="original",
+        choices=DISTILLED_EMBEDDINGS,
+        help="distilled models: original = CLS token in training (and the key encoder), mean of CLS and "
+        "distillation tokens in evaluation; mean or cls = one rule everywhere (default: original)",
+    )
+    g.add_argument(
+        "--pretrained",
+        default="imagenet",
+        help="imagenet (timm download/cache), none, or a state-dict PATH (default: imagenet)",
+    )
     g.add_argument("--drop", default=0.0, type=float, help="dropout rate (default: 0.0)")
     g.add_argument("--drop-path", default=0.1, type=float, metavar="PCT", help="drop-path rate (default: 0.1)")
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--max-iter", default=2000, type=int, help="optimizer steps; 0 = IRT_O evaluation (default: 2000)")
-    g.add_argument("--batch-size", "--batch_size", dest="batch_size", default=64, type=int,
-                   help="batch size (default: 64)")
+    g.add_argument(
+        "--batch-size", "--batch_size", dest="batch_size", default=64, type=int, help="batch size (default: 64)"
+    )
     g.add_argument("--lr", default=3e-5, type=float, help="constant learning rate (default: 3e-5)")
     g.add_argument("--opt", default="adamw", choices=["adamw", "sgd"], help="optimizer (default: adamw)")
     g.add_argument("--opt-eps", default=1e-8, type=float, help="optimizer epsilon (default: 1e-8)")
     g.add_argument("--opt-betas", default=None, type=float, nargs="+", help="AdamW betas (default: 0.9 0.999)")
     g.add_argument("--momentum", default=0.9, type=float, help="SGD momentum (default: 0.9; unused by adamw)")
-    g.add_argument("--weight-decay", default=5e-4, type=float,
-                   help="decoupled weight decay, none on biases/norms/pos_embed/tokens (default: 5e-4)")
+    g.add_argument(
+        "--weight-decay",
+        default=5e-4,
+        type=float,
+        help="decoupled weight decay, none on biases/norms/pos_embed/tokens (default: 5e-4)",
+    )
     g.add_argument("--clip-grad", default=None, type=float, help="clip the gradient norm (default: no clipping)")
     g = p.add_argument_group("loss, memory and sampling")
     g.add_argument("--lambda-reg", default=0.7, type=float, help="KoLeo weight; 0 = IRT_L (default: 0.7)")
-    g.add_argument("--margin", default=0.5, type=float,
-                   help="negative margin beta of the contrastive loss (default: 0.5)")
-    g.add_argument("--loss-reduction", default="nonzero", choices=REDUCTIONS,
-                   help="nonzero: mean over non-zero pair losses, positives and negatives apart (original code); "
-                        "paper: sum over pairs / batch size (Eq. 1) (default: nonzero)")
-    g.add_argument("--memory-ratio", default=1.0, type=float,
-                   help="XBM size as a fraction of the training set; 0 disables it (default: 1.0)")
-    g.add_argument("--encoder-momentum", default=None, type=float,
-                   help="momentum key encoder for the memory, 0.999 for In-shop (default: none)")
-    g.add_argument("--m", "--m_per_class", "--m-per-class", dest="m", default=0, type=int,
-                   help="images per class in a batch; 0 = random batches; under torchrun spell it --m_per_class "
-                        "(torchrun's own parser takes --m as an abbreviation of its options) (default: 0)")
+    g.add_argument(
+        "--margin", default=0.5, type=float, help="negative margin beta of the contrastive loss (default: 0.5)"
+    )
+    g.add_argument(
+        "--loss-reduction",
+        default="nonzero",
+        choices=REDUCTIONS,
+        help="nonzero: mean over non-zero pair losses, positives and negatives apart (original code); "
+        "paper: sum over pairs / batch size (Eq. 1) (default: nonzero)",
+    )
+    g.add_argument(
+        "--memory-ratio",
+        default=1.0,
+        type=float,
+        help="XBM size as a fraction of the training set; 0 disables it (default: 1.0)",
+    )
+    g.add_argument(
+        "--encoder-momentum",
+        default=None,
+        type=float,
+        help="momentum key encoder for the memory, 0.999 for In-shop (default: none)",
+    )
+    g.add_argument(
+        "--m",
+        "--m_per_class",
+        "--m-per-class",
+        dest="m",
+        default=0,
+        type=int,
+        help="images per class in a batch; 0 = random batches; under torchrun spell it --m_per_class "
+        "(torchrun's own parser takes --m as an abbreviation of its options) (default: 0)",
+    )
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", "--data_name", dest="data_name", default="cub200", type=dataset_name,
-                   help="cub200 | sop | inshop | car | demo (cub, isc accepted), or a dataset of your own processed "
-                        "by data_utils.py (default: cub200)")
-    g.add_argument("--data-path", "--data_path", dest="data_path", default="data", type=str,
-                   help="root holding the processed <dataset>/ folders written by data_utils.py (default: data)")
-    g.add_argument("--crop_type", "--crop-type", dest="crop_type", default="uncropped",
-                   choices=["uncropped", "cropped"], help="bounding-box crops, car/cub only (default: uncropped)")
-    g.add_argument("--num-workers", "--num_workers", dest="num_workers", default=16, type=int,
-                   help="DataLoader workers (default: 16)")
+    g.add_argument(
+        "--dataset",
+        "--data_name",
+        dest="data_name",
+        default="cub200",
+        type=dataset_name,
+        help="cub200 | sop | inshop | car | demo (cub, isc accepted), or a dataset of your own processed "
+        "by data_utils.py (default: cub200)",
+    )
+    g.add_argument(
+        "--data-path",
+        "--data_path",
+        dest="data_path",
+        default="data",
+        type=str,
+        help="root holding the processed <dataset>/ folders written by data_utils.py (default: data)",
+    )
+    g.add_argument(
+        "--crop_type",
+        "--crop-type",
+        dest="crop_type",
+        default="uncropped",
+        choices=["uncropped", "cropped"],
+        help="bounding-box crops, car/cub only (default: uncropped)",
+    )
+    g.add_argument(
+        "--num-workers",
+        "--num_workers",
+        dest="num_workers",
+        default=16,
+        type=int,
+        help="DataLoader workers (default: 16)",
+    )
     bool_pair(g, "pin-mem", True, "pin host memory on CUDA")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--rank", default=[1, 2, 4, 8], type=int, nargs="+", help="compute Recall@K (default: 1 2 4 8)")
     g.add_argument("--recalls", dest="rank", type=parse_recalls, help="same as --rank, comma separated")
-    g.add_argument("--eval-freq", default=1000, type=int,
-                   help="evaluate, checkpoint and log a CSV row every N iterations (default: 1000)")
+    g.add_argument(
+        "--eval-freq",
+        default=1000,
+        type=int,
+        help="evaluate, checkpoint and log a CSV row every N iterations (default: 1000)",
+    )
     g.add_argument("--logging-freq", default=50, type=int, help="print the losses every N iterations (default: 50)")
     g.add_argument("--log-dir", default=None, help="unused (no TensorBoard); results go to results/irt/")
-    g.add_argument("--output-dir", default=None,
-                   help="the original's output folder: the run's files go to DIR/<dataset>/ instead of results/irt/, "
-                        "with the last model also as DIR/<dataset>/encoder.pth, the original's file (default: none)")
-    g.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue this run from its last checkpoint, or from the given checkpoint path")
-    g.add_argument("--model_selection", "--model-selection", default="last", choices=["best", "last"],
-                   help="model and database kept: the last evaluation's (the original saved its final encoder) or "
-                        "the best on the first --rank (default: last)")
+    g.add_argument(
+        "--output-dir",
+        default=None,
+        help="the original's output folder: the run's files go to DIR/<dataset>/ instead of results/irt/, "
+        "with the last model also as DIR/<dataset>/encoder.pth, the original's file (default: none)",
+    )
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="continue this run from its last checkpoint, or from the given checkpoint path",
+    )
+    g.add_argument(
+        "--model_selection",
+        "--model-selection",
+        default="last",
+        choices=["best", "last"],
+        help="model and database kept: the last evaluation's (the original saved its final encoder) or "
+        "the best on the first --rank (default: last)",
+    )
     g = p.add_argument_group("device")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:0 if available, else cpu)")
     g.add_argument("--seed", default=0, type=int, help="seed for python, numpy, torch and the batches (default: 0)")

@@ -3,6 +3,7 @@
 The equivalence tests train in float64 with augmentation off on the same global batches, so any difference
 larger than ~1e-9 relative is a bug in what the ranks compute, not float rounding.
 """
+
 import os
 import subprocess
 import sys
@@ -42,12 +43,16 @@ def max_relative_difference(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tenso
 
 def max_change(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor]) -> float:
     """How far training moved the weights (the comparison is vacuous when nothing moved)."""
-    return max((after[k].double() - before[k].double()).abs().max().item()
-               for k in after if after[k].is_floating_point() and after[k].numel())
+    return max(
+        (after[k].double() - before[k].double()).abs().max().item()
+        for k in after
+        if after[k].is_floating_point() and after[k].numel()
+    )
 
 
-def compare_runs(one: Path, two: Path, run: str, initial: Dict[str, torch.Tensor] = None,
-                 tolerance: float = 1e-9) -> None:
+def compare_runs(
+    one: Path, two: Path, run: str, initial: Dict[str, torch.Tensor] = None, tolerance: float = 1e-9
+) -> None:
     """Same weights (relative ``tolerance``), same CSV rows, the same set of files, each written once."""
     files_one = sorted(p.name for p in one.iterdir())
     files_two = sorted(p.name for p in two.iterdir())
@@ -68,5 +73,4 @@ def compare_runs(one: Path, two: Path, run: str, initial: Dict[str, torch.Tensor
     d2 = torch.load(two / f"{run}_data_base.pth", weights_only=True)
     for name in d1["splits"]:
         assert d1["splits"][name]["images"] == d2["splits"][name]["images"]
-        torch.testing.assert_close(d1["splits"][name]["features"], d2["splits"][name]["features"], rtol=1e-6,
-                                   atol=1e-7)
+        torch.testing.assert_close(d1["splits"][name]["features"], d2["splits"][name]["features"], rtol=1e-6, atol=1e-7)

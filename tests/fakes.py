@@ -6,6 +6,7 @@ with ``process=True`` it also runs the preprocessing so ``root/<name>/<crop_type
 
 Every fake image is a coordinate gradient (red = x, green = y), so a crop's top-left pixel tells where it was cut.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,7 +21,7 @@ CAR_RECORDS = [
     ("car_ims/000001.jpg", (2, 3, 30, 20), 1, 1, (40, 30)),
     ("car_ims/000002.jpg", (0, 0, 40, 30), 98, 0, (40, 30)),
     ("car_ims/000003.jpg", (250, 7, 300, 100), 99, 0, (320, 120)),  # x2 > 255 -> stored as uint16
-    ("car_ims/000004.jpg", (5, 5, 60, 25), 100, 1, (40, 30)),      # x2 outside the 40 px wide image
+    ("car_ims/000004.jpg", (5, 5, 60, 25), 100, 1, (40, 30)),  # x2 outside the 40 px wide image
     ("car_ims/000005.jpg", (1, 1, 10, 10), 196, 0, (20, 20)),
     ("car_ims/000006.jpg", (3, 2, 20, 18), 2, 1, (24, 22)),
 ]
@@ -71,19 +72,31 @@ def _cub_box(text: str) -> Tuple[int, int, int, int]:
 
 
 def _clip(box, size):
-    return (min(max(box[0], 0), size[0]), min(max(box[1], 0), size[1]),
-            min(max(box[2], 0), size[0]), min(max(box[3], 0), size[1]))
+    return (
+        min(max(box[0], 0), size[0]),
+        min(max(box[1], 0), size[1]),
+        min(max(box[2], 0), size[0]),
+        min(max(box[3], 0), size[1]),
+    )
 
 
 EXPECTED: Dict[str, Dict[str, List[List[str]]]] = {
-    "car": {"train": [[p, str(c)] for p, _, c, _, _ in CAR_RECORDS if c <= 98],
-            "test": [[p, str(c)] for p, _, c, _, _ in CAR_RECORDS if c > 98]},
-    "cub": {"train": [[f"images/{p}", str(c)] for p, c, _, _, _ in CUB_RECORDS if c <= 2],
-            "test": [[f"images/{p}", str(c)] for p, c, _, m, _ in CUB_RECORDS if c > 2 and m != "CORRUPT"]},
-    "sop": {split: [[p, str(c)] for s, c, _, p in SOP_RECORDS if s == split and p != SOP_MISSING]
-            for split in ("train", "test")},
-    "isc": {split: [[f"Img/{p}", item] for p, item, s in ISC_RECORDS if s == split]
-            for split in ("train", "query", "gallery")},
+    "car": {
+        "train": [[p, str(c)] for p, _, c, _, _ in CAR_RECORDS if c <= 98],
+        "test": [[p, str(c)] for p, _, c, _, _ in CAR_RECORDS if c > 98],
+    },
+    "cub": {
+        "train": [[f"images/{p}", str(c)] for p, c, _, _, _ in CUB_RECORDS if c <= 2],
+        "test": [[f"images/{p}", str(c)] for p, c, _, m, _ in CUB_RECORDS if c > 2 and m != "CORRUPT"],
+    },
+    "sop": {
+        split: [[p, str(c)] for s, c, _, p in SOP_RECORDS if s == split and p != SOP_MISSING]
+        for split in ("train", "test")
+    },
+    "isc": {
+        split: [[f"Img/{p}", item] for p, item, s in ISC_RECORDS if s == split]
+        for split in ("train", "query", "gallery")
+    },
 }
 CROPS: Dict[str, Dict[str, Tuple[int, int, int, int]]] = {  # relative original path -> clipped crop box
     "car": {p: _clip(b, size) for p, b, _, _, size in CAR_RECORDS},
@@ -178,10 +191,12 @@ def make_fake_dataset(root: Path, name: str, process: bool = False, num_workers:
     root = Path(root)
     if name == "demo":
         from common.demo import generate_demo
+
         generate_demo(root / "demo", images_per_class=2)
     else:
         WRITERS[name](root / name)
     if process:
         from common.preprocess import prepare
+
         prepare(root, [name], num_workers=num_workers)
     return root / name

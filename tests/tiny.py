@@ -3,6 +3,7 @@
 (The raw-archive fakes that exercise ``data_utils.py`` live in ``tests/fakes.py``.) Classes differ by colour and
 stripe direction so that even a few CPU steps change the embedding.
 """
+
 import json
 from pathlib import Path
 from typing import Dict, List
@@ -19,8 +20,9 @@ def _image(rng: np.random.Generator, cls: int, size: int) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def make_tiny_processed(root: Path, name: str = "cub", num_classes: int = 8, per_class: int = 6,
-                        size: int = 40, seed: int = 0) -> Path:
+def make_tiny_processed(
+    root: Path, name: str = "cub", num_classes: int = 8, per_class: int = 6, size: int = 40, seed: int = 0
+) -> Path:
     """Write ``root/<name>/{images/..., uncropped_index.json, cropped_index.json}``; returns ``root``.
 
     ``name='isc'`` gives train / query / gallery splits (query and gallery share item ids), any other name

@@ -1,4 +1,5 @@
 """CGD losses against brute-force computations."""
+
 import math
 
 import pytest

@@ -1,5 +1,6 @@
 """CGD model: published parameter counts, layer3 without down-sampling, descriptors and the head against
 independent computations."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,9 +9,16 @@ from cgd.model import GD_CONFIGS, MAC, GeM, Model, SPoC, count_flops, freeze_bn
 from common.errors import UserError
 
 # leftthomas/CGD README table (feature_dim 1536), exact counts from the spec's closed form.
-PUBLISHED = [("resnet50", 98, 26_858_658), ("resnet50", 100, 26_862_756), ("resnet50", 11_318, 49_848_438),
-             ("resnet50", 3_997, 34_847_709), ("resnext50", 98, 26_330_530), ("resnext50", 100, 26_334_628),
-             ("resnext50", 11_318, 49_320_310), ("resnext50", 3_997, 34_319_581)]
+PUBLISHED = [
+    ("resnet50", 98, 26_858_658),
+    ("resnet50", 100, 26_862_756),
+    ("resnet50", 11_318, 49_848_438),
+    ("resnet50", 3_997, 34_847_709),
+    ("resnext50", 98, 26_330_530),
+    ("resnext50", 100, 26_334_628),
+    ("resnext50", 11_318, 49_320_310),
+    ("resnext50", 3_997, 34_319_581),
+]
 
 
 @pytest.mark.parametrize("backbone,num_classes,expected", PUBLISHED)
@@ -46,7 +54,7 @@ def test_descriptors_against_formulas():
             values = [float(v) for v in x[b, c].flatten()]
             assert SPoC()(x)[b, c].item() == pytest.approx(sum(values) / 20)
             assert MAC()(x)[b, c].item() == pytest.approx(max(values))
-            assert GeM()(x)[b, c].item() == pytest.approx((sum(v ** 3 for v in values) / 20) ** (1 / 3))
+            assert GeM()(x)[b, c].item() == pytest.approx((sum(v**3 for v in values) / 20) ** (1 / 3))
 
 
 def test_gem_all_zero_channel_has_finite_gradient():
@@ -67,13 +75,16 @@ def test_forward_matches_independent_head(gd_config):
     with torch.no_grad():
         embedding, logits = model(x)
         fmap = model.features(x)
-        parts = [F.normalize(_pool(letter, fmap) @ fc[0].weight.t(), dim=1)
-                 for letter, fc in zip(gd_config, model.main_modules)]
+        parts = [
+            F.normalize(_pool(letter, fmap) @ fc[0].weight.t(), dim=1)
+            for letter, fc in zip(gd_config, model.main_modules)
+        ]
         expected = torch.cat(parts, 1) / len(gd_config) ** 0.5
         bn, fc = model.auxiliary_module
         first = _pool(gd_config[0], fmap)  # aux branch: FIRST descriptor, before its FC
-        expected_logits = ((first - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
-                           ) @ fc.weight.t() + fc.bias
+        expected_logits = (
+            (first - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+        ) @ fc.weight.t() + fc.bias
     assert embedding.shape == (3, 72) and logits.shape == (3, 5)
     torch.testing.assert_close(embedding, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)

@@ -1,4 +1,5 @@
 """leftthomas/CGD's own files (no stored configuration) work with test.py / inference.py / ablation.py."""
+
 import pytest
 import torch
 import torchvision
@@ -24,8 +25,9 @@ def _original_keys(backbone: torchvision.models.ResNet, gd_config: str):
         if child in names:
             keys.add(f"features.{names.index(child)}.{rest}")
     keys |= {f"main_modules.{i}.0.weight" for i in range(len(gd_config))}
-    keys |= {f"auxiliary_module.0.{k}" for k in ("weight", "bias", "running_mean", "running_var",
-                                                 "num_batches_tracked")}
+    keys |= {
+        f"auxiliary_module.0.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    }
     return keys | {"auxiliary_module.1.weight", "auxiliary_module.1.bias"}
 
 
@@ -52,14 +54,22 @@ def original_run(tmp_path, monkeypatch):
     tf = build_transform("cgd", False, "cub", "uncropped", None)
     with torch.no_grad():
         features = model(torch.stack([tf(Image.open(p).convert("RGB")) for p in images]))[0]
-    torch.save({"test_images": images, "test_labels": labels, "test_features": features}, folder / f"{RUN}_data_base.pth")
+    torch.save(
+        {"test_images": images, "test_labels": labels, "test_features": features}, folder / f"{RUN}_data_base.pth"
+    )
     return data, folder, model, images
 
 
 def test_settings_come_from_the_file_name(tmp_path):
     cfg = original_config(tmp_path / "car_uncropped_resnet50_SG_1536_0.1_0.5_0.1_128_model.pth", "_model.pth")
-    assert (cfg["data_name"], cfg["crop_type"], cfg["backbone_type"], cfg["gd_config"], cfg["feature_dim"],
-            cfg["batch_size"]) == ("car", "uncropped", "resnet50", "SG", 1536, 128)
+    assert (
+        cfg["data_name"],
+        cfg["crop_type"],
+        cfg["backbone_type"],
+        cfg["gd_config"],
+        cfg["feature_dim"],
+        cfg["batch_size"],
+    ) == ("car", "uncropped", "resnet50", "SG", 1536, 128)
     with pytest.raises(UserError, match="as leftthomas/CGD names its files"):
         original_config(tmp_path / "mymodel_model.pth", "_model.pth")
 
@@ -77,8 +87,11 @@ def test_original_database_and_model_answer_queries(original_run, tmp_path):
 
 def test_test_script_on_original_files(original_run):
     data, folder, model, _ = original_run
-    metrics = cgd_test.main(cgd_test.get_args_parser().parse_args(
-        ["--data_base", f"{RUN}_data_base.pth", "--data_path", str(data), "--num_workers", "0", "--recalls", "1,2"]))
+    metrics = cgd_test.main(
+        cgd_test.get_args_parser().parse_args(
+            ["--data_base", f"{RUN}_data_base.pth", "--data_path", str(data), "--num_workers", "0", "--recalls", "1,2"]
+        )
+    )
     assert 0 <= metrics["test_recall@1"] <= 100 and (folder / f"{RUN}_test_metrics.csv").is_file()
 
 

@@ -1,5 +1,6 @@
 """End-to-end on tiny data: train -> test -> inference (database image and new file) -> ablation, resume, and
 the one-line refusals."""
+
 import os
 import subprocess
 import sys
@@ -11,9 +12,10 @@ import torch
 from PIL import Image
 
 import cgd.train as train
-from cgd import ablation, inference, test as cgd_test
-from cgd.model import Model
+from cgd import ablation, inference
+from cgd import test as cgd_test
 from cgd.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropyLoss
+from cgd.model import Model
 from common.errors import UserError
 from tests.tiny import make_tiny_processed
 
@@ -26,9 +28,32 @@ def _name(gd):
 
 def _train_args(data, gd="SG", epochs=2, *extra):
     return train.get_args_parser().parse_args(
-        ["--data_path", str(data), "--data_name", "cub", "--backbone_type", "resnet18", "--pretrained", "none",
-         "--image_size", "32", "--batch_size", "8", "--num_epochs", str(epochs), "--num_workers", "0",
-         "--feature_dim", "64", "--gd_config", gd, "--recalls", "1,2", *extra])
+        [
+            "--data_path",
+            str(data),
+            "--data_name",
+            "cub",
+            "--backbone_type",
+            "resnet18",
+            "--pretrained",
+            "none",
+            "--image_size",
+            "32",
+            "--batch_size",
+            "8",
+            "--num_epochs",
+            str(epochs),
+            "--num_workers",
+            "0",
+            "--feature_dim",
+            "64",
+            "--gd_config",
+            gd,
+            "--recalls",
+            "1,2",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +89,21 @@ def test_train_writes_run_files(trained, results):
 def test_test_script_metrics_database_and_rendering(trained, results):
     data = trained[0]
     args = cgd_test.get_args_parser().parse_args(
-        ["--data_path", str(data), "--data_base", f"{_name('SG')}_data_base.pth", "--query_img_name",
-         "img_5_0.jpg", "--retrieval_num", "3", "--num_workers", "0", "--recalls", "1,2"])
+        [
+            "--data_path",
+            str(data),
+            "--data_base",
+            f"{_name('SG')}_data_base.pth",
+            "--query_img_name",
+            "img_5_0.jpg",
+            "--retrieval_num",
+            "3",
+            "--num_workers",
+            "0",
+            "--recalls",
+            "1,2",
+        ]
+    )
     training_db = (results / f"{_name('SG')}_data_base.pth").read_bytes()
     metrics = cgd_test.main(args)
     assert (results / f"{_name('SG')}_data_base.pth").read_bytes() == training_db  # never overwritten
@@ -118,8 +156,7 @@ def test_folder_of_queries(trained, results, tmp_path):
     for name in ("a.jpg", "b.png"):
         (folder / "sub").mkdir(parents=True, exist_ok=True)
         Image.open(next(trained[0].glob("cub/images/005.*/img_5_0.jpg"))).save(folder / "sub" / name)
-    out = _infer("--data_base", f"{_name('SG')}_data_base.pth", "--retrieval_num", "2", "--query_img_name",
-                 str(folder))
+    out = _infer("--data_base", f"{_name('SG')}_data_base.pth", "--retrieval_num", "2", "--query_img_name", str(folder))
     assert len(out) == 2 and (results / "queries" / "a" / "ranking.csv").is_file()
     assert (results / "queries" / "b" / "grid.png").is_file() and (results / "queries" / "index.html").is_file()
 
@@ -132,9 +169,20 @@ def test_model_of_another_configuration_refused_in_one_line(trained, results, tm
     (folder / f"{_name('SG')}_model.pth").write_bytes((results / f"{_name('MG')}_model.pth").read_bytes())
     new = tmp_path / "q.png"
     Image.open(next(trained[0].glob("cub/images/005.*/img_5_0.jpg"))).save(new)
-    proc = subprocess.run([sys.executable, "cgd/inference.py", "--data_base", str(folder / f"{_name('SG')}_data_base.pth"),
-                           "--query_img_name", str(new)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "RETRIEVAL_RESULTS": str(tmp_path / "r")})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "cgd/inference.py",
+            "--data_base",
+            str(folder / f"{_name('SG')}_data_base.pth"),
+            "--query_img_name",
+            str(new),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RETRIEVAL_RESULTS": str(tmp_path / "r")},
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "gd_config='MG' (expected 'SG')" in lines[0]
@@ -142,8 +190,16 @@ def test_model_of_another_configuration_refused_in_one_line(trained, results, tm
 
 def test_ablation_sg_vs_mg(trained, results):
     args = ablation.get_args_parser().parse_args(
-        ["--better_data_base", f"{_name('SG')}_data_base.pth", "--worse_data_base", f"{_name('MG')}_data_base.pth",
-         "--retrieval_num", "4", "--save_results"])
+        [
+            "--better_data_base",
+            f"{_name('SG')}_data_base.pth",
+            "--worse_data_base",
+            f"{_name('MG')}_data_base.pth",
+            "--retrieval_num",
+            "4",
+            "--save_results",
+        ]
+    )
     metrics = ablation.main(args)
     assert metrics["wins"] + metrics["ties"] + metrics["losses"] == 24
     csv = results / f"{_name('SG')}----{_name('MG')}_ablation.csv"

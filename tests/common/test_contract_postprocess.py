@@ -1,5 +1,6 @@
 """test.py's post-processing options on a CGD run: the ranked-list path agrees with the exact metrics, and each
 option writes its own CSV."""
+
 import pandas as pd
 import pytest
 import torch
@@ -11,9 +12,20 @@ from common.runio import atomic_save
 from tests.tiny import make_tiny_processed
 
 RUN = "cub_uncropped_resnet18_SG_32_0.1_0.5_0.1_8"
-CONFIG = {"data_name": "cub", "crop_type": "uncropped", "backbone_type": "resnet18", "gd_config": "SG",
-          "feature_dim": 32, "num_classes": 4, "image_size": 32, "smoothing": 0.1, "temperature": 0.5,
-          "margin": 0.1, "batch_size": 8, "method": "cgd"}
+CONFIG = {
+    "data_name": "cub",
+    "crop_type": "uncropped",
+    "backbone_type": "resnet18",
+    "gd_config": "SG",
+    "feature_dim": 32,
+    "num_classes": 4,
+    "image_size": 32,
+    "smoothing": 0.1,
+    "temperature": 0.5,
+    "margin": 0.1,
+    "batch_size": 8,
+    "method": "cgd",
+}
 
 
 @pytest.fixture
@@ -22,17 +34,35 @@ def run(tmp_path, monkeypatch):
     data = make_tiny_processed(tmp_path / "data", "cub", num_classes=8, per_class=6, size=40)
     torch.manual_seed(0)
     folder = tmp_path / "results" / "cgd"
-    atomic_save({"model": model_from_config(CONFIG).state_dict(), "config": CONFIG, "epoch": 1},
-                folder / f"{RUN}_model.pth")
-    save_database(folder / f"{RUN}_data_base.pth", config=CONFIG, method="cgd", metric="euclidean",
-                  splits={"test": Split(["x.jpg"], [0], torch.zeros(1, 32))})
+    atomic_save(
+        {"model": model_from_config(CONFIG).state_dict(), "config": CONFIG, "epoch": 1}, folder / f"{RUN}_model.pth"
+    )
+    save_database(
+        folder / f"{RUN}_data_base.pth",
+        config=CONFIG,
+        method="cgd",
+        metric="euclidean",
+        splits={"test": Split(["x.jpg"], [0], torch.zeros(1, 32))},
+    )
     return data, folder
 
 
 def _test(data, *extra):
-    return cgd_test.main(cgd_test.get_args_parser().parse_args(
-        ["--data_base", f"{RUN}_data_base.pth", "--data_path", str(data), "--num_workers", "0", "--recalls", "1,2,4",
-         *extra]))
+    return cgd_test.main(
+        cgd_test.get_args_parser().parse_args(
+            [
+                "--data_base",
+                f"{RUN}_data_base.pth",
+                "--data_path",
+                str(data),
+                "--num_workers",
+                "0",
+                "--recalls",
+                "1,2,4",
+                *extra,
+            ]
+        )
+    )
 
 
 def test_ranked_list_path_equals_exact_metrics(run):

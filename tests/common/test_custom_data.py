@@ -3,6 +3,7 @@
 Every image is a tiny coordinate gradient (red = x, green = y, blue = an id), so a crop's top-left pixel tells where
 it was cut and every file is distinct.
 """
+
 import csv
 import json
 import random
@@ -57,22 +58,30 @@ def run_main(*argv):
 
 def run_cli(*argv):
     """The real command in a subprocess (used where the exit code and stderr themselves are the point)."""
-    return subprocess.run([sys.executable, str(REPO / "data_utils.py"), "--num_workers", "1", *map(str, argv)],
-                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(REPO / "data_utils.py"), "--num_workers", "1", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
 
 
 @pytest.fixture
 def cli(capsys):
     """data_utils.py's __main__ path (argparse + common.errors.run_cli) in-process: exit code, stdout, stderr."""
+
     def call(*argv):
         code = 0
         try:
-            errors.run_cli(data_utils.main, data_utils.get_args_parser().parse_args(
-                ["--num_workers", "1", *map(str, argv)]))
+            errors.run_cli(
+                data_utils.main, data_utils.get_args_parser().parse_args(["--num_workers", "1", *map(str, argv)])
+            )
         except SystemExit as e:
             code = e.code
         out, err = capsys.readouterr()
         return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
     return call
 
 
@@ -96,6 +105,7 @@ def assert_one_line_error(result, *fragments):
 
 # ---------------------------------------------------------------------------------------------- folder trees
 
+
 def test_folder_tree_is_split_by_class_with_a_seeded_ratio(tmp_path):
     classes = [f"class_{i:02d}" for i in range(10)]
     files = make_tree(tmp_path / "photos", classes)
@@ -103,22 +113,57 @@ def test_folder_tree_is_split_by_class_with_a_seeded_ratio(tmp_path):
     (tmp_path / "photos/zz_no_images/readme.txt").write_text("not an image")
     (tmp_path / "photos/class_00/.hidden.png").write_bytes(b"skipped")
     data = tmp_path / "data"
-    assert run_main("--data_path", data, "--data_name", "mine", "--from_folder", tmp_path / "photos",
-                    "--test_ratio", "0.3", "--seed", "7") == 0
+    assert (
+        run_main(
+            "--data_path",
+            data,
+            "--data_name",
+            "mine",
+            "--from_folder",
+            tmp_path / "photos",
+            "--test_ratio",
+            "0.3",
+            "--seed",
+            "7",
+        )
+        == 0
+    )
     got = as_sets(index(data, "mine"), data, "mine")
     order = sorted(classes)
     random.Random(7).shuffle(order)  # the documented rule: shuffle the sorted class names, the first 30 % are test
     test = set(order[:3])
-    expected = {split: {(str(p.resolve()), c) for c in classes for p in files[c] if (c in test) == (split == "test")}
-                for split in ("train", "test")}
+    expected = {
+        split: {(str(p.resolve()), c) for c in classes for p in files[c] if (c in test) == (split == "test")}
+        for split in ("train", "test")
+    }
     assert got == expected
     assert eval_splits("mine", str(data)) == ("test", "test")
     # another seed draws other classes; the same seed the same ones
-    run_main("--data_path", data, "--data_name", "other", "--from_folder", tmp_path / "photos", "--test_ratio", "0.3",
-             "--seed", "8")
+    run_main(
+        "--data_path",
+        data,
+        "--data_name",
+        "other",
+        "--from_folder",
+        tmp_path / "photos",
+        "--test_ratio",
+        "0.3",
+        "--seed",
+        "8",
+    )
     assert as_sets(index(data, "other"), data, "other") != got
-    run_main("--data_path", data, "--data_name", "again", "--from_folder", tmp_path / "photos", "--test_ratio", "0.3",
-             "--seed", "7")
+    run_main(
+        "--data_path",
+        data,
+        "--data_name",
+        "again",
+        "--from_folder",
+        tmp_path / "photos",
+        "--test_ratio",
+        "0.3",
+        "--seed",
+        "7",
+    )
     assert as_sets(index(data, "again"), data, "again") == got
 
 
@@ -130,8 +175,10 @@ def test_images_inside_data_path_are_stored_relative_outside_absolute(tmp_path):
     run_main("--data_path", data, "--data_name", "mine", "--from_folder", data / "mine")
     run_main("--data_path", data, "--data_name", "near", "--from_folder", data / "elsewhere")
     run_main("--data_path", data, "--data_name", "far", "--from_folder", tmp_path / "outside")
-    paths = {name: [p for items in index(data, name)["splits"].values() for p, _ in items]
-             for name in ("mine", "near", "far")}
+    paths = {
+        name: [p for items in index(data, name)["splits"].values() for p, _ in items]
+        for name in ("mine", "near", "far")
+    }
     assert all(not Path(p).is_absolute() and not p.startswith("..") for p in paths["mine"])
     assert all(p.startswith("../elsewhere/") for p in paths["near"])
     assert all(Path(p).is_absolute() for p in paths["far"])
@@ -149,7 +196,8 @@ def test_given_train_test_folders_are_kept_and_query_gallery_folders_give_that_p
     run_main("--data_path", data, "--data_name", "given", "--from_folder", root)
     assert as_sets(index(data, "given"), data, "given") == {
         "train": {(str(p.resolve()), c) for c, ps in train.items() for p in ps},
-        "test": {(str(p.resolve()), c) for c, ps in test.items() for p in ps}}
+        "test": {(str(p.resolve()), c) for c, ps in test.items() for p in ps},
+    }
 
     qg = tmp_path / "qg"
     make_tree(qg, ["a", "b"], prefix="train")
@@ -160,8 +208,10 @@ def test_given_train_test_folders_are_kept_and_query_gallery_folders_give_that_p
     assert {s: len(v) for s, v in doc["splits"].items()} == {"train": 6, "query": 2, "gallery": 6}
     assert eval_splits("shop", str(data)) == ("query", "gallery")
     ds = load_splits(str(data), "shop", "uncropped", {"query": None, "gallery": None})
-    names = {"query": [Path(p).parent.name for p in ds["query"].images],
-             "gallery": [Path(p).parent.name for p in ds["gallery"].images]}
+    names = {
+        "query": [Path(p).parent.name for p in ds["query"].images],
+        "gallery": [Path(p).parent.name for p in ds["gallery"].images],
+    }
     for split in ("query", "gallery"):  # query and gallery share one label space: same class, same integer
         for name, label in zip(names[split], ds[split].labels):
             assert label == {"c": 0, "d": 1, "e": 2}[name]
@@ -172,26 +222,37 @@ def test_folder_refusals(tmp_path, cli):
     root = tmp_path / "split"
     make_tree(root, ["a"], prefix="train")
     make_tree(root, ["b"], prefix="test")
-    assert_one_line_error(run_cli("--data_path", data, "--data_name", "x", "--from_folder", root, "--test_ratio",
-                                  "0.5"), "--test_ratio applies only")
-    assert_one_line_error(cli("--data_path", data, "--data_name", "x", "--from_folder", tmp_path / "nothing"),
-                          "not found")
+    assert_one_line_error(
+        run_cli("--data_path", data, "--data_name", "x", "--from_folder", root, "--test_ratio", "0.5"),
+        "--test_ratio applies only",
+    )
+    assert_one_line_error(
+        cli("--data_path", data, "--data_name", "x", "--from_folder", tmp_path / "nothing"), "not found"
+    )
     make_tree(tmp_path / "one", ["only"])
-    assert_one_line_error(cli("--data_path", data, "--data_name", "x", "--from_folder", tmp_path / "one"),
-                          "at least two class folders")
+    assert_one_line_error(
+        cli("--data_path", data, "--data_name", "x", "--from_folder", tmp_path / "one"), "at least two class folders"
+    )
     make_tree(tmp_path / "two", ["a", "b"])
-    assert_one_line_error(cli("--data_path", data, "--data_name", "x", "--from_folder", tmp_path / "two",
-                                  "--test_ratio", "1"), "--test_ratio must be between 0 and 1")
-    assert_one_line_error(cli("--data_path", data, "--data_name", "car", "--from_folder", tmp_path / "two"),
-                          "benchmark name")
-    assert_one_line_error(cli("--data_path", data, "--data_name", "a/b", "--from_folder", tmp_path / "two"),
-                          "--data_name 'a/b'")
-    assert_one_line_error(cli("--data_path", data, "--data_name", "x", "y", "--from_folder", tmp_path / "two"),
-                          "exactly one --data_name")
+    assert_one_line_error(
+        cli("--data_path", data, "--data_name", "x", "--from_folder", tmp_path / "two", "--test_ratio", "1"),
+        "--test_ratio must be between 0 and 1",
+    )
+    assert_one_line_error(
+        cli("--data_path", data, "--data_name", "car", "--from_folder", tmp_path / "two"), "benchmark name"
+    )
+    assert_one_line_error(
+        cli("--data_path", data, "--data_name", "a/b", "--from_folder", tmp_path / "two"), "--data_name 'a/b'"
+    )
+    assert_one_line_error(
+        cli("--data_path", data, "--data_name", "x", "y", "--from_folder", tmp_path / "two"), "exactly one --data_name"
+    )
     assert_one_line_error(cli("--data_path", data, "--data_name", "mine"), "--from_folder DIR")
     make_tree(root, ["a"], prefix="test")  # class 'a' in both given splits
-    assert_one_line_error(cli("--data_path", data, "--data_name", "x", "--from_folder", root),
-                          "1 class(es) in both train and test (e.g. 'a')")
+    assert_one_line_error(
+        cli("--data_path", data, "--data_name", "x", "--from_folder", root),
+        "1 class(es) in both train and test (e.g. 'a')",
+    )
     assert not data.exists() or not list(data.rglob("*.json"))  # nothing half-written
 
 
@@ -223,8 +284,9 @@ def test_csv_paths_are_relative_to_its_folder_and_validation_means_test(tmp_path
     assert as_sets(index(data, "mine"), data, "mine") == expected
     # the same CSV elsewhere, pointed at the images with --dataset_root (OML's dataset_root)
     write_csv(tmp_path / "lists/df.csv", HEADER, rows)
-    run_main("--data_path", data, "--data_name", "moved", "--from_csv", tmp_path / "lists/df.csv",
-             "--dataset_root", root)
+    run_main(
+        "--data_path", data, "--data_name", "moved", "--from_csv", tmp_path / "lists/df.csv", "--dataset_root", root
+    )
     assert as_sets(index(data, "moved"), data, "moved") == expected
     assert not (data / "mine/cropped_index.json").exists()  # no box columns -> uncropped only
 
@@ -233,9 +295,17 @@ def test_csv_query_gallery_flags(tmp_path, cli):
     root = tmp_path / "shop"
     header = ["path", "label", "split", "is_query", "is_gallery"]
     rows = []
-    for c, split, q, g in [(0, "train", "", ""), (0, "train", "", ""), (1, "train", "False", "False"),
-                           (1, "train", "", ""), (2, "test", "True", "False"), (2, "test", "False", "True"),
-                           (2, "test", "False", "True"), (3, "test", "True", "False"), (3, "test", "false", "true")]:
+    for c, split, q, g in [
+        (0, "train", "", ""),
+        (0, "train", "", ""),
+        (1, "train", "False", "False"),
+        (1, "train", "", ""),
+        (2, "test", "True", "False"),
+        (2, "test", "False", "True"),
+        (2, "test", "False", "True"),
+        (3, "test", "True", "False"),
+        (3, "test", "false", "true"),
+    ]:
         rel = f"img/{len(rows)}.png"
         gradient(root / rel, blue=len(rows))
         rows.append([rel, c, split, q, g])
@@ -252,18 +322,25 @@ def test_csv_query_gallery_flags(tmp_path, cli):
     assert eval_splits("both", str(data)) == ("test", "test")
 
     mixed = [r[:3] + ["True", "True"] if i == 4 else r for i, r in enumerate(rows)]
-    assert_one_line_error(cli("--data_path", data, "--data_name", "m", "--from_csv",
-                                  write_csv(root / "mixed.csv", header, mixed)), "one protocol")
+    assert_one_line_error(
+        cli("--data_path", data, "--data_name", "m", "--from_csv", write_csv(root / "mixed.csv", header, mixed)),
+        "one protocol",
+    )
     neither = [r[:3] + ["False", "False"] if i == 4 else r for i, r in enumerate(rows)]
-    assert_one_line_error(cli("--data_path", data, "--data_name", "m", "--from_csv",
-                                  write_csv(root / "neither.csv", header, neither)), "neither.csv:6")
+    assert_one_line_error(
+        cli("--data_path", data, "--data_name", "m", "--from_csv", write_csv(root / "neither.csv", header, neither)),
+        "neither.csv:6",
+    )
     train_q = [r[:3] + ["True", ""] if i == 0 else r for i, r in enumerate(rows)]
-    assert_one_line_error(cli("--data_path", data, "--data_name", "m", "--from_csv",
-                                  write_csv(root / "trainq.csv", header, train_q)), "test rows only")
+    assert_one_line_error(
+        cli("--data_path", data, "--data_name", "m", "--from_csv", write_csv(root / "trainq.csv", header, train_q)),
+        "test rows only",
+    )
     lonely = rows + [["img/9.png", 4, "test", "True", "False"]]
     gradient(root / "img/9.png", blue=99)
-    result = cli("--data_path", data, "--data_name", "lonely", "--from_csv",
-                     write_csv(root / "lonely.csv", header, lonely))
+    result = cli(
+        "--data_path", data, "--data_name", "lonely", "--from_csv", write_csv(root / "lonely.csv", header, lonely)
+    )
     assert result.returncode == 0, result.stderr
     assert "warning: lonely: 1 query images have no gallery image of their class" in result.stderr
 
@@ -283,7 +360,7 @@ def test_csv_boxes_give_a_cropped_variant(tmp_path, cli):
     cropped = index(data, "boxed", "cropped")["splits"]
     items = [p for split in ("train", "test") for p, _ in cropped[split]]
     assert len(items) == 6
-    for (rel, box) in zip(items, boxes):
+    for rel, box in zip(items, boxes):
         with Image.open(data / "boxed" / rel) as im:
             if box is None:  # no box: the whole original image, not a re-encoded copy (OML's rule)
                 assert (data / "boxed" / rel).resolve() == (root / "im/1.png").resolve()
@@ -300,15 +377,40 @@ def test_csv_boxes_give_a_cropped_variant(tmp_path, cli):
     with pytest.raises(UserError, match="built only from a CSV with x_1,y_1,x_2,y_2 boxes"):
         ensure_dataset(data, "boxed", "cropped")
     bad = [r[:3] + ["5", "5", "3", "9"] if i == 2 else r for i, r in enumerate(rows)]
-    assert_one_line_error(cli("--data_path", data, "--data_name", "b", "--from_csv",
-                                  write_csv(root / "bad.csv", header, bad)), "bad.csv:4", "x_1 < x_2")
+    assert_one_line_error(
+        cli("--data_path", data, "--data_name", "b", "--from_csv", write_csv(root / "bad.csv", header, bad)),
+        "bad.csv:4",
+        "x_1 < x_2",
+    )
     partial = [header[:5]] + [r[:5] for r in rows]
-    assert_one_line_error(cli("--data_path", data, "--data_name", "b", "--from_csv",
-                                  write_csv(root / "partial.csv", partial[0], partial[1:])), "x_1, y_1", "x_2, y_2")
+    assert_one_line_error(
+        cli(
+            "--data_path",
+            data,
+            "--data_name",
+            "b",
+            "--from_csv",
+            write_csv(root / "partial.csv", partial[0], partial[1:]),
+        ),
+        "x_1, y_1",
+        "x_2, y_2",
+    )
 
 
-@pytest.mark.parametrize("case", ["missing_column", "empty_test", "empty_train", "class_in_both", "duplicate",
-                                  "duplicate_spelled_differently", "bad_split", "no_rows", "no_file"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_column",
+        "empty_test",
+        "empty_train",
+        "class_in_both",
+        "duplicate",
+        "duplicate_spelled_differently",
+        "bad_split",
+        "no_rows",
+        "no_file",
+    ],
+)
 def test_csv_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case, cli):
     root = tmp_path / "shop"
     rows = basic_rows(root)
@@ -320,8 +422,10 @@ def test_csv_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case, cl
     elif case == "empty_train":
         rows, expected = [r for r in rows if r[2] != "train"], "the train split is empty"
     elif case == "class_in_both":
-        rows, expected = rows + [["0", rows[-1][1].replace("/3/", "/0/").replace("1.png", "9.png"), "test", ""]], \
-            "1 class(es) in both train and test (e.g. '0')"
+        rows, expected = (
+            rows + [["0", rows[-1][1].replace("/3/", "/0/").replace("1.png", "9.png"), "test", ""]],
+            "1 class(es) in both train and test (e.g. '0')",
+        )
         gradient(root / rows[-1][1])
     elif case == "duplicate":
         rows, expected = rows + [rows[1]], "df.csv:10 repeats"
@@ -356,8 +460,10 @@ def test_missing_and_corrupt_images_are_logged_and_the_rest_processed(tmp_path, 
     for _, rel, split, _ in rows:
         if split == "test":
             (root / rel).unlink(missing_ok=True)
-    assert_one_line_error(cli("--data_path", data, "--data_name", "mine", "--from_csv", root / "df.csv"),
-                          "the test split is empty once the unreadable images are skipped")
+    assert_one_line_error(
+        cli("--data_path", data, "--data_name", "mine", "--from_csv", root / "df.csv"),
+        "the test split is empty once the unreadable images are skipped",
+    )
     assert (data / "mine/uncropped_index.json").read_text() == before
 
 
@@ -365,15 +471,19 @@ def test_single_image_test_classes_are_warned_and_counted(tmp_path, cli):
     root = tmp_path / "shop"
     rows = basic_rows(root, n_train=2, n_test=3, per_class=2)
     rows = [r for r in rows if not (r[0] in ("3", "4") and r[1].endswith("1.png"))]  # classes 3 and 4: one image
-    result = cli("--data_path", tmp_path / "data", "--data_name", "mine", "--from_csv",
-                     write_csv(root / "df.csv", HEADER, rows))
+    result = cli(
+        "--data_path", tmp_path / "data", "--data_name", "mine", "--from_csv", write_csv(root / "df.csv", HEADER, rows)
+    )
     assert result.returncode == 0, result.stderr
-    assert ("warning: mine: 2 test classes have a single image (e.g. '3'): no positive to find, each counts as a "
-            "miss in Recall@K") in result.stderr
+    assert (
+        "warning: mine: 2 test classes have a single image (e.g. '3'): no positive to find, each counts as a "
+        "miss in Recall@K"
+    ) in result.stderr
     assert len(index(tmp_path / "data", "mine")["splits"]["test"]) == 4  # kept: Recall@K counts them as misses
 
 
 # ------------------------------------------------------------------------------------------ use by methods
+
 
 def test_training_flags_accept_a_processed_custom_name_and_refuse_others_in_one_line(tmp_path):
     data = tmp_path / "data"
@@ -415,9 +525,29 @@ def test_cgd_trains_on_a_custom_query_gallery_dataset(tmp_path, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path / "results"))
     run_main("--data_path", "data", "--data_name", "shop", "--from_folder", root)
     args = cgd_train.get_args_parser().parse_args(
-        ["--data_path", "data", "--data_name", "shop", "--backbone_type", "resnet18", "--pretrained", "none",
-         "--image_size", "32", "--batch_size", "8", "--num_epochs", "0", "--num_workers", "0", "--feature_dim", "32",
-         "--recalls", "1,2"])
+        [
+            "--data_path",
+            "data",
+            "--data_name",
+            "shop",
+            "--backbone_type",
+            "resnet18",
+            "--pretrained",
+            "none",
+            "--image_size",
+            "32",
+            "--batch_size",
+            "8",
+            "--num_epochs",
+            "0",
+            "--num_workers",
+            "0",
+            "--feature_dim",
+            "32",
+            "--recalls",
+            "1,2",
+        ]
+    )
     cgd_train.main(args)
     db_path = next((tmp_path / "results/cgd").glob("shop_uncropped_*_data_base.pth"))
     db = torch.load(db_path, weights_only=True)

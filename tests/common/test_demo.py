@@ -1,4 +1,5 @@
 """The synthetic demo dataset: speed, raw CUB layout, disjoint classes, determinism, ensure_demo."""
+
 import json
 import time
 
@@ -28,8 +29,16 @@ def test_demo_builds_in_under_30_seconds(demo):
 
 def test_demo_raw_layout_is_cub(demo):
     root = demo[0] / "demo"
-    for name in ("README", "images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt",
-                 "bounding_boxes.txt", "uncropped_index.json", "cropped_index.json"):
+    for name in (
+        "README",
+        "images.txt",
+        "image_class_labels.txt",
+        "train_test_split.txt",
+        "classes.txt",
+        "bounding_boxes.txt",
+        "uncropped_index.json",
+        "cropped_index.json",
+    ):
         assert (root / name).is_file(), name
     images = [line.split() for line in (root / "images.txt").read_text().splitlines()]
     labels = dict(line.split() for line in (root / "image_class_labels.txt").read_text().splitlines())

@@ -1,4 +1,5 @@
 """The shared epoch loop (common.engine.Run): epoch-0 row, CSV, checkpoints, the kept model + database, resume."""
+
 import pandas as pd
 import pytest
 import torch

@@ -1,5 +1,6 @@
 """inference.py on a collection that is no dataset split: --gallery (folder or list) -> new database -> queries,
 with unreadable images skipped and logged, per-query pages and a summary page."""
+
 import shutil
 
 import pandas as pd
@@ -16,9 +17,20 @@ from common.runio import atomic_save
 from tests.tiny import make_tiny_processed
 
 RUN = "cub_uncropped_resnet18_SG_32_0.1_0.5_0.1_8"
-CONFIG = {"data_name": "cub", "crop_type": "uncropped", "backbone_type": "resnet18", "gd_config": "SG",
-          "feature_dim": 32, "num_classes": 4, "image_size": 32, "smoothing": 0.1, "temperature": 0.5,
-          "margin": 0.1, "batch_size": 8, "method": "cgd"}
+CONFIG = {
+    "data_name": "cub",
+    "crop_type": "uncropped",
+    "backbone_type": "resnet18",
+    "gd_config": "SG",
+    "feature_dim": 32,
+    "num_classes": 4,
+    "image_size": 32,
+    "smoothing": 0.1,
+    "temperature": 0.5,
+    "margin": 0.1,
+    "batch_size": 8,
+    "method": "cgd",
+}
 
 
 @pytest.fixture
@@ -28,10 +40,16 @@ def run(tmp_path, monkeypatch):
     data = make_tiny_processed(tmp_path / "data", "cub", num_classes=6, per_class=4, size=40)
     torch.manual_seed(0)
     folder = tmp_path / "results" / "cgd"
-    atomic_save({"model": model_from_config(CONFIG).state_dict(), "config": CONFIG, "epoch": 1},
-                folder / f"{RUN}_model.pth")
-    save_database(folder / f"{RUN}_data_base.pth", config=CONFIG, method="cgd", metric="euclidean",
-                  splits={"test": Split(["x.jpg"], [0], torch.zeros(1, 32))})
+    atomic_save(
+        {"model": model_from_config(CONFIG).state_dict(), "config": CONFIG, "epoch": 1}, folder / f"{RUN}_model.pth"
+    )
+    save_database(
+        folder / f"{RUN}_data_base.pth",
+        config=CONFIG,
+        method="cgd",
+        metric="euclidean",
+        splits={"test": Split(["x.jpg"], [0], torch.zeros(1, 32))},
+    )
     gallery = tmp_path / "my_photos"
     shutil.copytree(data / "cub" / "images", gallery)
     (gallery / "broken.jpg").write_bytes(b"not a jpeg")
@@ -45,8 +63,19 @@ def _infer(*args):
 def test_gallery_folder_to_database_and_folder_of_queries(run):
     tmp_path, folder, gallery = run
     target = tmp_path / "mine_data_base.pth"
-    assert _infer("--data_base", f"{RUN}_data_base.pth", "--gallery", str(gallery), "--save_data_base", str(target),
-                  "--num_workers", "0") == []
+    assert (
+        _infer(
+            "--data_base",
+            f"{RUN}_data_base.pth",
+            "--gallery",
+            str(gallery),
+            "--save_data_base",
+            str(target),
+            "--num_workers",
+            "0",
+        )
+        == []
+    )
     db = load_database(target)
     images = sorted(str(p) for p in gallery.rglob("img_*.jpg"))
     assert sorted(db.split("gallery").images) == images and set(db.split("gallery").labels) == {-1}
@@ -76,8 +105,16 @@ def test_gallery_csv_with_labels(run):
     listing = tmp_path / "list.csv"
     pd.DataFrame({"path": images, "label": ["cat", "cat", "dog", "dog", "cow", "cow"]}).to_csv(listing, index=False)
     target = tmp_path / "labelled_data_base.pth"
-    _infer("--data_base", f"{RUN}_data_base.pth", "--gallery", str(listing), "--save_data_base", str(target),
-           "--num_workers", "0")
+    _infer(
+        "--data_base",
+        f"{RUN}_data_base.pth",
+        "--gallery",
+        str(listing),
+        "--save_data_base",
+        str(target),
+        "--num_workers",
+        "0",
+    )
     labels = load_database(target).split("gallery").labels
     assert labels == [0, 0, 2, 2, 1, 1]  # cat, cow, dog -> 0, 1, 2
     out = _infer("--data_base", str(target), "--query_img_name", images[0], "--retrieval_num", "2")
@@ -89,8 +126,16 @@ def test_gallery_needs_a_target_and_a_living_model(run):
     with pytest.raises(UserError, match="--save_data_base"):
         _infer("--data_base", f"{RUN}_data_base.pth", "--gallery", str(gallery))
     target = tmp_path / "g_data_base.pth"
-    _infer("--data_base", f"{RUN}_data_base.pth", "--gallery", str(gallery), "--save_data_base", str(target),
-           "--num_workers", "0")
+    _infer(
+        "--data_base",
+        f"{RUN}_data_base.pth",
+        "--gallery",
+        str(gallery),
+        "--save_data_base",
+        str(target),
+        "--num_workers",
+        "0",
+    )
     (folder / f"{RUN}_model.pth").unlink()
     new = tmp_path / "new.jpg"
     shutil.copy(next(gallery.rglob("img_*.jpg")), new)

@@ -1,4 +1,5 @@
 """GeM against its formula, computed independently in numpy float64."""
+
 import numpy as np
 import torch
 

@@ -1,4 +1,5 @@
 """data_utils.py / common.preprocess on tiny fakes of the four raw datasets."""
+
 import json
 import os
 import subprocess
@@ -26,8 +27,13 @@ def run_main(data_path, *names, force=False, workers=1):
 
 
 def run_cli(*argv):
-    return subprocess.run([sys.executable, str(REPO / "data_utils.py"), *map(str, argv)],
-                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(REPO / "data_utils.py"), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
 
 
 def load(root, name, crop_type="uncropped"):
@@ -64,13 +70,13 @@ def test_crops_equal_clipped_boxes(tmp_path, name):
     items = [rel for split in splits.values() for rel, _ in split]
     assert sorted(items) == sorted(f"cropped/{p}" for p in CROPS[name])
     for rel in items:
-        left, upper, right, lower = CROPS[name][rel[len("cropped/"):]]
+        left, upper, right, lower = CROPS[name][rel[len("cropped/") :]]
         with Image.open(tmp_path / name / rel) as im:
             assert im.format == "JPEG" and im.mode == "RGB"
             assert JpegImagePlugin.get_sampling(im) == 0  # 4:4:4, no chroma subsampling
             assert im.size == (right - left, lower - upper)
             corner = np.array(im.getpixel((0, 0)), dtype=int)
-        with Image.open(tmp_path / name / rel[len("cropped/"):]) as src:  # gradients: the corner shows the offset
+        with Image.open(tmp_path / name / rel[len("cropped/") :]) as src:  # gradients: the corner shows the offset
             assert np.abs(corner - np.array(src.convert("RGB").getpixel((left, upper)), dtype=int)).max() <= 6
     assert [p for p, _ in load(tmp_path, name, "cropped")["splits"]["train"]][0].startswith("cropped/")
 
@@ -136,7 +142,10 @@ def test_no_data_name_processes_every_present_dataset(tmp_path, capsys):
     run_main(tmp_path)
     out = capsys.readouterr().out
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/*_index.json")) == [
-        "car/cropped_index.json", "car/uncropped_index.json", "isc/uncropped_index.json"]
+        "car/cropped_index.json",
+        "car/uncropped_index.json",
+        "isc/uncropped_index.json",
+    ]
     assert "isc uncropped: 3 train / 2 query / 3 gallery images, 0 skipped" in out
 
 
@@ -162,8 +171,11 @@ def test_user_errors_are_one_line_and_nonzero(tmp_path, case):
     elif case == "no_dataset_at_all":
         argv, expected = [], tmp_path
     else:
-        name, rel = {"cub_boxes": ("cub", "bounding_boxes.txt"), "car_mat": ("car", "cars_annos.mat"),
-                     "isc_partition": ("isc", "Eval/list_eval_partition.txt")}[case]
+        name, rel = {
+            "cub_boxes": ("cub", "bounding_boxes.txt"),
+            "car_mat": ("car", "cars_annos.mat"),
+            "isc_partition": ("isc", "Eval/list_eval_partition.txt"),
+        }[case]
         argv, expected = ["--data_name", name], _fake_without(tmp_path, name, rel)
     result = run_cli("--data_path", tmp_path, "--num_workers", "1", *argv)
     assert result.returncode != 0

@@ -5,11 +5,20 @@ from PIL import Image
 from common.presets import DATASET_STATS, build_transform
 
 
-@pytest.mark.parametrize("method,train,image_size,expected", [
-    ("cgd", True, None, (224, 224)), ("cgd", False, None, (224, 224)), ("cgd", True, 64, (64, 64)),
-    ("reir", True, None, (256, 256)), ("reir", False, None, (256, 256)), ("reir", False, 32, (32, 32)),
-    ("sreml", True, None, (256, 256)), ("irt", True, None, (224, 224)), ("irt", False, 32, (32, 32)),
-])
+@pytest.mark.parametrize(
+    "method,train,image_size,expected",
+    [
+        ("cgd", True, None, (224, 224)),
+        ("cgd", False, None, (224, 224)),
+        ("cgd", True, 64, (64, 64)),
+        ("reir", True, None, (256, 256)),
+        ("reir", False, None, (256, 256)),
+        ("reir", False, 32, (32, 32)),
+        ("sreml", True, None, (256, 256)),
+        ("irt", True, None, (224, 224)),
+        ("irt", False, 32, (32, 32)),
+    ],
+)
 def test_output_sizes(method, train, image_size, expected):
     img = Image.new("RGB", (300, 200), (120, 60, 30))
     out = build_transform(method, train, "cub", "uncropped", image_size)(img)

@@ -1,4 +1,5 @@
 """common.retrieval: databases by name, the model file next to them, embedding new files, unlabelled rendering."""
+
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,13 @@ def results(tmp_path, monkeypatch):
     """A CGD database saved as results/cgd/<NAME> under a tmp RETRIEVAL_RESULTS."""
     monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path / "results"))
     split = Split(["a.jpg", "b.jpg", "c.jpg"], [0, 1, 0], torch.tensor([[0.0, 0.0], [3.0, 0.0], [1.0, 0.0]]))
-    save_database(tmp_path / "results" / "cgd" / NAME, config={"gd_config": "SG", "feature_dim": 2}, method="cgd",
-                  splits={"test": split}, metric="euclidean")
+    save_database(
+        tmp_path / "results" / "cgd" / NAME,
+        config={"gd_config": "SG", "feature_dim": 2},
+        method="cgd",
+        splits={"test": split},
+        metric="euclidean",
+    )
     return tmp_path / "results"
 
 
@@ -95,13 +101,18 @@ def test_unlabelled_rendering_writes_the_files_without_frames(tmp_path):
     query = _image(tmp_path / "q.png", gray)
     results = [(_image(tmp_path / f"r{i}.png", gray), i, 0.5 / (i + 1)) for i in range(2)]
     out = save_retrieval(tmp_path / "out", query, None, results, size=(64, 64))
-    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "query_img.jpg", "retrieval_img_1_0.5000.jpg",
-                                                     "retrieval_img_2_0.2500.jpg"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "grid.png",
+        "query_img.jpg",
+        "retrieval_img_1_0.5000.jpg",
+        "retrieval_img_2_0.2500.jpg",
+    ]
     for name in ("retrieval_img_1_0.5000.jpg", "retrieval_img_2_0.2500.jpg"):
         corner = np.asarray(Image.open(out / name))[2, 2].astype(int)
         assert np.abs(corner - 128).max() < 10  # plain image: no green/red frame
     grid = np.asarray(Image.open(out / "grid.png")).astype(int)
     assert np.abs(grid[10, 10] - 128).max() < 10 and np.abs(grid[10, 10 + 168] - 128).max() < 10  # no frames
-    framed = np.asarray(Image.open(save_retrieval(tmp_path / "lab", query, 0, results, size=(64, 64))
-                                   / "retrieval_img_1_0.5000.jpg"))[2, 2]
+    framed = np.asarray(
+        Image.open(save_retrieval(tmp_path / "lab", query, 0, results, size=(64, 64)) / "retrieval_img_1_0.5000.jpg")
+    )[2, 2]
     assert framed[1] > 200 and framed[0] < 60  # with a label the same result is framed green

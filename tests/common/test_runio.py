@@ -6,13 +6,23 @@ import pytest
 import torch
 
 from common.errors import UserError
-from common.runio import (Statistics, atomic_save, check_config, load_checkpoint, plain_config, run_name,
-                          safe_load, save_checkpoint)
+from common.runio import (
+    Statistics,
+    atomic_save,
+    check_config,
+    load_checkpoint,
+    plain_config,
+    run_name,
+    safe_load,
+    save_checkpoint,
+)
 
 
 def test_run_name_mirrors_the_original():
-    assert run_name("car", "uncropped", "resnet50", "SG", 1536, 0.1, 0.5, 0.1, 128) == \
-        "car_uncropped_resnet50_SG_1536_0.1_0.5_0.1_128"
+    assert (
+        run_name("car", "uncropped", "resnet50", "SG", 1536, 0.1, 0.5, 0.1, 128)
+        == "car_uncropped_resnet50_SG_1536_0.1_0.5_0.1_128"
+    )
 
 
 def test_atomic_save_leaves_only_the_file(tmp_path):

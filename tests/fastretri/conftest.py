@@ -1,4 +1,5 @@
 """Tiny data and a tiny FastRetri config shared by the tests."""
+
 from pathlib import Path
 
 import pytest

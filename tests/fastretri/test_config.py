@@ -10,12 +10,15 @@ from fastretri.config import flatten, load_config
 CONFIGS = Path(__file__).resolve().parents[2] / "fastretri" / "configs"
 
 
-@pytest.mark.parametrize("name, epochs, lr, eta, momentum, nesterov, eps, size, ratio, cj, recalls", [
-    ("cub", 30, 0.02, 2e-5, 0.0, False, 0.3, [256], [0.75, 1.33], [0.25, 0.25, 0.25, 0.0], [1, 2, 4, 8, 16, 32]),
-    ("cars", 100, 0.05, 5e-4, 0.0, False, 0.4, [256, 256], [1.0, 1.0], [0.3, 0.3, 0.3, 0.1], [1, 2, 4, 8, 16, 32]),
-    ("sop", 100, 0.003, 3e-5, 0.99, True, 0.1, [256, 256], [0.75, 1.33], None, [1, 10, 100, 1000]),
-    ("inshop", 100, 0.003, 3e-5, 0.99, True, 0.1, [0], [0.75, 1.33], None, [1, 10, 20, 30, 40, 50]),
-])
+@pytest.mark.parametrize(
+    "name, epochs, lr, eta, momentum, nesterov, eps, size, ratio, cj, recalls",
+    [
+        ("cub", 30, 0.02, 2e-5, 0.0, False, 0.3, [256], [0.75, 1.33], [0.25, 0.25, 0.25, 0.0], [1, 2, 4, 8, 16, 32]),
+        ("cars", 100, 0.05, 5e-4, 0.0, False, 0.4, [256, 256], [1.0, 1.0], [0.3, 0.3, 0.3, 0.1], [1, 2, 4, 8, 16, 32]),
+        ("sop", 100, 0.003, 3e-5, 0.99, True, 0.1, [256, 256], [0.75, 1.33], None, [1, 10, 100, 1000]),
+        ("inshop", 100, 0.003, 3e-5, 0.99, True, 0.1, [0], [0.75, 1.33], None, [1, 10, 20, 30, 40, 50]),
+    ],
+)
 def test_dataset_configs_match_fastretri(name, epochs, lr, eta, momentum, nesterov, eps, size, ratio, cj, recalls):
     c = flatten(load_config(CONFIGS / f"{name}.yml"))
     assert (c["SOLVER.MAX_EPOCH"], c["SOLVER.BASE_LR"], c["SOLVER.ETA_MIN_LR"]) == (epochs, lr, eta)
@@ -31,19 +34,24 @@ def test_dataset_configs_match_fastretri(name, epochs, lr, eta, momentum, nester
 
 
 def test_overrides_are_coerced():
-    c = load_config(CONFIGS / "cub.yml", ["SOLVER.BASE_LR", "1", "TEST.RECALLS", "[1,5]", "SOLVER.AMP.ENABLED",
-                                          "False", "INPUT.SIZE_TEST", "300"])
+    c = load_config(
+        CONFIGS / "cub.yml",
+        ["SOLVER.BASE_LR", "1", "TEST.RECALLS", "[1,5]", "SOLVER.AMP.ENABLED", "False", "INPUT.SIZE_TEST", "300"],
+    )
     assert c["SOLVER"]["BASE_LR"] == 1.0 and isinstance(c["SOLVER"]["BASE_LR"], float)
     assert c["TEST"]["RECALLS"] == [1, 5] and c["SOLVER"]["AMP"]["ENABLED"] is False
     assert c["INPUT"]["SIZE_TEST"] == [300]
 
 
-@pytest.mark.parametrize("opts, message", [
-    (["SOLVER.BASE_LRR", "0.1"], "unknown config key SOLVER.BASE_LRR"),
-    (["SOLVER.MAX_EPOCH", "abc"], "SOLVER.MAX_EPOCH expects int"),
-    (["SOLVER.MAX_EPOCH"], "KEY VALUE pairs"),
-    (["SOLVER", "1"], "is a group"),
-])
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["SOLVER.BASE_LRR", "0.1"], "unknown config key SOLVER.BASE_LRR"),
+        (["SOLVER.MAX_EPOCH", "abc"], "SOLVER.MAX_EPOCH expects int"),
+        (["SOLVER.MAX_EPOCH"], "KEY VALUE pairs"),
+        (["SOLVER", "1"], "is a group"),
+    ],
+)
 def test_bad_overrides(opts, message):
     with pytest.raises(UserError, match=message):
         load_config(CONFIGS / "cub.yml", opts)
@@ -56,16 +64,30 @@ def test_unknown_key_in_yaml(tmp_path):
 
 
 def test_cli_unknown_key_is_one_line_error():
-    proc = subprocess.run([sys.executable, "fastretri/train.py", "--config-file", str(CONFIGS / "cub.yml"),
-                           "SOLVER.NOPE", "1"], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.run(
+        [sys.executable, "fastretri/train.py", "--config-file", str(CONFIGS / "cub.yml"), "SOLVER.NOPE", "1"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: unknown config key SOLVER.NOPE (command line)"
 
 
 # the names fast-reid's FastRetri registers (projects/FastRetri/fastretri/datasets.py) and its configs use
-@pytest.mark.parametrize("name, data", [("Cars196", "car"), ("CUB", "cub"), ("SOP", "sop"), ("InShop", "isc"),
-                                        ("Cars", "car"), ("car", "car"), ("isc", "isc"), ("demo", "demo")])
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("Cars196", "car"),
+        ("CUB", "cub"),
+        ("SOP", "sop"),
+        ("InShop", "isc"),
+        ("Cars", "car"),
+        ("car", "car"),
+        ("isc", "isc"),
+        ("demo", "demo"),
+    ],
+)
 def test_fastreid_dataset_names(name, data):
     from fastretri.config import data_name
 
@@ -75,8 +97,10 @@ def test_fastreid_dataset_names(name, data):
 
 
 def test_fastreid_tuple_syntax_in_a_yaml_file(tmp_path):
-    (tmp_path / "c.yml").write_text(f'_BASE_: {CONFIGS / "base.yml"}\nDATASETS:\n  NAMES: ("Cars196",)\n'
-                                    'MODEL:\n  LOSSES:\n    NAME: ("CrossEntropyLoss",)\n')
+    (tmp_path / "c.yml").write_text(
+        f'_BASE_: {CONFIGS / "base.yml"}\nDATASETS:\n  NAMES: ("Cars196",)\n'
+        'MODEL:\n  LOSSES:\n    NAME: ("CrossEntropyLoss",)\n'
+    )
     c = load_config(tmp_path / "c.yml")
     assert c["DATASETS"]["NAMES"] == ["Cars196"] and c["MODEL"]["LOSSES"]["NAME"] == ["CrossEntropyLoss"]
     assert load_config(CONFIGS / "cars.yml")["DATASETS"]["NAMES"] == ["Cars196"]
@@ -102,6 +126,14 @@ def test_demo_config_values():
     """README's demo line is written from these values."""
     c = flatten(load_config(CONFIGS / "demo.yml"))
     assert (c["INPUT.CROP.SIZE"], c["INPUT.SIZE_TRAIN"], c["SOLVER.MAX_EPOCH"], c["SOLVER.WARMUP_ITERS"]) == (
-        [32], [36], 15, 30)
+        [32],
+        [36],
+        15,
+        30,
+    )
     assert (c["SOLVER.BASE_LR"], c["SOLVER.MOMENTUM"], c["SOLVER.IMS_PER_BATCH"], c["MODEL.BACKBONE.NORM"]) == (
-        0.01, 0.9, 32, "BN")
+        0.01,
+        0.9,
+        32,
+        "BN",
+    )

@@ -30,8 +30,22 @@ def test_two_gloo_processes_equal_one(tiny_config, tiny_data, tmp_path):
     In float32 the same comparison differed by up to 4.8e-4 with torch 2.14.1 (oneDNN picks other convolution
     algorithms for 4 and 8 images, and SGD with momentum over 3 steps amplifies the rounding); in float64 it is
     ~1e-12, so that was rounding, not a difference in what the ranks compute."""
-    args = ["--config-file", str(tiny_config), "--data_path", str(tiny_data), "--num-gpus", "0", "--float64",
-            "--no-augment", "SOLVER.MAX_EPOCH", "2", "TEST.EVAL_PERIOD", "1", "SOLVER.BASE_LR", "0.05"]
+    args = [
+        "--config-file",
+        str(tiny_config),
+        "--data_path",
+        str(tiny_data),
+        "--num-gpus",
+        "0",
+        "--float64",
+        "--no-augment",
+        "SOLVER.MAX_EPOCH",
+        "2",
+        "TEST.EVAL_PERIOD",
+        "1",
+        "SOLVER.BASE_LR",
+        "0.05",
+    ]
     for n in (1, 2):
         run_script("fastretri/train.py", args, tmp_path / f"p{n}", nproc=n)
     torch.manual_seed(0)
@@ -42,6 +56,20 @@ def test_two_gloo_processes_equal_one(tiny_config, tiny_data, tmp_path):
 def test_spawned_processes_run(tiny_config, tiny_data, tmp_path, monkeypatch):
     """fast-reid's own launcher (--num-procs spawns gloo processes) still trains and writes the run's files."""
     monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path))
-    main(get_args_parser().parse_args(["--config-file", str(tiny_config), "--data_path", str(tiny_data),
-                                       "--num-gpus", "0", "--num-procs", "2", "SOLVER.MAX_EPOCH", "1"]))
+    main(
+        get_args_parser().parse_args(
+            [
+                "--config-file",
+                str(tiny_config),
+                "--data_path",
+                str(tiny_data),
+                "--num-gpus",
+                "0",
+                "--num-procs",
+                "2",
+                "SOLVER.MAX_EPOCH",
+                "1",
+            ]
+        )
+    )
     assert (tmp_path / "fastretri" / "cub_uncropped_resnet18_model.pth").is_file()

@@ -69,6 +69,7 @@ def test_gem_against_formula():
 
 # ---- stem max-pool: fastreid's MaxPool2d(3, stride 2, padding 0, ceil_mode) ----
 
+
 def _maxpool_reference(x: np.ndarray) -> np.ndarray:
     """fastreid's stem pool by brute force: 3 x 3 windows every 2 pixels from the corner, no padding; ceil mode
     keeps a last window that hangs over the edge (max over the pixels it covers): ceil((n - 3) / 2) + 1 outputs."""
@@ -76,7 +77,7 @@ def _maxpool_reference(x: np.ndarray) -> np.ndarray:
     out = np.empty(x.shape[:-2] + (n_h, n_w))
     for i in range(n_h):
         for j in range(n_w):
-            out[..., i, j] = x[..., 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(-2, -1))
+            out[..., i, j] = x[..., 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].max(axis=(-2, -1))
     return out
 
 
@@ -130,6 +131,7 @@ def test_imagenet_style_weights_still_load(tmp_path):
 
 
 # ---- fast-reid's trained files ----
+
 
 class _FastReidFrozenBN(nn.Module):
     """fastreid.layers.FrozenBatchNorm: weight/bias/running_mean/running_var buffers, no num_batches_tracked."""
@@ -194,14 +196,27 @@ def _write_like_fastreid(ref, path):
     optimizer runs over ContiguousParams groups (a flat buffer each, with a freeze_status string)."""
     params = [p for p in ref.parameters() if p.requires_grad]
     flat = nn.Parameter(torch.cat([p.detach().flatten() for p in params]))
-    opt = torch.optim.SGD([{"freeze_status": "normal", "params": flat, "lr": 0.02, "weight_decay": 5e-4}],
-                          lr=0.02, momentum=0.9, nesterov=True)
+    opt = torch.optim.SGD(
+        [{"freeze_status": "normal", "params": flat, "lr": 0.02, "weight_decay": 5e-4}],
+        lr=0.02,
+        momentum=0.9,
+        nesterov=True,
+    )
     flat.grad = torch.ones_like(flat)
     opt.step()
     cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=7, eta_min=2e-5)
     warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
-    torch.save({"model": ref.state_dict(), "optimizer": opt.state_dict(), "lr_sched": cos.state_dict(),
-                "warmup_sched": warm.state_dict(), "epoch": 29, "metric": 69.46}, path)
+    torch.save(
+        {
+            "model": ref.state_dict(),
+            "optimizer": opt.state_dict(),
+            "lr_sched": cos.state_dict(),
+            "warmup_sched": warm.state_dict(),
+            "epoch": 29,
+            "metric": 69.46,
+        },
+        path,
+    )
 
 
 def _cfg(**model):

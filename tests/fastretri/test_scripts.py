@@ -1,4 +1,5 @@
 """End to end on tiny data: train (+ resume) -> test -> inference -> ablation, all in-process."""
+
 import pandas as pd
 import pytest
 import torch
@@ -11,8 +12,11 @@ NAME = "cub_uncropped_resnet18"
 
 
 def _train(config, data, *extra):
-    train.main(train.get_args_parser().parse_args(["--config-file", str(config), "--data_path", str(data),
-                                                   "--num-gpus", "0", *extra]))
+    train.main(
+        train.get_args_parser().parse_args(
+            ["--config-file", str(config), "--data_path", str(data), "--num-gpus", "0", *extra]
+        )
+    )
 
 
 def test_train_test_inference_ablation(tiny_config, tiny_data, results, tmp_path):
@@ -28,15 +32,30 @@ def test_train_test_inference_ablation(tiny_config, tiny_data, results, tmp_path
     assert db["metric"] == "cosine" and torch.allclose(feats.norm(dim=1), torch.ones(len(feats)), atol=1e-5)
 
     training_db = (results / f"{NAME}_data_base.pth").read_bytes()
-    metrics = test.main(test.get_args_parser().parse_args(["--data_base", f"{NAME}_data_base.pth", "--data_path",
-                                                           str(tiny_data), "--recalls", "1,2,4", "--num_workers", "0"]))
+    metrics = test.main(
+        test.get_args_parser().parse_args(
+            [
+                "--data_base",
+                f"{NAME}_data_base.pth",
+                "--data_path",
+                str(tiny_data),
+                "--recalls",
+                "1,2,4",
+                "--num_workers",
+                "0",
+            ]
+        )
+    )
     assert set(metrics) == {"test_recall@1", "test_recall@2", "test_recall@4", "test_map@r", "test_r_precision"}
     assert metrics["test_recall@1"] == pytest.approx(stats.loc[2, "test_recall@1"], abs=1e-6)  # the last epoch
     assert (results / f"{NAME}_test_metrics.csv").is_file()
     assert (results / f"{NAME}_data_base.pth").read_bytes() == training_db
     # fast-reid's spelling: train_net.py --eval-only on the run's model file
-    again = train.main(train.get_args_parser().parse_args(["--config-file", str(tiny_config), "--data_path",
-                                                           str(tiny_data), "--num-gpus", "0", "--eval-only"]))
+    again = train.main(
+        train.get_args_parser().parse_args(
+            ["--config-file", str(tiny_config), "--data_path", str(tiny_data), "--num-gpus", "0", "--eval-only"]
+        )
+    )
     assert again == pytest.approx(metrics)
 
     query = db["splits"]["test"]["images"][0]
@@ -53,8 +72,11 @@ def test_train_test_inference_ablation(tiny_config, tiny_data, results, tmp_path
     found_new = infer(str(new))
     assert found_new[0][0] == query and found_new[0][2] == pytest.approx(1.0, abs=1e-4)
 
-    result = ablation.main(ablation.get_args_parser().parse_args([
-        "--better_data_base", f"{NAME}_data_base.pth", "--worse_data_base", f"{NAME}_data_base.pth"]))
+    result = ablation.main(
+        ablation.get_args_parser().parse_args(
+            ["--better_data_base", f"{NAME}_data_base.pth", "--worse_data_base", f"{NAME}_data_base.pth"]
+        )
+    )
     assert result["ties"] == 24 and result["GE_Rate@8"] == 100.0
 
 

@@ -11,13 +11,18 @@ from fastretri.solver import build_optimizer, clip_grad_norm_groups, lr_at
 CUB = dict(base_lr=0.02, iters_per_epoch=45, max_epoch=30, warmup_iters=1000, warmup_factor=0.1, eta_min=2e-5)
 
 
-@pytest.mark.parametrize("iteration, expected", [
-    (0, 0.002), (500, 0.02 * (0.1 * 0.5 + 0.5)), (999, 0.02 * (0.1 * 0.001 + 0.999)),
-    (1000, 0.02),                    # warm-up over in epoch 22 (iterations 990..1034): full lr until it ends
-    (1034, 0.02),
-    (1035, 2e-5 + (0.02 - 2e-5) * (1 + math.cos(math.pi * 1 / 7)) / 2),  # epoch 23: first cosine step, T_max 7
-    (29 * 45, 2e-5),                 # last epoch reaches eta_min
-])
+@pytest.mark.parametrize(
+    "iteration, expected",
+    [
+        (0, 0.002),
+        (500, 0.02 * (0.1 * 0.5 + 0.5)),
+        (999, 0.02 * (0.1 * 0.001 + 0.999)),
+        (1000, 0.02),  # warm-up over in epoch 22 (iterations 990..1034): full lr until it ends
+        (1034, 0.02),
+        (1035, 2e-5 + (0.02 - 2e-5) * (1 + math.cos(math.pi * 1 / 7)) / 2),  # epoch 23: first cosine step, T_max 7
+        (29 * 45, 2e-5),  # last epoch reaches eta_min
+    ],
+)
 def test_schedule_values(iteration, expected):
     assert lr_at(iteration, **CUB) == pytest.approx(expected, rel=1e-9)
 
@@ -62,8 +67,14 @@ TRAIN_IMAGES = {"cub": 5864, "car": 8054, "sop": 59551, "isc": 25882, "demo": 96
 
 
 def _check_against_fastreid(base_lr, iters_per_epoch, max_epoch, warmup_iters, warmup_factor, eta_min):
-    args = dict(base_lr=base_lr, iters_per_epoch=iters_per_epoch, max_epoch=max_epoch, warmup_iters=warmup_iters,
-                warmup_factor=warmup_factor, eta_min=eta_min)
+    args = dict(
+        base_lr=base_lr,
+        iters_per_epoch=iters_per_epoch,
+        max_epoch=max_epoch,
+        warmup_iters=warmup_iters,
+        warmup_factor=warmup_factor,
+        eta_min=eta_min,
+    )
     expected = fastreid_lrs(**args)
     ours = [lr_at(i, **args) for i in range(len(expected))]
     bad = [i for i, (a, b) in enumerate(zip(ours, expected)) if not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15)]
@@ -111,7 +122,7 @@ def test_clipping_is_global_over_a_contiguous_group():
     a.grad, b.grad = torch.tensor([30.0, 40.0, 0.0]), torch.tensor([0.3, 0.4])  # norms 50 and 0.5
     opt = torch.optim.SGD([{"params": [a], "weight_decay": 5e-4}, {"params": [b], "weight_decay": 5e-4}], lr=0.1)
     norms = clip_grad_norm_groups(opt, 5.0)
-    total = math.sqrt(50.0 ** 2 + 0.5 ** 2)
+    total = math.sqrt(50.0**2 + 0.5**2)
     coef = 5.0 / (total + 1e-6)
     assert [float(n) for n in norms] == [pytest.approx(total, rel=1e-6)]
     assert torch.allclose(a.grad.double(), torch.tensor([30.0, 40.0, 0.0], dtype=torch.float64) * coef, rtol=1e-6)
@@ -162,8 +173,14 @@ def test_label_smoothing_against_torch(eps):
     # fast-reid: 1-eps on the target, eps/(C-1) elsewhere == torch's smoothing s with s/C = eps/(C-1)
     expected = F.cross_entropy(logits, y, label_smoothing=eps * 7 / 6)
     assert LabelSmoothingCrossEntropy(eps)(logits, y).item() == pytest.approx(expected.item(), rel=1e-6)
-    manual = -sum((1 - eps) * F.log_softmax(logits[i], 0)[y[i]] + sum(
-        eps / 6 * F.log_softmax(logits[i], 0)[c] for c in range(7) if c != y[i]) for i in range(6)) / 6
+    manual = (
+        -sum(
+            (1 - eps) * F.log_softmax(logits[i], 0)[y[i]]
+            + sum(eps / 6 * F.log_softmax(logits[i], 0)[c] for c in range(7) if c != y[i])
+            for i in range(6)
+        )
+        / 6
+    )
     assert LabelSmoothingCrossEntropy(eps)(logits, y).item() == pytest.approx(manual.item(), rel=1e-5)
 
 

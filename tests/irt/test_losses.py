@@ -1,4 +1,5 @@
 """Contrastive loss (both averagings, with and without memory) and KoLeo against Python loops over pairs."""
+
 import math
 
 import pytest

@@ -1,4 +1,5 @@
 """The original's outputs/<dataset>/encoder.pth (a bare timm state dict) evaluated by irt/test.py."""
+
 import pytest
 import timm
 import torch
@@ -27,9 +28,20 @@ def test_encoder_pth_is_recognised_and_evaluated(tmp_path, monkeypatch):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), torch.nn.functional.normalize(encoder(x), dim=1))
-    metrics = irt_test.main(irt_test.get_args_parser().parse_args(
-        ["--model_file", str(tmp_path / "outputs" / "cub200" / "encoder.pth"), "--data-path", str(data),
-         "--num-workers", "0", "--recalls", "1,2"]))
+    metrics = irt_test.main(
+        irt_test.get_args_parser().parse_args(
+            [
+                "--model_file",
+                str(tmp_path / "outputs" / "cub200" / "encoder.pth"),
+                "--data-path",
+                str(data),
+                "--num-workers",
+                "0",
+                "--recalls",
+                "1,2",
+            ]
+        )
+    )
     assert 0 <= metrics["test_recall@1"] <= 100
 
 

@@ -1,4 +1,5 @@
 """End to end on tiny data with a tiny ViT: train -> test -> inference -> ablation, IRT_O, resume, In-shop."""
+
 import subprocess
 import sys
 
@@ -8,11 +9,27 @@ import torch
 
 from common.database import load_database
 from common.runio import safe_load
-from irt import ablation, inference, test as irt_test, train
+from irt import ablation, inference, train
+from irt import test as irt_test
 from tests.tiny import make_tiny_processed
 
-TINY = ["--model", "vit_tiny_patch16_224", "--input-size", "32", "--model-kwargs", "patch_size=8", "depth=2",
-        "--pretrained", "none", "--num-workers", "0", "--batch-size", "8", "--logging-freq", "0"]
+TINY = [
+    "--model",
+    "vit_tiny_patch16_224",
+    "--input-size",
+    "32",
+    "--model-kwargs",
+    "patch_size=8",
+    "depth=2",
+    "--pretrained",
+    "none",
+    "--num-workers",
+    "0",
+    "--batch-size",
+    "8",
+    "--logging-freq",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +67,29 @@ def test_train_test_inference_ablation(data, results, capsys):
     frame = pd.read_csv(run.statistics, index_col="epoch")
     assert list(frame.index) == [0, 1, 2]
     assert {"train_contrastive", "train_koleo", "train_loss", "test_recall@1", "test_recall@4"} <= set(frame.columns)
-    assert frame.loc[1, "train_loss"] == pytest.approx(frame.loc[1, "train_contrastive"]
-                                                       + 0.7 * frame.loc[1, "train_koleo"])
+    assert frame.loc[1, "train_loss"] == pytest.approx(
+        frame.loc[1, "train_contrastive"] + 0.7 * frame.loc[1, "train_koleo"]
+    )
     assert run.checkpoint.is_file() and run.model.is_file() and run.statistics.with_suffix(".png").is_file()
     assert max(stats.rows) == 2
 
     training_db = run.database.read_bytes()
-    metrics = irt_test.main(irt_test.get_args_parser().parse_args(
-        ["--data-base", str(run.database), "--data-path", str(data), "--num-workers", "0", "--recalls", "1,2,4",
-         "--save_data_base", str(run.path("eval_data_base.pth"))]))
+    metrics = irt_test.main(
+        irt_test.get_args_parser().parse_args(
+            [
+                "--data-base",
+                str(run.database),
+                "--data-path",
+                str(data),
+                "--num-workers",
+                "0",
+                "--recalls",
+                "1,2,4",
+                "--save_data_base",
+                str(run.path("eval_data_base.pth")),
+            ]
+        )
+    )
     assert set(metrics) == {"test_recall@1", "test_recall@2", "test_recall@4", "test_map@r", "test_r_precision"}
     assert run.database.read_bytes() == training_db  # never overwritten
     db = load_database(run.path("eval_data_base.pth"))
@@ -68,18 +99,32 @@ def test_train_test_inference_ablation(data, results, capsys):
     assert pd.read_csv(run.path("test_metrics.csv")).shape == (1, 5)
 
     query = split.images[0]
-    ranked = inference.main(inference.get_args_parser().parse_args(
-        ["--data-base", str(run.database), "--query-img-name", query, "--retrieval-num", "3"]))[0][1]
+    ranked = inference.main(
+        inference.get_args_parser().parse_args(
+            ["--data-base", str(run.database), "--query-img-name", query, "--retrieval-num", "3"]
+        )
+    )[0][1]
     assert len(ranked) == 3 and query not in [p for p, _, _ in ranked]
     out = results / "img_5_0"
     assert (out / "grid.png").is_file() and len(list(out.glob("retrieval_img_*.jpg"))) == 3
     new_image = str(data / "isc" / "images" / "001.class1" / "img_1_0.jpg")  # a file outside the database
-    ranked = inference.main(inference.get_args_parser().parse_args(
-        ["--data-base", str(run.database), "--query-img-name", new_image]))[0][1]
+    ranked = inference.main(
+        inference.get_args_parser().parse_args(["--data-base", str(run.database), "--query-img-name", new_image])
+    )[0][1]
     assert len(ranked) == 8 and "label unknown" in capsys.readouterr().out
 
-    compared = ablation.main(ablation.get_args_parser().parse_args(
-        ["--better-db", str(run.database), "--worse-db", str(run.path("eval_data_base.pth")), "--retrieval-num", "4"]))
+    compared = ablation.main(
+        ablation.get_args_parser().parse_args(
+            [
+                "--better-db",
+                str(run.database),
+                "--worse-db",
+                str(run.path("eval_data_base.pth")),
+                "--retrieval-num",
+                "4",
+            ]
+        )
+    )
     assert compared["wins"] + compared["ties"] + compared["losses"] == len(split.images)
 
 
@@ -95,14 +140,25 @@ def test_irt_o_max_iter_zero_evaluates_only(data, results):
 
 
 def test_resume_equals_uninterrupted(data, results):
-    common = ["--m", "2", "--eval-freq", "2", "--encoder-momentum", "0.9", "--memory-ratio", "0.5",
-              "--drop-path", "0.1"]
+    common = [
+        "--m",
+        "2",
+        "--eval-freq",
+        "2",
+        "--encoder-momentum",
+        "0.9",
+        "--memory-ratio",
+        "0.5",
+        "--drop-path",
+        "0.1",
+    ]
     full = _args(train.get_args_parser(), data, "--max-iter", "4", *common)
     train.main(full)
     first = _args(train.get_args_parser(), data, "--max-iter", "2", *common)  # "interrupted" after 2 steps
     train.main(first)
-    resumed = _args(train.get_args_parser(), data, "--max-iter", "4", *common,
-                    "--resume", str(train.run_files(first).checkpoint))
+    resumed = _args(
+        train.get_args_parser(), data, "--max-iter", "4", *common, "--resume", str(train.run_files(first).checkpoint)
+    )
     # the uninterrupted run's checkpoint is overwritten by the resumed one: keep a copy first
     expected = torch.load(train.run_files(full).checkpoint, weights_only=True)
     train.main(resumed)
@@ -116,16 +172,43 @@ def test_resume_equals_uninterrupted(data, results):
 def test_resume_refuses_other_recipe(data, results):
     args = _args(train.get_args_parser(), data, "--max-iter", "2", "--eval-freq", "2")
     train.main(args)
-    other = _args(train.get_args_parser(), data, "--max-iter", "2", "--eval-freq", "2", "--margin", "0.3",
-                  "--resume", str(train.run_files(args).checkpoint))
+    other = _args(
+        train.get_args_parser(),
+        data,
+        "--max-iter",
+        "2",
+        "--eval-freq",
+        "2",
+        "--margin",
+        "0.3",
+        "--resume",
+        str(train.run_files(args).checkpoint),
+    )
     with pytest.raises(Exception, match="margin"):
         train.main(other)
 
 
 def test_inshop_query_gallery_with_momentum_encoder(data, results):
-    args = train.get_args_parser().parse_args(TINY + ["--dataset", "inshop", "--data-path", str(data), "--max-iter",
-                                                      "2", "--m", "2", "--memory-ratio", "0.2",
-                                                      "--encoder-momentum", "0.999", "--rank", "1", "2"])
+    args = train.get_args_parser().parse_args(
+        TINY
+        + [
+            "--dataset",
+            "inshop",
+            "--data-path",
+            str(data),
+            "--max-iter",
+            "2",
+            "--m",
+            "2",
+            "--memory-ratio",
+            "0.2",
+            "--encoder-momentum",
+            "0.999",
+            "--rank",
+            "1",
+            "2",
+        ]
+    )
     train.main(args)
     db = load_database(train.run_files(args).database)
     assert (db.query, db.gallery) == ("query", "gallery")
@@ -133,7 +216,11 @@ def test_inshop_query_gallery_with_momentum_encoder(data, results):
 
 
 def test_user_error_is_one_line(data, tmp_path):
-    proc = subprocess.run([sys.executable, "irt/train.py", *TINY, "--dataset", "sop", "--data-path", str(data)],
-                          capture_output=True, text=True, env={"RETRIEVAL_RESULTS": str(tmp_path), "PATH": ""})
+    proc = subprocess.run(
+        [sys.executable, "irt/train.py", *TINY, "--dataset", "sop", "--data-path", str(data)],
+        capture_output=True,
+        text=True,
+        env={"RETRIEVAL_RESULTS": str(tmp_path), "PATH": ""},
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:") and "sop" in proc.stderr
