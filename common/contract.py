@@ -413,6 +413,14 @@ def inference_parser(spec: MethodSpec, add_help: bool = True) -> argparse.Argume
         "or a CSV with a 'path' and an optional 'label' column); needs --save_data_base",
     )
     add_flag(g, "save_data_base", default=None, type=str, help="where --gallery's database is written")
+    add_flag(
+        g,
+        "index",
+        default="exact",
+        choices=["exact", "ivf", "hnsw"],
+        help="with --gallery: also build a faiss ANN index beside the database (its Recall@10 against the exact "
+        "search is measured and printed), used by later queries; for collections beyond ~1M images (default: exact)",
+    )
     g.add_argument(
         "--model_file",
         "--model-file",
@@ -498,7 +506,7 @@ def answer_query(
             )[0]
             * norm
         )
-    results = search(feature, gallery, db.metric, k, db.scale, exclude)
+    results = search(feature, gallery, db.metric, k, db.scale, exclude, _ann_index(db))
     out = save_retrieval(
         Path(out_root or results_dir(spec.name)) / Path(path).stem,
         path,
@@ -516,6 +524,23 @@ def answer_query(
         print(f"{rank:3d}. {score:.4f}  label {lab}  {p}{mark}")
     print(f"saved to {out}")
     return out, results
+
+
+_ANN_CACHE: Dict[str, Any] = {}
+
+
+def _ann_index(db: Database):
+    """The ANN index built with the database (``--gallery --index ivf|hnsw``), or None for exact search."""
+    path = db.config.get("ann_index")
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise UserError(f"the database's ANN index {path} is missing; rebuild it or use the exact search")
+    if path not in _ANN_CACHE:
+        from common.ann import load_index
+
+        _ANN_CACHE[path] = load_index(path)
+    return _ANN_CACHE[path]
 
 
 def run_inference(spec: MethodSpec, args: argparse.Namespace) -> List[Tuple[Path, list]]:
@@ -632,7 +657,14 @@ def build_gallery_database(spec: MethodSpec, args: argparse.Namespace, device: t
         target.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("".join(f"{items[i][0]}\n" for i in sorted(failed)))
     split = Split([items[i][0] for i in kept], [items[i][1] for i in kept], torch.cat(features))
+    target.parent.mkdir(parents=True, exist_ok=True)
     stored = {**dict(config), "model_file": str(model_file.resolve()), "gallery_source": str(args.gallery)}
+    if getattr(args, "index", "exact") != "exact":
+        from common.ann import build_index, save_index
+
+        ann = build_index(split.features, "euclidean" if spec.metric == "euclidean" else "cosine", args.index)
+        stored["ann_index"] = str(Path(f"{target}.{args.index}.faiss").resolve())
+        save_index(ann, stored["ann_index"])
     save_database(
         target,
         config=stored,

@@ -12,10 +12,11 @@ from typing import Any, Callable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from common.database import Database, Split, load_database, rank_gallery
+from common.database import Database, Split, load_database
 from common.datasets import open_image
 from common.engine import RunFiles
 from common.errors import UserError
+from common.metrics import search_topk
 from common.runio import results_dir
 
 __all__ = ["DB_SUFFIX", "database_path", "run_prefix", "model_path", "open_database", "embed_file", "search"]
@@ -82,8 +83,27 @@ def embed_file(
 
 
 def search(
-    feature: torch.Tensor, gallery: Split, metric: str, k: int, scale: float = 1.0, exclude: Optional[int] = None
+    feature: torch.Tensor,
+    gallery: Split,
+    metric: str,
+    k: int,
+    scale: float = 1.0,
+    exclude: Optional[int] = None,
+    index=None,
 ) -> List[Result]:
-    """The ``k`` best gallery images for one query feature, best first, as (path, label, score) to print/render."""
-    index, scores = rank_gallery(feature, gallery.features, metric, k, scale, exclude)
-    return [(gallery.images[i], gallery.labels[i], float(s)) for i, s in zip(index.tolist(), scores.tolist())]
+    """The ``k`` best gallery images for one query feature, best first, as (path, label, score) to print/render.
+
+    Exact and memory-bounded by default (``common.metrics.search_topk``: ties to the smaller index); ``index``, an
+    ANN index of ``common.ann`` built on this gallery, answers approximately instead. ``exclude`` drops one gallery
+    index (the query itself)."""
+    wanted = k + (1 if exclude is not None else 0)
+    wanted = min(wanted, len(gallery.images))
+    if index is not None:
+        from common.ann import search as ann_search
+
+        values, ids = ann_search(index, feature[None].float(), wanted)
+    else:
+        values, ids = search_topk(feature[None].float(), gallery.features.float(), wanted, metric)
+    pairs = [(int(i), float(v)) for i, v in zip(ids[0].tolist(), values[0].tolist()) if i >= 0 and i != exclude]
+    factor = 1.0 if metric == "euclidean" else 1.0 / scale
+    return [(gallery.images[i], gallery.labels[i], v * factor) for i, v in pairs[:k]]

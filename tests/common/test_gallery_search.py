@@ -141,3 +141,42 @@ def test_gallery_needs_a_target_and_a_living_model(run):
     shutil.copy(next(gallery.rglob("img_*.jpg")), new)
     with pytest.raises(UserError, match="no longer exists"):
         _infer("--data_base", str(target), "--query_img_name", str(new))
+
+
+def test_gallery_with_an_ann_index(run):
+    """--index hnsw builds a faiss index beside the database (its recall printed); later queries use it."""
+    tmp_path, folder, gallery = run
+    target = tmp_path / "ann_data_base.pth"
+    _infer(
+        "--data_base",
+        f"{RUN}_data_base.pth",
+        "--gallery",
+        str(gallery),
+        "--save_data_base",
+        str(target),
+        "--num_workers",
+        "0",
+        "--index",
+        "hnsw",
+    )
+    db = load_database(target)
+    assert (
+        db.config["ann_index"].endswith("ann_data_base.pth.hnsw.faiss")
+        and (tmp_path / "ann_data_base.pth.hnsw.faiss").is_file()
+    )
+    query = db.split("gallery").images[5]
+    approx = _infer("--data_base", str(target), "--query_img_name", query, "--retrieval_num", "3")[0][1]
+    exact_db = tmp_path / "exact_data_base.pth"
+    _infer(
+        "--data_base",
+        f"{RUN}_data_base.pth",
+        "--gallery",
+        str(gallery),
+        "--save_data_base",
+        str(exact_db),
+        "--num_workers",
+        "0",
+    )
+    exact = _infer("--data_base", str(exact_db), "--query_img_name", query, "--retrieval_num", "3")[0][1]
+    assert [p for p, _, _ in approx] == [p for p, _, _ in exact]  # a 24-image HNSW graph finds the exact top 3
+    assert query not in [p for p, _, _ in approx]
