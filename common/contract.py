@@ -521,7 +521,8 @@ def answer_query(
     print(f"query {path} (label {known}): {k} best of {len(gallery.images)} gallery images by {db.metric}")
     for rank, (p, lab, score) in enumerate(results, start=1):
         mark = "" if label is None else ("  correct" if lab == label else "  wrong")
-        print(f"{rank:3d}. {score:.4f}  label {lab}  {p}{mark}")
+        shown = lab if lab is not None and lab >= 0 else "?"
+        print(f"{rank:3d}. {score:.4f}  label {shown}  {p}{mark}")
     print(f"saved to {out}")
     return out, results
 
