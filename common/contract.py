@@ -233,12 +233,8 @@ def postprocessed_metrics(
 # ---------------------------------------------------------------- test.py
 
 
-def test_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentParser:
-    """The flags of every method's ``test.py`` (originals' underscore names, hyphenated aliases)."""
-    parser = argparse.ArgumentParser(
-        description=f"Test a trained {spec.display} run: Recall@K, MAP@R, R-precision on its evaluation splits",
-        add_help=add_help,
-    )
+def add_run_flags(parser: argparse.ArgumentParser, spec: MethodSpec, verb: str) -> None:
+    """``--data_base`` / ``--model_file``: which trained run a script works on (test.py, export.py)."""
     g = parser.add_argument_group("run")
     add_flag(
         g,
@@ -255,8 +251,17 @@ def test_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentPar
         dest="model_file",
         default=None,
         type=str,
-        help="a <run>_model.pth to test instead of --data_base's model (or an original project's file)",
+        help=f"a <run>_model.pth to {verb} instead of --data_base's model (or an original project's file)",
     )
+
+
+def test_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentParser:
+    """The flags of every method's ``test.py`` (originals' underscore names, hyphenated aliases)."""
+    parser = argparse.ArgumentParser(
+        description=f"Test a trained {spec.display} run: Recall@K, MAP@R, R-precision on its evaluation splits",
+        add_help=add_help,
+    )
+    add_run_flags(parser, spec, "test")
     g = parser.add_argument_group("data and evaluation")
     add_flag(g, "data_path", default="data", type=str, help="root of the processed datasets (default: data)")
     add_flag(

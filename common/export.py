@@ -32,7 +32,7 @@ from torch import nn
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from common.contract import add_flag, load_for_test
+from common.contract import add_flag, add_run_flags, load_for_test
 from common.decode import TensorPipeline, ToNormalizedTensor
 from common.errors import UserError
 from common.runio import results_dir
@@ -399,24 +399,7 @@ def export_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentP
         "its preprocessing",
         add_help=add_help,
     )
-    g = parser.add_argument_group("run")
-    add_flag(
-        g,
-        "data_base",
-        default=spec.default_data_base,
-        type=str,
-        help=f"the run's database, a path or a name under results/{spec.name}/; its model is the "
-        f"<run>_model.pth beside it (default: {spec.default_data_base})",
-    )
-    g.add_argument(
-        "--model_file",
-        "--model-file",
-        "--checkpoint",
-        dest="model_file",
-        default=None,
-        type=str,
-        help="a <run>_model.pth to export instead of --data_base's model",
-    )
+    add_run_flags(parser, spec, "export")
     g = parser.add_argument_group("export")
     add_flag(g, "output", default=None, type=str, help=f"output folder (default: results/{spec.name}/export/<run>/)")
     add_flag(

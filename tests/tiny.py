@@ -48,3 +48,42 @@ def make_tiny_processed(
         index = {"format": 1, "dataset": name, "crop_type": crop, "splits": splits}
         (folder / f"{crop}_index.json").write_text(json.dumps(index))
     return Path(root)
+
+
+# An untrained CGD run (model file + a database beside it, as cgd/train.py writes them), for the shared scripts.
+CGD_RUN = "cub_uncropped_resnet18_SG_32_0.1_0.5_0.1_8"
+CGD_CONFIG = {
+    "data_name": "cub",
+    "crop_type": "uncropped",
+    "backbone_type": "resnet18",
+    "gd_config": "SG",
+    "feature_dim": 32,
+    "num_classes": 4,
+    "image_size": 32,
+    "smoothing": 0.1,
+    "temperature": 0.5,
+    "margin": 0.1,
+    "batch_size": 8,
+    "method": "cgd",
+}
+
+
+def make_untrained_cgd_run(folder: Path) -> Path:
+    """Write ``<folder>/<CGD_RUN>_{model,data_base}.pth`` (seeded weights, a one-image placeholder database)."""
+    import torch
+
+    from cgd.model import model_from_config
+    from common.database import Split, save_database
+    from common.runio import atomic_save
+
+    torch.manual_seed(0)
+    state = {"model": model_from_config(CGD_CONFIG).state_dict(), "config": CGD_CONFIG, "epoch": 1}
+    atomic_save(state, Path(folder) / f"{CGD_RUN}_model.pth")
+    save_database(
+        Path(folder) / f"{CGD_RUN}_data_base.pth",
+        config=CGD_CONFIG,
+        method="cgd",
+        metric="euclidean",
+        splits={"test": Split(["x.jpg"], [0], torch.zeros(1, 32))},
+    )
+    return Path(folder)

@@ -3,47 +3,18 @@ option writes its own CSV."""
 
 import pandas as pd
 import pytest
-import torch
 
 from cgd import test as cgd_test
-from cgd.model import model_from_config
-from common.database import Split, save_database
-from common.runio import atomic_save
-from tests.tiny import make_tiny_processed
+from tests.tiny import CGD_CONFIG, CGD_RUN, make_tiny_processed, make_untrained_cgd_run
 
-RUN = "cub_uncropped_resnet18_SG_32_0.1_0.5_0.1_8"
-CONFIG = {
-    "data_name": "cub",
-    "crop_type": "uncropped",
-    "backbone_type": "resnet18",
-    "gd_config": "SG",
-    "feature_dim": 32,
-    "num_classes": 4,
-    "image_size": 32,
-    "smoothing": 0.1,
-    "temperature": 0.5,
-    "margin": 0.1,
-    "batch_size": 8,
-    "method": "cgd",
-}
+RUN, CONFIG = CGD_RUN, CGD_CONFIG
 
 
 @pytest.fixture
 def run(tmp_path, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path / "results"))
     data = make_tiny_processed(tmp_path / "data", "cub", num_classes=8, per_class=6, size=40)
-    torch.manual_seed(0)
-    folder = tmp_path / "results" / "cgd"
-    atomic_save(
-        {"model": model_from_config(CONFIG).state_dict(), "config": CONFIG, "epoch": 1}, folder / f"{RUN}_model.pth"
-    )
-    save_database(
-        folder / f"{RUN}_data_base.pth",
-        config=CONFIG,
-        method="cgd",
-        metric="euclidean",
-        splits={"test": Split(["x.jpg"], [0], torch.zeros(1, 32))},
-    )
+    folder = make_untrained_cgd_run(tmp_path / "results" / "cgd")
     return data, folder
 
 

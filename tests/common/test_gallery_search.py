@@ -11,26 +11,11 @@ from PIL import Image
 from cgd import inference
 from cgd.model import model_from_config
 from cgd.spec import SPEC
-from common.database import Split, load_database, save_database
+from common.database import load_database
 from common.errors import UserError
-from common.runio import atomic_save
-from tests.tiny import make_tiny_processed
+from tests.tiny import CGD_CONFIG, CGD_RUN, make_tiny_processed, make_untrained_cgd_run
 
-RUN = "cub_uncropped_resnet18_SG_32_0.1_0.5_0.1_8"
-CONFIG = {
-    "data_name": "cub",
-    "crop_type": "uncropped",
-    "backbone_type": "resnet18",
-    "gd_config": "SG",
-    "feature_dim": 32,
-    "num_classes": 4,
-    "image_size": 32,
-    "smoothing": 0.1,
-    "temperature": 0.5,
-    "margin": 0.1,
-    "batch_size": 8,
-    "method": "cgd",
-}
+RUN, CONFIG = CGD_RUN, CGD_CONFIG
 
 
 @pytest.fixture
@@ -38,18 +23,7 @@ def run(tmp_path, monkeypatch):
     """An (untrained) CGD run: model file + a database beside it, as cgd/train.py writes them."""
     monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path / "results"))
     data = make_tiny_processed(tmp_path / "data", "cub", num_classes=6, per_class=4, size=40)
-    torch.manual_seed(0)
-    folder = tmp_path / "results" / "cgd"
-    atomic_save(
-        {"model": model_from_config(CONFIG).state_dict(), "config": CONFIG, "epoch": 1}, folder / f"{RUN}_model.pth"
-    )
-    save_database(
-        folder / f"{RUN}_data_base.pth",
-        config=CONFIG,
-        method="cgd",
-        metric="euclidean",
-        splits={"test": Split(["x.jpg"], [0], torch.zeros(1, 32))},
-    )
+    folder = make_untrained_cgd_run(tmp_path / "results" / "cgd")
     gallery = tmp_path / "my_photos"
     shutil.copytree(data / "cub" / "images", gallery)
     (gallery / "broken.jpg").write_bytes(b"not a jpeg")
