@@ -176,7 +176,7 @@ def _weighted_sum(query: Tensor, gallery: Tensor, k: int, alpha: float, exclude_
     for a in range(0, query.shape[0], rows):
         b = min(query.shape[0], a + rows)
         out[a:b] += torch.einsum("qk,qkd->qd", weights[a:b], gallery[idx[a:b]])
-    return F.normalize(out, dim=1)
+    return out.div_(out.norm(dim=1, keepdim=True))  # norm >= 1: the query itself has weight 1
 
 
 @torch.inference_mode()
@@ -319,17 +319,19 @@ def _rerank_options(k1: int, k2: int, lambda_value: float) -> Tuple[int, int, fl
 
 
 def _rerank(
-    q: Tensor, g: Tensor, shared: bool, excl: bool, topk: int, k1: int, k2: int, lam: float, budget: int
+    nodes: Tensor, nq: int, shared: bool, excl: bool, topk: int, k1: int, k2: int, lam: float, budget: int
 ) -> Tuple[Tensor, Tensor]:
-    """:func:`k_reciprocal_rerank` on checked, normalised CPU features (``shared``: ``g`` is ``q``)."""
-    nodes = q if shared else torch.cat([q, g])
-    n, nq, ng = nodes.shape[0], q.shape[0], g.shape[0]
+    """:func:`k_reciprocal_rerank` on checked, normalised CPU features: ``nodes`` holds the ``nq`` queries, then the
+    gallery unless ``shared`` (the queries are the gallery)."""
+    q, g = nodes[:nq], nodes if shared else nodes[nq:]
+    n, ng = nodes.shape[0], g.shape[0]
     _, nbr, row_min = _knn(nodes, nodes, min(n, max(k1 + 1, k2)), "first", budget, "rerank graph")
     dmax = (2 - 2 * row_min).clamp(min=torch.finfo(q.dtype).tiny)
     v = _encodings(nodes, nbr, dmax, k1, min(k2, n))
     del nbr
     inv = (v if shared else v[nq:]).T.tocsr()
-    vq = v[:nq]
+    vq = v if shared else v[:nq]
+    del v
     idx = torch.empty(nq, topk, dtype=torch.int64)
     dist = q.new_empty(nq, topk)
     rows = max(1, budget // (2 * ng * q.element_size()))  # distance and mass blocks
@@ -374,7 +376,8 @@ def k_reciprocal_rerank(
     if topk > g.shape[0] - int(excl):
         raise ValueError(f"topk={topk} exceeds the {g.shape[0] - int(excl)} gallery items a query can retrieve")
     k1, k2, lam = _rerank_options(k1, k2, lambda_value)
-    idx, dist = _rerank(q.cpu(), g.cpu(), gallery is None, excl, topk, k1, k2, lam, memory_budget)
+    nodes = q.cpu() if gallery is None else torch.cat([q.cpu(), g.cpu()])
+    idx, dist = _rerank(nodes, q.shape[0], gallery is None, excl, topk, k1, k2, lam, memory_budget)
     return idx.to(q.device), dist.to(q.device)
 
 
@@ -440,8 +443,11 @@ def postprocess_rank(
     if qe_k:
         q = _weighted_sum(q, g, qe_k, float(qe_alpha), same_set, memory_budget)
     if rerank:
-        idx, dist = _rerank(q.cpu(), g.cpu(), same_set and q is g, same_set, topk, k1, k2, lambda_value, memory_budget)
-        return idx.to(q.device), (1 - dist).to(q.device)
+        device, nq, shared = q.device, q.shape[0], same_set and q is g
+        nodes = q.cpu() if shared else torch.cat([q.cpu(), g.cpu()])
+        del q, g  # one copy of the features while re-ranking
+        idx, dist = _rerank(nodes, nq, shared, same_set, topk, k1, k2, lambda_value, memory_budget)
+        return idx.to(device), (1 - dist).to(device)
     vals, idx, _ = _knn(q, g, topk, "exclude" if same_set else "keep", memory_budget)
     return idx, vals
 

@@ -131,6 +131,12 @@ def test_rerank_tiny_budget_and_items_beyond_the_nearest():
     assert any(set(a.tolist()) - set(b.tolist()) for a, b in zip(idx, near))
 
 
+def test_rerank_set_smaller_than_k1():
+    x, _ = clustered(12, seed=9)
+    idx, dist = k_reciprocal_rerank(x, topk=11)
+    assert_matches_dense(idx, dist, dense_rerank(x), 11)
+
+
 def test_rerank_float32_close_to_float64():
     x, _ = clustered(90, seed=4)
     _, dist64 = k_reciprocal_rerank(x, topk=10)
@@ -255,3 +261,26 @@ def test_topk_with_ties_equals_stable_sort(largest):
         order = torch.sort(-s if largest else s, dim=1, stable=True).indices[:, :k]
         assert torch.equal(idx, order)
         assert torch.equal(vals, s.gather(1, order))
+
+
+def test_rerank_benchmark_smoke(tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "rerank_benchmark.py"
+    spec = importlib.util.spec_from_file_location("rerank_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["rerank_benchmark"] = bench
+    spec.loader.exec_module(bench)
+    argv = ["--num_images", "300", "--dim", "16", "--num_classes", "60", "--in-process"]
+    rows = {
+        r["config"]: r
+        for r in bench.main(bench.get_args_parser().parse_args(argv + ["--output", str(tmp_path / "o.csv")]))
+    }
+    assert set(rows) == set(bench.CONFIGS) and all(r["status"] == "ok" for r in rows.values())
+    assert (tmp_path / "o.csv").exists()
+    x, labels = bench.make_data(300, 16, 60, 0, 2.3)
+    want = retrieval_metrics(torch.from_numpy(x), labels, [1, 10, 100])
+    assert rows["plain"]["recall@1"] == pytest.approx(want["recall@1"])
+    assert rows["plain"]["map@r"] == pytest.approx(want["map@r"])

@@ -1,0 +1,220 @@
+"""Time and peak extra memory of k-reciprocal re-ranking, alpha-QE and DBA at SOP scale (common.postprocess).
+
+Synthetic, clustered unit features (default 60,502 x 512 in 11,316 classes of ~5 images, like Stanford Online
+Products) are ranked against themselves (self excluded), as CUB/CARS/SOP are evaluated. Each configuration is one
+``postprocess_rank`` call (top-100 lists) in its own subprocess, so its peak extra memory (peak RSS above the RSS
+after loading the data) is measured in isolation; Recall@K and MAP@R of the lists are printed too.
+
+    python benchmarks/rerank_benchmark.py              # full scale (several minutes on 2 cores)
+    python benchmarks/rerank_benchmark.py --quick      # 6,000 images
+
+Prints a table and writes ``results/benchmarks/rerank_benchmark.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS: Dict[str, dict] = {
+    "plain": {},
+    "qe": {"qe_k": 5},
+    "dba": {"dba_k": 5},
+    "rerank": {"rerank": True},
+    "dba+qe+rerank": {"dba_k": 5, "qe_k": 5, "rerank": True},
+}
+RANKS = [1, 10, 100]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--num_images", type=int, default=60502, help="query (= gallery) set size")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--num_classes", type=int, default=11316)
+    p.add_argument("--noise", type=float, default=2.3, help="within-class spread (norm of the noise vs unit centres)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="6,000 images in 1,122 classes (same class size)")
+    p.add_argument("--configs", type=lambda s: s.split(","), default=list(CONFIGS), help="comma-separated subset")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: library default)")
+    p.add_argument(
+        "--in-process",
+        dest="in_process",
+        action="store_true",
+        help="run configurations in this process (for smoke tests; memory numbers are not isolated)",
+    )
+    p.add_argument("--output", type=Path, default=REPO / "results" / "benchmarks" / "rerank_benchmark.csv")
+    p.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    return p
+
+
+def make_data(n: int, dim: int, num_classes: int, seed: int, noise: float):
+    """Unit features: class centre + isotropic noise of norm ~``noise``, L2-normalised. (n, dim) float32, (n,)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((num_classes, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    labels = rng.permutation(np.arange(n) % num_classes).astype(np.int64)
+    x = rng.standard_normal((n, dim), dtype=np.float32) * np.float32(noise / np.sqrt(dim)) + centres[labels]
+    return x / np.linalg.norm(x, axis=1, keepdims=True), labels
+
+
+# ---- peak memory (torch allocates outside tracemalloc's view: read the kernel's RSS high-water mark) ----------
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> int:
+    """Reset the RSS high-water mark where the kernel allows it; return the baseline (KiB) to subtract."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kib("VmRSS")
+    except OSError:  # no reset: the peak so far (after loading the data) is the baseline
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _peak_kib() -> int:
+    return _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def measure(config: str, x: np.ndarray, labels: np.ndarray, threads: Optional[int]) -> dict:
+    """Wall and CPU time, peak extra memory (MiB) and metrics of one configuration, in this process."""
+    import torch
+
+    from common.postprocess import metrics_from_ranking, postprocess_rank
+
+    if threads:
+        torch.set_num_threads(threads)
+    feats = torch.from_numpy(x)
+    postprocess_rank(feats[:64], same_set=True, topk=8, **CONFIGS[config])  # imports and first-call setup
+    load = os.getloadavg()[0]
+    base = _reset_peak()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    indices, _ = postprocess_rank(feats, same_set=True, topk=100, **CONFIGS[config])
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    extra = (_peak_kib() - base) / 1024
+    metrics = metrics_from_ranking(indices, labels, None, RANKS)
+    return {
+        "status": "ok",
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "peak_extra_mib": extra,
+        "load_before": load,
+        **metrics,
+    }
+
+
+def _worker(args) -> None:
+    """Subprocess entry: load the data, measure one configuration, print one JSON line."""
+    x, labels = np.load(args.data / "x.npy"), np.load(args.data / "labels.npy")
+    print(json.dumps(measure(args.worker, x, labels, args.threads)))
+
+
+def _run_isolated(config: str, args, data_dir: Path) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--data", str(data_dir)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        return {"status": f"failed: {lines[-1] if lines else proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _print_table(rows: List[dict]) -> None:
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    print(
+        f"{'config':<15}{'time s':>9}{'cpu s':>9}{'peak MiB':>10}{'x plain':>9}"
+        + "".join(f"{'R@' + str(k):>8}" for k in RANKS)
+        + f"{'MAP@R':>8}{'load':>6}  status"
+    )
+    for r in rows:
+        print(
+            f"{r['config']:<15}{fmt(r.get('seconds'), '.1f'):>9}{fmt(r.get('cpu_seconds'), '.1f'):>9}"
+            f"{fmt(r.get('peak_extra_mib'), '.0f'):>10}{fmt(r.get('time_over_plain'), '.1f'):>9}"
+            + "".join(f"{fmt(r.get(f'recall@{k}'), '.4f'):>8}" for k in RANKS)
+            + f"{fmt(r.get('map@r'), '.4f'):>8}{fmt(r.get('load_before'), '.1f'):>6}  {r['status']}"
+        )
+
+
+def main(args) -> List[dict]:
+    if args.worker:
+        return _worker(args)
+    unknown = set(args.configs) - set(CONFIGS)
+    if unknown:
+        raise SystemExit(f"error: unknown configs {sorted(unknown)} (choose from {', '.join(CONFIGS)})")
+    if args.quick:
+        args.num_images, args.num_classes = 6000, 1122
+    x, labels = make_data(args.num_images, args.dim, args.num_classes, args.seed, args.noise)
+    print(
+        f"data: {x.shape[0]} x {x.shape[1]} unit features, {args.num_classes} classes, query = gallery; "
+        f"{os.cpu_count()} CPUs ({_cpu_model()}), load average {os.getloadavg()[0]:.1f} (shared machine)"
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "x.npy", x)
+        np.save(Path(tmp) / "labels.npy", labels)
+        for config in args.configs:
+            if args.in_process:
+                run = measure(config, x, labels, args.threads)
+            else:
+                run = _run_isolated(config, args, Path(tmp))
+            print(f"  {config}: {run['status']} {run.get('seconds', 0):.1f} s", flush=True)
+            rows.append({"config": config, **run})
+    plain = next((r for r in rows if r["config"] == "plain" and r["status"] == "ok"), None)
+    for r in rows:
+        r["time_over_plain"] = r["seconds"] / plain["seconds"] if plain and r["status"] == "ok" else None
+        r.update(
+            num_images=args.num_images,
+            dim=args.dim,
+            num_classes=args.num_classes,
+            noise=args.noise,
+            cpus=os.cpu_count(),
+            cpu_model=_cpu_model(),
+            threads=args.threads,
+        )
+    _print_table(rows)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(args.output, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.output}")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main(get_args_parser().parse_args())
