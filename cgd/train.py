@@ -31,14 +31,13 @@ from common.distributed import (
     all_gather_no_grad,
     all_gather_with_grad,
     all_reduce_mean,
-    barrier,
     init_distributed,
     is_main_process,
     wrap_ddp,
 )
 from common.engine import Evaluation, Run, RunFiles, check_finite, embed_dataset, eval_recalls
 from common.errors import UserError, run_cli
-from common.preprocess import ensure_dataset
+from common.preprocess import ensure_dataset_main_first
 from common.presets import build_transform
 from common.runio import plain_config, results_dir, set_seed
 from common.samplers import MPerClassSampler
@@ -134,10 +133,7 @@ def evaluate(
 
 def build_data(args: argparse.Namespace, info: DistInfo):
     """Datasets, and the train loader: global m-per-class batches, each rank taking its slice (classes intact)."""
-    if info.rank == 0:  # one process builds a missing dataset (the demo) while the others wait
-        ensure_dataset(args.data_path, args.data_name, args.crop_type)
-    barrier()
-    ensure_dataset(args.data_path, args.data_name, args.crop_type)
+    ensure_dataset_main_first(args.data_path, args.data_name, args.crop_type)
     query, gallery = eval_splits(args.data_name, args.data_path)
     test_tf = build_transform("cgd", False, args.data_name, args.crop_type, args.image_size)
     train_tf = (

@@ -371,6 +371,17 @@ def _task(root: Path, entry: Entry, crop_type: str, force: bool) -> tuple:
     return entry.path, src, root / "cropped" / rel, entry.box, force, None
 
 
+def ensure_dataset_main_first(data_path: os.PathLike, data_name: str, crop_type: str) -> Path:
+    """:func:`ensure_dataset` for every rank of a DDP run: rank 0 builds a missing dataset (the demo) while the
+    others wait, so two processes never write it at once; then every rank checks it."""
+    from common.distributed import barrier, is_main_process  # torch only where training needs it
+
+    if is_main_process():
+        ensure_dataset(data_path, data_name, crop_type)
+    barrier()
+    return ensure_dataset(data_path, data_name, crop_type)
+
+
 def ensure_dataset(data_path: os.PathLike, data_name: str, crop_type: str) -> Path:
     """Return the index path; build the demo on first use, otherwise tell the user the exact command to run."""
     if data_name not in CROP_TYPES:

@@ -26,14 +26,13 @@ from common.distributed import (
     all_gather_no_grad,
     all_gather_with_grad,
     all_reduce_mean,
-    barrier,
     init_distributed,
     is_main_process,
     wrap_ddp,
 )
 from common.engine import Evaluation, Run, RunFiles, check_finite, embed_dataset, eval_recalls
 from common.errors import UserError, run_cli
-from common.preprocess import ensure_dataset
+from common.preprocess import ensure_dataset_main_first
 from common.runio import plain_config, results_dir, set_seed
 from irt.data import DATASET_ALIASES, ORIGINAL_NAMES, build_datasets, train_loader
 from irt.losses import REDUCTIONS, ContrastiveLoss, KoLeo
@@ -245,9 +244,7 @@ def main(args):
     device, dtype = info.device, (torch.float64 if args.float64 else torch.float32)
     set_seed(args.seed)
     pin = args.pin_mem and device.type == "cuda"
-    if info.rank == 0:  # one process builds a missing dataset (the demo) while the others wait
-        ensure_dataset(args.data_path, args.data_name, args.crop_type)
-    barrier()
+    ensure_dataset_main_first(args.data_path, args.data_name, args.crop_type)
     datasets = build_datasets(args.data_path, args.data_name, args.crop_type, args.input_size)
     if not args.augment:
         datasets["train"].transform = datasets[next(s for s in datasets if s != "train")].transform

@@ -30,7 +30,6 @@ from common.distributed import (
     DistInfo,
     RankBatchSampler,
     all_reduce_mean,
-    barrier,
     get_world_size,
     init_distributed,
     is_main_process,
@@ -38,7 +37,7 @@ from common.distributed import (
 )
 from common.engine import Evaluation, Run, RunFiles, check_finite, embed_dataset, eval_recalls
 from common.errors import UserError
-from common.preprocess import ensure_dataset
+from common.preprocess import ensure_dataset_main_first
 from common.presets import build_transform
 from common.runio import plain_config, results_dir, set_seed
 from reir.meta_classes import LABEL_TYPES, meta_class_ids
@@ -234,10 +233,7 @@ def evaluate(
 def build_data(args: argparse.Namespace, info: DistInfo, setting: Setting):
     """Evaluation datasets (full train split too, for the database) and the train loader: seeded global batches
     of ``--batch_size``, each rank taking its contiguous slice; plus the meta-class ids [E, C]."""
-    if info.rank == 0:  # the demo is generated on first use: by one process, before the others look
-        ensure_dataset(args.data_path, args.data_name, args.crop_type)
-    barrier()
-    ensure_dataset(args.data_path, args.data_name, args.crop_type)
+    ensure_dataset_main_first(args.data_path, args.data_name, args.crop_type)
     query, gallery = eval_splits(args.data_name, args.data_path)
     test_tf = build_transform(setting.name, False, args.data_name, args.crop_type, args.image_size)
     datasets = load_splits(
