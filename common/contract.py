@@ -146,15 +146,19 @@ def _model_beside(spec: MethodSpec, db_path: Path, db: Database, device: torch.d
     return open_run_model(spec, path, spec.model_config(db.config), device)
 
 
-def _is_toolkit_file(path: Path) -> bool:
-    """True for a file this toolkit wrote (a dict with a stored ``config``); originals' files have none."""
+def _is_toolkit_file(path: Path, what: str = "model") -> bool:
+    """True for a file this toolkit wrote (a dict with a stored ``config``); originals' files have none.
+
+    Only peeks: a memory-mapped load reads the pickled structure, not the tensors, so the file is read once, by the
+    loader that follows (a 2 GB database is not loaded twice). Files that cannot be mapped (the legacy format) or
+    read at all count as foreign; the original-file readers then report them in one line."""
+    if not Path(path).is_file():
+        raise UserError(f"{what} not found: {path}")
     try:
-        safe_load(path, "model")
-        return True
-    except UserError as e:
-        if "no stored configuration" in str(e) or "not a checkpoint of this toolkit" in str(e):
-            return False
-        raise
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - legacy (non-zip) or unreadable: not this toolkit's
+        return False
+    return isinstance(obj, dict) and "config" in obj
 
 
 def _device(args: argparse.Namespace) -> torch.device:
@@ -189,12 +193,7 @@ def _embed_fn(spec: MethodSpec, args: argparse.Namespace):
     """The method's embedding, or its flip-test version (norm kept, so REIR's scale-E scores stay comparable)."""
     if not getattr(args, "flip", False):
         return spec.embed
-    flipped = flip_embed(spec.embed)
-
-    def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return flipped(model, images) * spec.embed(model, images[:1]).norm(dim=1, keepdim=True)
-
-    return embed
+    return flip_embed(spec.embed, keep_norm=True)
 
 
 def _postprocess_tag(args: argparse.Namespace) -> str:

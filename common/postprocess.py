@@ -382,15 +382,18 @@ def k_reciprocal_rerank(
 
 
 # ---- flip test ------------------------------------------------------------------------------------------------
-def flip_embed(embed: Optional[Embed] = None) -> Embed:
+def flip_embed(embed: Optional[Embed] = None, keep_norm: bool = False) -> Embed:
     """fast-reid's TEST.FLIP: wrap ``embed(model, images) -> features`` (default ``model(images)``) into one that
     returns the L2-normalised mean of the features of the images and of their horizontal mirrors (images are
-    (B, C, H, W)); the result is the same for an image and its mirror."""
+    (B, C, H, W)); the result is the same for an image and its mirror. ``keep_norm`` rescales each row to the norm
+    of the image's own features (REIR's concatenated unit vectors have norm sqrt(E), which its scores divide out)."""
     base = embed if embed is not None else (lambda model, images: model(images))
 
     @functools.wraps(base)
     def flipped(model: nn.Module, images: Tensor) -> Tensor:
-        return F.normalize(base(model, images) + base(model, images.flip(-1)), dim=-1)
+        features = base(model, images)
+        mean = F.normalize(features + base(model, images.flip(-1)), dim=-1)
+        return mean * features.norm(dim=-1, keepdim=True) if keep_norm else mean
 
     return flipped
 

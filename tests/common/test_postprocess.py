@@ -284,3 +284,17 @@ def test_rerank_benchmark_smoke(tmp_path):
     want = retrieval_metrics(torch.from_numpy(x), labels, [1, 10, 100])
     assert rows["plain"]["recall@1"] == pytest.approx(want["recall@1"])
     assert rows["plain"]["map@r"] == pytest.approx(want["map@r"])
+
+
+def test_flip_embed_keep_norm_keeps_each_rows_norm():
+    """keep_norm: the flipped direction, at the norm of the image's own features (REIR's sqrt(E) vectors)."""
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3 * 5 * 5, dtype=torch.float64)
+
+    def embed(model, images):
+        return 3.0 * (images.flatten(1) @ weight.t())  # norms far from 1
+
+    images = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    plain, kept = flip_embed(embed)(None, images), flip_embed(embed, keep_norm=True)(None, images)
+    torch.testing.assert_close(kept.norm(dim=1), embed(None, images).norm(dim=1))
+    torch.testing.assert_close(kept / kept.norm(dim=1, keepdim=True), plain)
