@@ -25,8 +25,6 @@ from common.distributed import GlobalBatchNorm
 from common.errors import UserError
 from common.pooling import GeM
 from common.presets import IMAGENET_MEAN, IMAGENET_STD
-from common.runio import load_model_file
-from fastretri.config import MODEL_KEYS, config_dict
 
 __all__ = [
     "GlobalBatchNorm1d",
@@ -34,7 +32,6 @@ __all__ = [
     "freeze_batchnorm",
     "fastreid_stem_pool",
     "build_model",
-    "load_model",
     "is_fastreid_state",
     "fastreid_to_fastretri",
     "load_fastreid_model",
@@ -134,17 +131,6 @@ def build_model(cfg: dict, num_classes: int, pretrained: str) -> FastRetri:
         with_bnneck=heads["WITH_BNNECK"],
         scale=heads["SCALE"],
     )
-
-
-def load_model(cfg: Dict, path: str) -> FastRetri:
-    """The model of ``cfg`` with the weights in ``path``, refused if they were trained for another model."""
-
-    def build(state: Dict) -> FastRetri:
-        if "classifier.weight" not in state.get("model", {}):
-            raise UserError(f"{path} holds no FastRetri weights")
-        return build_model(cfg, state["model"]["classifier.weight"].shape[0], "none")
-
-    return load_model_file(path, config_dict(cfg), MODEL_KEYS, build, "model").eval()
 
 
 # ---- fast-reid's trained files (``model_final.pth``, ``model_best.pth``, ``model_00NN.pth``) ----

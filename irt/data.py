@@ -7,7 +7,7 @@ therefore sees exactly the batches and crops of an uninterrupted run, whatever `
 """
 
 import math
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -28,7 +28,6 @@ __all__ = [
     "SeededAugment",
     "build_datasets",
     "train_loader",
-    "eval_loader",
 ]
 
 # the original's names -> the common processed-data names, and back (the original's ``--output-dir`` sub-folder)
@@ -193,18 +192,4 @@ def train_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),
-    )
-
-
-def eval_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool, seed: Optional[int] = 0
-) -> DataLoader:
-    """In dataset order; its own generator so evaluating does not consume the training RNG."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(seed or 0),
     )
