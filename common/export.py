@@ -1,5 +1,5 @@
 """``export.py`` of every method: a trained run's embedding network as ONNX and TorchScript, written once on a
-:class:`MethodSpec` (issue 12).
+:class:`MethodSpec`.
 
 The exported graph takes RGB float32 images ``(N, 3, H, W)`` in [0, 1] at the evaluation size, normalises them
 with the preset's mean / std *inside* the graph and returns the embedding the method retrieves with, L2-normalised
