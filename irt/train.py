@@ -59,6 +59,7 @@ RESUME_KEYS = (
         "eval_freq",
         "seed",
         "float64",
+        "drop",
         "drop_path",
     )
 )
