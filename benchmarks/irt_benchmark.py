@@ -34,7 +34,6 @@ def train_speed(model, device, batch_size, input_size, memory, iters, warmup, am
     xbm = XBM(memory, model.embed_dim).to(device)
     x = torch.randn(batch_size, 3, input_size, input_size, device=device)
     y = torch.arange(batch_size, device=device) // 2
-    idx = torch.arange(batch_size)
     model.train()
     for step in range(warmup + iters):
         if step == warmup:
@@ -42,9 +41,9 @@ def train_speed(model, device, batch_size, input_size, memory, iters, warmup, am
             start = time.perf_counter()
         with autocast(device, amp):
             z = model(x)
-        xbm.enqueue(z.detach(), y, idx + step * batch_size, step)
-        feats, labels, _, _ = xbm.get()
-        loss = criterion(z, y) + criterion(z, y, feats, labels, xbm.self_pairs(idx, step)) + 0.7 * koleo(z)
+        slots = xbm.enqueue(z.detach(), y)
+        feats, labels = xbm.get()
+        loss = criterion(z, y) + criterion(z, y, feats, labels, xbm.self_pairs(slots)) + 0.7 * koleo(z)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

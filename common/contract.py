@@ -42,6 +42,7 @@ __all__ = [
     "script",
     "add_flag",
     "load_for_test",
+    "load_run",
     "test_parser",
     "run_test",
     "inference_parser",
@@ -106,35 +107,46 @@ def load_for_test(
     ``--model_file`` may also be a file of the original project (no stored configuration): the method's
     ``import_original(path, args)`` then rebuilds configuration and model from the file name or flags.
     ``args.expected_config`` (set by fast-reid's ``--eval-only``) must match the file's model-defining keys."""
+    run, config, model, _ = load_run(spec, args, device)
+    return run, config, model
+
+
+def load_run(
+    spec: MethodSpec, args: argparse.Namespace, device: torch.device
+) -> Tuple[str, Dict[str, Any], nn.Module, Path]:
+    """``load_for_test`` plus the model file it read, which a database embedded with the model records."""
     if args.model_file:
         path = Path(args.model_file)
         run = path.name[: -len("_model.pth")] if path.name.endswith("_model.pth") else path.stem
         if spec.import_original is not None and not _is_toolkit_file(path):
             config, model = spec.import_original(path, args)
-            return run, config, model.to(device).eval()
+            return run, config, model.to(device).eval(), path
         config = safe_load(path, "model")["config"]
         if config.get("method", spec.name) != spec.name:
             raise UserError(f"model {path} was trained by {config.get('method')!r}, not by {spec.display}")
         expected = getattr(args, "expected_config", None) or spec.model_config(config)
-        return run, config, open_run_model(spec, path, expected, device)
+        return run, config, open_run_model(spec, path, expected, device), path
     db_path, db = open_spec_database(spec, args.data_base)
-    return run_prefix(db_path), db.config, _model_beside(spec, db_path, db, device)
+    return run_prefix(db_path), db.config, _model_beside(spec, db_path, db, device), _model_file(db_path, db)
 
 
-def _model_beside(spec: MethodSpec, db_path: Path, db: Database, device: torch.device) -> nn.Module:
-    """``<run>_model.pth`` beside the database, checked against the database's configuration (an original
-    database takes the original model file, read by ``spec.import_original``)."""
+def _model_file(db_path: Path, db: Database) -> Path:
+    """The model a database was embedded with: its recorded ``model_file`` (databases written by test.py
+    ``--save_data_base`` and inference.py ``--gallery``), else ``<run>_model.pth`` beside it."""
     stored = db.config.get("model_file")
     path = Path(stored) if stored else model_path(db_path)
     if stored and not path.is_file():
         raise UserError(f"database {db_path} was embedded with {path}, which no longer exists")
-    if (
-        "original_file" in db.config
-        and spec.import_original is not None
-        and path.is_file()
-        and not _is_toolkit_file(path)
-    ):
-        config, model = spec.import_original(path, argparse.Namespace())
+    return path
+
+
+def _model_beside(spec: MethodSpec, db_path: Path, db: Database, device: torch.device) -> nn.Module:
+    """The database's model (``_model_file``), checked against the database's configuration. A file of the original
+    project is read by ``spec.import_original`` with the database's configuration as ``args.stored_config``
+    (what was recovered from the file when the database was written)."""
+    path = _model_file(db_path, db)
+    if spec.import_original is not None and not _is_toolkit_file(path):
+        config, model = spec.import_original(path, argparse.Namespace(stored_config=dict(db.config)))
         mismatch = {
             k: (config.get(k), db.config.get(k))
             for k in spec.model_keys
@@ -336,7 +348,7 @@ def test_metrics(splits: Dict[str, Split], query: str, gallery: str, ranks: Sequ
 def run_test(spec: MethodSpec, args: argparse.Namespace) -> Dict[str, float]:
     """``test.py``: metrics CSV (+ optional new database and one rendered query)."""
     device = _device(args)
-    run, config, model = load_for_test(spec, args, device)
+    run, config, model, model_file = load_run(spec, args, device)
     splits, query, gallery = evaluation_splits(spec, config, model, args, device)
     ranks, tag = _recalls(args, spec, config), _postprocess_tag(args)
     if getattr(args, "qe_k", 0) or getattr(args, "dba_k", 0) or getattr(args, "rerank", False):
@@ -355,7 +367,7 @@ def run_test(spec: MethodSpec, args: argparse.Namespace) -> Dict[str, float]:
             raise UserError(f"--save_data_base {target} is the training database; choose another file name")
         save_database(
             target,
-            config=config,
+            config={**config, "model_file": str(model_file.resolve())},  # new-image queries embed with it
             method=spec.name,
             splits=splits,
             metric=spec.metric,
@@ -637,7 +649,7 @@ def build_gallery_database(spec: MethodSpec, args: argparse.Namespace, device: t
         model_file = Path(args.model_file)
     else:
         src_path, src = open_spec_database(spec, args.data_base)
-        config, model, model_file = src.config, _model_beside(spec, src_path, src, device), model_path(src_path)
+        config, model, model_file = src.config, _model_beside(spec, src_path, src, device), _model_file(src_path, src)
     items = _gallery_items(args.gallery)
     if not items:
         raise UserError(f"--gallery {args.gallery} lists no images")

@@ -70,8 +70,10 @@ class KoLeo(nn.Module):
     its nearest other embedding in the batch (Eq. 5; Sablayrolles et al. 2019).
 
     Spreads the batch uniformly over the sphere. As in the original, the neighbour is chosen without gradient by the
-    largest cosine (= nearest on the unit sphere) and the distance is ``||z_i - z_nn + 1e-6||`` (PairwiseDistance),
-    so the gradient flows into both z_i and its neighbour.
+    largest inner product (= nearest on the unit sphere; the first on ties), the sample's own entry set to -1, and
+    the distance is ``||z_i - z_nn + 1e-6||`` (PairwiseDistance), so the gradient flows into both z_i and its
+    neighbour. The -1 matters only when every other sample is at cosine -1 (antipodal): then, as in the original,
+    the sample is its own neighbour (rho = 1e-6 * sqrt(D), a large term); a fill below -1 would pick the other.
     """
 
     def __init__(self, eps: float = 1e-8, pdist_eps: float = 1e-6):
@@ -82,7 +84,7 @@ class KoLeo(nn.Module):
         """z (B, D) unit rows, B >= 2 -> scalar."""
         with torch.no_grad():
             gram = z @ z.t()
-            gram.fill_diagonal_(-2.0)
-            nearest = gram.argmax(dim=1)
+            gram.fill_diagonal_(-1.0)
+            nearest = gram.argmax(dim=1)  # the first maximum, as torch.max in the original
         rho = F.pairwise_distance(z, z[nearest], p=2, eps=self.pdist_eps)
         return -torch.log(rho + self.eps).mean()

@@ -30,6 +30,7 @@ __all__ = [
     "IRT",
     "DISTILLED_EMBEDDINGS",
     "build_model",
+    "dropout_kwargs",
     "parse_model_kwargs",
     "is_original_encoder",
     "original_model_name",
@@ -118,7 +119,20 @@ def _create(name: str, pretrained: bool, **kwargs) -> nn.Module:
             ) from None
         raise
     except TypeError as e:
-        raise UserError(f"--model {name}: bad --model-kwargs/--input-size ({e})") from None
+        raise UserError(f"--model {name}: bad --model-kwargs/--input-size/--drop ({e})") from None
+
+
+def dropout_kwargs(drop: float) -> Dict[str, float]:
+    """timm arguments that give ``--drop`` the original's meaning.
+
+    The original's timm (0.5.4) applied ``drop_rate`` after the position embedding, to the attention output
+    projection and after both MLP layers (the attention map had its own ``attn_drop_rate``, left at 0). Current timm
+    keeps ``drop_rate`` for the classifier head alone, which IRT never calls, and names those three places
+    ``pos_drop_rate`` and ``proj_drop_rate`` (attention projection and MLP). Only passed when ``drop > 0``, so a
+    model without these arguments still builds at the default."""
+    if drop <= 0:
+        return {"drop_rate": drop}
+    return {"drop_rate": drop, "pos_drop_rate": drop, "proj_drop_rate": drop}
 
 
 def build_model(
@@ -130,8 +144,9 @@ def build_model(
     model_kwargs: Optional[Dict[str, Any]] = None,
     distilled_embedding: str = "original",
 ) -> IRT:
-    """``timm.create_model(name, num_classes=0, ...)`` with weights from ``pretrained`` = imagenet | none | PATH."""
-    kwargs = dict(model_kwargs or {}, drop_rate=drop, drop_path_rate=drop_path)
+    """``timm.create_model(name, num_classes=0, ...)`` with weights from ``pretrained`` = imagenet | none | PATH;
+    ``drop`` as in the original (``dropout_kwargs``); ``model_kwargs`` entries win over ``drop`` / ``drop_path``."""
+    kwargs = {**dropout_kwargs(drop), "drop_path_rate": drop_path, **(model_kwargs or {})}
     if input_size is not None:
         kwargs["img_size"] = input_size
     if pretrained == "imagenet":

@@ -59,6 +59,7 @@ RESUME_KEYS = (
         "eval_freq",
         "seed",
         "float64",
+        "drop",
         "drop_path",
     )
 )
@@ -118,8 +119,8 @@ def train_one_epoch(
     + lambda * KoLeo(batch). The batch is enqueued before the memory term (the original's order).
 
     Under DDP every term sees the global batch: the embeddings are gathered with gradients (each rank computes the
-    same loss; DDP's averaging then gives the 1-process gradient), labels, indices and keys without, so the memory
-    of every rank holds the same global batches."""
+    same loss; DDP's averaging then gives the 1-process gradient), labels and keys without, so the memory of every
+    rank holds the same global batches, row i of the global batch at the slot ``enqueue`` returns for it."""
     model.train()
     sums = torch.zeros(3, dtype=torch.float64)
     bar = tqdm(
@@ -130,7 +131,7 @@ def train_one_epoch(
         disable=not is_main_process(),
     )
     for step in bar:
-        images, labels, indices = next(batches)
+        images, labels, _ = next(batches)
         images, labels = images.to(device, dtype, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, amp):
             z_local = model(images)
@@ -142,10 +143,9 @@ def train_one_epoch(
                     keys = all_gather_no_grad(upcast(key_encoder(images)))
             else:
                 keys = z.detach()
-            indices = all_gather_no_grad(indices.to(device))
-            xbm.enqueue(keys.to(xbm.feats.dtype), labels, indices, step)
-            feats, mem_labels, _, _ = xbm.get()
-            ignore = xbm.self_pairs(indices, step, momentum_encoder=key_encoder is not None)
+            slots = xbm.enqueue(keys.to(xbm.feats.dtype), labels)
+            feats, mem_labels = xbm.get()
+            ignore = xbm.self_pairs(slots, momentum_encoder=key_encoder is not None)
             contrastive = contrastive + criterion(z, labels, feats, mem_labels, ignore)
         regulariser = koleo(z)
         loss = contrastive + lambda_reg * regulariser

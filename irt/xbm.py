@@ -7,8 +7,9 @@ memory always holds the current batch. Two changes from the original implementat
 * the ring wraps around: a batch crossing the end is split over the tail and the head (the original wrote it into
   the last ``b`` slots and restarted at 0, overwriting entries younger than the oldest one);
 * without a momentum encoder the stored copy of a sample is its own detached embedding (s = 1 up to rounding, a
-  zero-loss "positive" that only dilutes the non-zero averaging), so ``self_pairs`` masks it: every slot
-  remembers the dataset index and the step that wrote it. With a momentum encoder the copy is the key encoder's
+  zero-loss "positive" that only dilutes the non-zero averaging), so ``self_pairs`` masks it: batch row i against
+  the slot row i was just written to, by position alone. A batch that draws one image twice (two crops) keeps
+  both cross pairs, genuine positives as in the original. With a momentum encoder the copy is the key encoder's
   embedding of the same image, a genuine query-key positive the original trained on (MoCo style): it is kept.
 """
 
@@ -22,7 +23,7 @@ __all__ = ["XBM", "MomentumEncoder"]
 
 
 class XBM(nn.Module):
-    """FIFO ring of ``size`` (features, labels, dataset indices, step) entries, stored as buffers (checkpointed)."""
+    """FIFO ring of ``size`` (features, labels) entries, stored as buffers (checkpointed)."""
 
     def __init__(self, size: int, dim: int):
         super().__init__()
@@ -31,36 +32,42 @@ class XBM(nn.Module):
         self.size = size
         self.register_buffer("feats", torch.zeros(size, dim))
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
-        self.register_buffer("indices", torch.full((size,), -1, dtype=torch.long))
-        self.register_buffer("steps", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def enqueue(self, feats: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, step: int) -> None:
-        """Write a batch at the pointer, wrapping around the end; a batch longer than the ring keeps its tail."""
-        feats, labels, indices = feats.detach()[-self.size :], labels[-self.size :], indices[-self.size :]
+    def enqueue(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Write a batch at the pointer, wrapping around the end; a batch longer than the ring keeps its tail.
+        Returns the slot each batch row went to (-1 for rows that did not fit), for ``self_pairs``."""
         b = len(feats)
-        slots = (int(self.ptr) + torch.arange(b, device=self.feats.device)) % self.size
-        self.feats[slots] = feats.to(self.feats.dtype)
-        self.labels[slots] = labels.to(self.labels.device)
-        self.indices[slots] = indices.to(self.indices.device)
-        self.steps[slots] = step
-        self.ptr.fill_((int(self.ptr) + b) % self.size)
-        self.count.fill_(min(self.size, int(self.count) + b))
+        kept = min(b, self.size)
+        slots = torch.full((b,), -1, dtype=torch.long, device=self.feats.device)
+        slots[b - kept :] = (int(self.ptr) + torch.arange(kept, device=self.feats.device)) % self.size
+        self.feats[slots[b - kept :]] = feats.detach()[b - kept :].to(self.feats.dtype)
+        self.labels[slots[b - kept :]] = labels[b - kept :].to(self.labels.device)
+        self.ptr.fill_((int(self.ptr) + kept) % self.size)
+        self.count.fill_(min(self.size, int(self.count) + kept))
+        return slots
 
-    def get(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The filled entries (all of them once full): features, labels, dataset indices, steps."""
+    def get(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The filled entries (all of them once full): features, labels."""
         n = int(self.count)
-        return self.feats[:n], self.labels[:n], self.indices[:n], self.steps[:n]
+        return self.feats[:n], self.labels[:n]
 
-    def self_pairs(self, indices: torch.Tensor, step: int, momentum_encoder: bool = False) -> Optional[torch.Tensor]:
-        """(B, n) mask of the pairs (batch sample, its own copy written at ``step``) to leave out of the loss; None
-        with a momentum encoder, whose copy is a different encoder's view: a real positive, as in the original."""
+    def self_pairs(self, slots: torch.Tensor, momentum_encoder: bool = False) -> Optional[torch.Tensor]:
+        """(B, n) mask of the pairs (batch row i, the slot ``slots[i]`` that ``enqueue`` just wrote it to) to leave
+        out of the loss; None with a momentum encoder, whose copy is a different encoder's view: a real positive,
+        as in the original."""
         if momentum_encoder:
             return None
-        _, _, mem_indices, mem_steps = self.get()
-        return (indices.to(mem_indices.device)[:, None] == mem_indices[None, :]) & (mem_steps == step)[None, :]
+        n = int(self.count)
+        return slots.to(self.feats.device)[:, None] == torch.arange(n, device=self.feats.device)[None, :]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # per-slot dataset indices and steps of the earlier checkpoint layout: the position mask needs neither
+        for key in ("indices", "steps"):
+            state_dict.pop(prefix + key, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class MomentumEncoder(nn.Module):

@@ -101,3 +101,18 @@ def test_mismatching_original_model_is_refused_in_one_line(original_run):
     other.write_bytes((folder / f"{RUN}_model.pth").read_bytes())
     with pytest.raises(UserError, match=r"main_modules\.0\.0\.weight \(32, 512\) vs \(64, 512\)"):
         import_original(other)
+
+
+def test_database_embedded_with_original_model_answers_new_images(original_run, tmp_path):
+    """test.py --model_file <run>_model.pth (the original's) --save_data_base writes a database that records the
+    file; inference.py embeds a new image with it (a copy of a stored image is found at distance 0)."""
+    data, folder, model, images = original_run
+    out = tmp_path / "embedded.pth"
+    args = ["--model_file", str(folder / f"{RUN}_model.pth"), "--data_path", str(data), "--num_workers", "0"]
+    cgd_test.main(cgd_test.get_args_parser().parse_args(args + ["--recalls", "1", "--save_data_base", str(out)]))
+    assert torch.load(out, weights_only=True)["config"]["model_file"] == str((folder / f"{RUN}_model.pth").resolve())
+    new = tmp_path / "new.png"
+    Image.open(images[2]).save(new)
+    args = ["--data_base", str(out), "--query_img_name", str(new), "--retrieval_num", "2"]
+    fresh = inference.main(inference.get_args_parser().parse_args(args))[0][1]
+    assert fresh[0][0] == images[2] and fresh[0][2] < 1e-3

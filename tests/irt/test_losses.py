@@ -78,15 +78,33 @@ def test_nonzero_positive_mean_over_nonzero_pairs_only():
     assert float(got) == pytest.approx(1.0)
 
 
+def _original_koleo(z):
+    """The original's DifferentialEntropyRegularization by loops: for each i the neighbour is the first j with the
+    largest inner product z_i . z_j, where the own entry counts as -1; rho = ||z_i - z_nn + 1e-6||;
+    loss = -mean log(rho + 1e-8)."""
+    total = 0.0
+    for i in range(len(z)):
+        dots = [-1.0 if j == i else sum(float(a) * float(b) for a, b in zip(z[i], z[j])) for j in range(len(z))]
+        nearest = dots.index(max(dots))
+        rho = math.sqrt(sum((float(a) - float(b) + 1e-6) ** 2 for a, b in zip(z[i], z[nearest])))
+        total -= math.log(rho + 1e-8)
+    return total / len(z)
+
+
 def test_koleo_matches_loops():
     g = torch.Generator().manual_seed(1)
     z = F.normalize(torch.randn(6, 4, generator=g, dtype=torch.float64), dim=1)
-    expected = 0.0
-    for i in range(len(z)):
-        j = min((j for j in range(len(z)) if j != i), key=lambda j: float((z[i] - z[j]).norm()))
-        rho = math.sqrt(sum((float(a) - float(b) + 1e-6) ** 2 for a, b in zip(z[i], z[j])))
-        expected -= math.log(rho + 1e-8)
-    assert float(KoLeo()(z)) == pytest.approx(expected / len(z), rel=1e-9)
+    assert float(KoLeo()(z)) == pytest.approx(_original_koleo(z), rel=1e-9)
+
+
+@pytest.mark.parametrize("rows", [[[1.0, 0.0], [-1.0, 0.0]], [[0.0, 1.0], [0.0, -1.0], [0.0, -1.0]]])
+def test_koleo_antipodal_samples_as_in_the_original(rows):
+    """All others at cosine -1: the original's -1 fill ties the sample with them and torch.max takes the first
+    index, so sample 0 is its own neighbour (rho = 1e-6 * sqrt(2))."""
+    z = torch.tensor(rows, dtype=torch.float64)
+    expected = _original_koleo(z)
+    assert float(KoLeo()(z)) == pytest.approx(expected, rel=1e-9)
+    assert expected > 5  # the self-neighbour term -log(1.4e-6) dominates
 
 
 def test_koleo_gradient_pushes_neighbours_apart():

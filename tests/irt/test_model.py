@@ -159,6 +159,30 @@ def test_saved_encoder_is_the_originals_file(tmp_path):
         )
 
 
+def _original_dropout_places(depth: int) -> set:
+    """Where timm 0.5.4's VisionTransformer(drop_rate=p) put nn.Dropout(p): after adding the position embedding
+    (pos_drop), after each block's attention output projection (attn.proj_drop) and after both MLP layers
+    (mlp.drop1, mlp.drop2). The attention map's dropout took attn_drop_rate (0 in the original); no head dropout."""
+    places = {"pos_drop"}
+    for i in range(depth):
+        places |= {f"blocks.{i}.attn.proj_drop", f"blocks.{i}.mlp.drop1", f"blocks.{i}.mlp.drop2"}
+    return places
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_drop_is_applied_where_the_originals_timm_applied_it(p):
+    model = _tiny(drop=p)
+    active = {n: m.p for n, m in model.backbone.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
+    places = _original_dropout_places(TINY["depth"])
+    # head_drop is timm's classifier-head dropout: IRT never calls the head (the embedding is the final-norm token)
+    assert {n: v for n, v in active.items() if n != "head_drop"} == ({k: p for k in places} if p else {})
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        first, second = model.train()(x), model(x)
+        assert torch.equal(first, second) == (p == 0)  # drop_path is 0: only dropout makes passes differ
+        assert torch.equal(model.eval()(x), model(x))
+
+
 def test_state_dict_of_other_size_resamples_position_embedding(tmp_path):
     torch.save(_tiny().backbone.state_dict(), tmp_path / "w.pth")  # 32 px: 4x4 patches
     model = build_model("vit_tiny_patch16_224", str(tmp_path / "w.pth"), 48, model_kwargs=TINY)  # 6x6 patches

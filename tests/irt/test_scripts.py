@@ -112,6 +112,15 @@ def test_train_test_inference_ablation(data, results, capsys):
         inference.get_args_parser().parse_args(["--data-base", str(run.database), "--query-img-name", new_image])
     )[0][1]
     assert len(ranked) == 8 and "label unknown" in capsys.readouterr().out
+    # the database test.py wrote records the model it was embedded with: new images are embedded by it
+    assert db.config["model_file"] == str(run.model.resolve())
+    again = inference.main(
+        inference.get_args_parser().parse_args(
+            ["--data-base", str(run.path("eval_data_base.pth")), "--query-img-name", new_image]
+        )
+    )[0][1]
+    assert [p for p, _, _ in again] == [p for p, _, _ in ranked]
+    assert [s for _, _, s in again] == pytest.approx([s for _, _, s in ranked], abs=1e-5)
 
     compared = ablation.main(
         ablation.get_args_parser().parse_args(

@@ -12,42 +12,56 @@ from irt.losses import ContrastiveLoss
 from irt.xbm import XBM, MomentumEncoder
 
 
-def _push(xbm, ids, step):
+def _push(xbm, ids):
     ids = torch.as_tensor(ids)
-    xbm.enqueue(ids[:, None].float().repeat(1, 2), ids % 3, ids, step)
+    return xbm.enqueue(ids[:, None].float().repeat(1, 2), ids % 3)
+
+
+def _ids(xbm):
+    return xbm.get()[0][:, 0].long().tolist()
 
 
 def test_fills_in_order_then_wraps_around():
     xbm = XBM(5, 2)
-    _push(xbm, [0, 1, 2], 0)
-    feats, labels, idx, steps = xbm.get()
-    assert idx.tolist() == [0, 1, 2] and labels.tolist() == [0, 1, 2] and feats[:, 0].tolist() == [0, 1, 2]
-    _push(xbm, [3, 4, 5], 1)  # crosses the end: 3, 4 go to the tail, 5 to slot 0
-    feats, labels, idx, steps = xbm.get()
-    assert len(idx) == 5
-    assert idx.tolist() == [5, 1, 2, 3, 4]
-    assert steps.tolist() == [1, 0, 0, 1, 1]
+    assert _push(xbm, [0, 1, 2]).tolist() == [0, 1, 2]
+    feats, labels = xbm.get()
+    assert _ids(xbm) == [0, 1, 2] and labels.tolist() == [0, 1, 2]
+    assert _push(xbm, [3, 4, 5]).tolist() == [3, 4, 0]  # crosses the end: 3, 4 go to the tail, 5 to slot 0
+    assert _ids(xbm) == [5, 1, 2, 3, 4] and xbm.get()[1].tolist() == [2, 1, 2, 0, 1]
     assert int(xbm.ptr) == 1
-    _push(xbm, [6, 7], 2)
-    assert xbm.get()[2].tolist() == [5, 6, 7, 3, 4]  # the two oldest (1, 2) were replaced, nothing younger
+    _push(xbm, [6, 7])
+    assert _ids(xbm) == [5, 6, 7, 3, 4]  # the two oldest (1, 2) were replaced, nothing younger
 
 
 def test_batch_larger_than_memory_keeps_newest():
     xbm = XBM(3, 2)
-    _push(xbm, [10, 11, 12, 13, 14], 0)
-    assert sorted(xbm.get()[2].tolist()) == [12, 13, 14]
+    _push(xbm, [20])
+    assert _push(xbm, [10, 11, 12, 13, 14]).tolist() == [-1, -1, 1, 2, 0]
+    assert _ids(xbm) == [14, 12, 13]
+    mask = xbm.self_pairs(torch.tensor([-1, -1, 1, 2, 0]))
+    assert mask.nonzero().tolist() == [[2, 1], [3, 2], [4, 0]]  # rows that did not fit have no copy to mask
 
 
-def test_self_pairs_only_same_step():
+def test_self_pairs_by_position_only():
+    """Each row is masked against the one slot it was just written to: not against older copies of the same image,
+    and not against a second draw of the same image in the same batch (the same values, at another position)."""
     xbm = XBM(6, 2)
-    _push(xbm, [0, 1, 2], 0)
-    _push(xbm, [2, 3, 0], 1)  # 0 and 2 again, at a later step
-    mask = xbm.self_pairs(torch.tensor([2, 3, 0]), step=1)
-    idx = xbm.get()[2].tolist()
-    assert idx == [0, 1, 2, 2, 3, 0]
+    _push(xbm, [0, 1, 2])
+    slots = _push(xbm, [2, 2, 0])  # image 2 drawn twice in one batch, 0 and 2 again at a later step
+    assert _ids(xbm) == [0, 1, 2, 2, 2, 0]
     expected = torch.zeros(3, 6, dtype=torch.bool)
-    expected[0, 3] = expected[1, 4] = expected[2, 5] = True  # older copies of 0 and 2 (slots 0, 2) remain usable
-    assert torch.equal(mask, expected)
+    expected[0, 3] = expected[1, 4] = expected[2, 5] = True
+    assert torch.equal(xbm.self_pairs(slots), expected)
+    assert xbm.self_pairs(slots, momentum_encoder=True) is None
+
+
+def test_checkpoint_of_the_index_and_step_layout_loads():
+    xbm = XBM(4, 2)
+    _push(xbm, [1, 2, 3])
+    state = dict(xbm.state_dict(), indices=torch.arange(4), steps=torch.zeros(4, dtype=torch.long))
+    other = XBM(4, 2)
+    other.load_state_dict(state)
+    assert _ids(other) == [1, 2, 3] and int(other.ptr) == 3
 
 
 def test_momentum_update_formula():
@@ -72,10 +86,11 @@ def test_bad_momentum_refused(m):
         MomentumEncoder(nn.Linear(2, 2), m)
 
 
-def _original_contrastive(z, y, memory, memory_y):
+def _original_contrastive(z, y, memory, memory_y, skip=lambda i, k: False):
     """The original's loss for one step, by loops: PML ContrastiveLoss(pos_margin=1, neg_margin=0.5, cosine) on the
-    in-batch pairs i != j plus on every (batch, memory) pair with no exclusion, each term the mean of the non-zero
-    positive losses plus the mean of the non-zero negative losses (AvgNonZeroReducer)."""
+    in-batch pairs i != j (positions) plus on every (batch, memory) pair but those ``skip`` names (none in the
+    original), each term the mean of the non-zero positive losses plus the mean of the non-zero negative losses
+    (AvgNonZeroReducer)."""
 
     def term(pairs):
         pos, neg = [], []
@@ -89,7 +104,7 @@ def _original_contrastive(z, y, memory, memory_y):
         return mean(pos) + mean(neg)
 
     in_batch = [(i, z[j], y[j]) for i in range(len(z)) for j in range(len(z)) if i != j]
-    with_memory = [(i, memory[k], memory_y[k]) for i in range(len(z)) for k in range(len(memory))]
+    with_memory = [(i, memory[k], memory_y[k]) for i in range(len(z)) for k in range(len(memory)) if not skip(i, k)]
     return term(in_batch) + term(with_memory)
 
 
@@ -100,20 +115,72 @@ def test_momentum_encoder_self_pairs_are_positives_as_in_the_original():
     criterion = ContrastiveLoss(0.5)
     xbm = XBM(16, 4).double()
     stored, stored_y = [], []
-    batches = [
-        (torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 1, 2])),
-        (torch.tensor([4, 0, 5, 6]), torch.tensor([1, 0, 2, 2])),
-    ]  # image 0 again: an older key stays
-    for step, (indices, labels) in enumerate(batches):
+    for labels in (torch.tensor([0, 0, 1, 2]), torch.tensor([1, 0, 2, 2])):
         z = F.normalize(torch.randn(4, 4, generator=g, dtype=torch.float64), dim=1)
         keys = F.normalize(z + 0.3 * torch.randn(4, 4, generator=g, dtype=torch.float64), dim=1)
         stored += list(keys)
         stored_y += labels.tolist()
-        xbm.enqueue(keys, labels, indices, step)
-        feats, mem_labels, _, _ = xbm.get()
-        mask = xbm.self_pairs(indices, step, momentum_encoder=True)
+        slots = xbm.enqueue(keys, labels)
+        feats, mem_labels = xbm.get()
+        mask = xbm.self_pairs(slots, momentum_encoder=True)
         ours = criterion(z, labels) + criterion(z, labels, feats, mem_labels, mask)
         expected = _original_contrastive(z, labels, torch.stack(stored), torch.tensor(stored_y))
         assert float(ours) == pytest.approx(expected, rel=1e-12)
-        masked = criterion(z, labels) + criterion(z, labels, feats, mem_labels, xbm.self_pairs(indices, step))
+        masked = criterion(z, labels) + criterion(z, labels, feats, mem_labels, xbm.self_pairs(slots))
         assert abs(float(masked) - expected) > 1e-3
+
+
+class _Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(6, 4).double()
+
+    def forward(self, x):
+        return F.normalize(self.linear(x), dim=1)
+
+
+def test_training_step_keeps_a_twice_drawn_image_as_positive():
+    """train.py's loss on a batch that draws image 7 twice (two different crops, rows 0 and 1), no momentum encoder:
+    the original's pairs by loops, less each row's pair with its own just-stored copy. The two crops meet each other
+    in the batch and in the memory, both ways: genuine positives."""
+    from irt.losses import KoLeo
+    from irt.train import train_one_epoch
+
+    torch.manual_seed(0)
+    model = _Embed()
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (
+            torch.randn(5, 6, generator=g, dtype=torch.float64),
+            torch.tensor([3, 3, 0, 1, 3]),
+            torch.tensor([7, 7, 1, 2, 9]),
+        ),
+        (
+            torch.randn(5, 6, generator=g, dtype=torch.float64),
+            torch.tensor([0, 1, 3, 3, 2]),
+            torch.tensor([1, 2, 7, 7, 4]),
+        ),
+    ]
+    stats = train_one_epoch(
+        model,
+        ContrastiveLoss(0.5),
+        KoLeo(),
+        torch.optim.SGD(model.parameters(), lr=0.0),  # the model stays fixed: the loss can be restated
+        iter(batches),
+        torch.device("cpu"),
+        range(2),
+        lambda_reg=0.0,
+        xbm=XBM(16, 4).double(),
+        logging_freq=0,
+        dtype=torch.float64,
+    )
+    memory, memory_y, losses = [], [], []
+    with torch.no_grad():
+        for images, labels, _ in batches:
+            z = model(images)
+            own = len(memory)  # row i of this batch is stored at memory[own + i]
+            memory += list(z)
+            memory_y += labels.tolist()
+            own_copy = lambda i, k, own=own: k == own + i  # noqa: E731
+            losses.append(_original_contrastive(z, labels, torch.stack(memory), torch.tensor(memory_y), own_copy))
+    assert stats["train_contrastive"] == pytest.approx(sum(losses) / 2, rel=1e-12)
