@@ -9,6 +9,7 @@ python data_utils.py --data_path data --data_name mine --from_csv photos/df.csv 
 
 import argparse
 import os
+from pathlib import Path
 
 from common.errors import UserError, run_cli
 from common.preprocess import (
@@ -28,6 +29,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _data_folder(text: str) -> str:
+    """--data_path: a folder, or a path whose first existing part is a folder (it is created below it)."""
+    path = Path(text)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise argparse.ArgumentTypeError(f"{part} is a file, not a folder")
+            return text
+    return text
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line options; kept separate from main() so tests and other scripts can reuse them."""
     parser = argparse.ArgumentParser(
@@ -36,6 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--data_path",
+        type=_data_folder,
         default="data",
         help="folder holding car/ cub/ sop/ isc/ (raw downloads); indexes are written next to them",
     )

@@ -16,6 +16,7 @@ The contract (README "One contract for all five methods"):
 
 import argparse
 import csv
+import io
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -33,6 +34,7 @@ from common.engine import embed_dataset
 from common.errors import UserError
 from common.metrics import retrieval_metrics
 from common.postprocess import alpha_query_expansion, flip_embed, metrics_from_ranking, postprocess_rank, required_topk
+from common.preprocess import read_text_file
 from common.render import query_page, save_retrieval, summary_page
 from common.retrieval import DB_SUFFIX, database_path, embed_file, model_path, open_database, run_prefix, search
 from common.runio import load_model_file, results_dir, safe_load
@@ -602,9 +604,10 @@ def _gallery_items(source: str) -> List[Tuple[str, int]]:
         return [(p, -1) for p in _queries(str(path))]
     if not path.is_file():
         raise UserError(f"--gallery {source}: no such folder or list file")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    text = read_text_file(path, "--gallery list")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if lines and "path" in [c.strip() for c in lines[0].split(",")]:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(io.StringIO(text))
         paths = [str(p) for p in frame["path"]]
         if "label" not in frame.columns:
             return [(p, -1) for p in paths]

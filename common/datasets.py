@@ -8,7 +8,6 @@ Labels are mapped to integers once per *label space*: the training split has its
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -16,6 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from common import images
 from common.decode import env_draft
 from common.errors import UserError
 from common.preprocess import DATASET_NAMES, custom_protocol, ensure_dataset, index_path
@@ -27,24 +27,11 @@ _LABEL_SPACES = {"train": ("train",), "test": ("test",), "query": ("query", "gal
 
 
 def open_image(path: str, draft: Optional[Tuple[int, int]] = None) -> Image.Image:
-    """Open any image as 3-channel RGB (grayscale, CMYK, palette and alpha images occur in the raw datasets).
-
-    An RGB file is returned as decoded (no converted copy: same pixels, less work per image). ``draft`` = (w, h), or
-    ``RETRIEVAL_JPEG_DRAFT=N`` for (N, N), is opt-in: libjpeg decodes a JPEG at 1/2, 1/4 or 1/8 scale while both
-    sides stay >= (w, h) (faster; the pixels differ from a full decode, see ``common.decode``).
-    """
-    draft = draft if draft is not None else env_draft()
-    with Image.open(path) as img:
-        if draft is not None:
-            img.draft(None, tuple(draft))
-        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, img).convert("RGB")
-        if img.mode == "RGB":
-            img.load()
-            return img
-        return img.convert("RGB")
+    """:func:`common.images.open_image` (8-bit RGB of any mode, EXIF orientation applied, pixel limit) with the
+    opt-in reduced JPEG decode: ``draft`` = (w, h), or ``RETRIEVAL_JPEG_DRAFT=N`` for (N, N), lets libjpeg decode at
+    1/2, 1/4 or 1/8 scale while both sides stay >= (w, h) (faster; the pixels differ from a full decode, see
+    ``common.decode``). Raises :class:`common.images.ImageError` (an ``OSError``) for an unusable file."""
+    return images.open_image(path, draft if draft is not None else env_draft())
 
 
 def load_index(data_path: str, data_name: str, crop_type: str = "uncropped") -> Dict[str, List[Tuple[str, str]]]:
@@ -58,7 +45,7 @@ def load_index(data_path: str, data_name: str, crop_type: str = "uncropped") -> 
             f"--data_name {data_name}` first"
         )
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(path.read_text(encoding="utf-8"))
         root = path.parent
         return {
             split: [(_join(root, rel), str(label)) for rel, label in items] for split, items in index["splits"].items()
@@ -105,6 +92,7 @@ class RetrievalDataset(Dataset):
         transform: Optional[Callable] = None,
         return_index: bool = False,
     ):
+        images.max_image_pixels()  # a bad RETRIEVAL_MAX_IMAGE_PIXELS is one error line here, not in a worker
         self.images: List[str] = [path for path, _ in items]
         self.labels: List[int] = [label_map[label] for _, label in items]
         self.transform = transform
@@ -161,6 +149,3 @@ def make_loader(
 
 def labels_tensor(dataset: RetrievalDataset) -> torch.Tensor:
     return torch.as_tensor(dataset.labels, dtype=torch.long)
-
-
-warnings.filterwarnings("ignore", message=".*Palette images with Transparency.*")

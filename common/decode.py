@@ -19,6 +19,7 @@ move JPEG decoding (``torchvision.io.decode_jpeg(device='cuda')``, nvJPEG) and t
 loader workers then only read files.
 """
 
+import io
 import os
 import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -31,6 +32,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from common.errors import UserError
+from common.images import is_plain, max_image_pixels, open_image
 
 __all__ = [
     "MODES",
@@ -246,10 +248,13 @@ def from_env(transform: T.Compose) -> Callable:
 class EncodedImages(Dataset):
     """The images of a ``RetrievalDataset`` read as file bytes (uint8 1-D tensors), decoded later: by ``transform``
     in the loader workers (a :class:`TensorPipeline`: ``torchvision.io.decode_jpeg`` + ``transforms.v2``), or, with
-    no transform, on the GPU by :class:`GpuAugment`. A file that is not a JPEG is decoded here with ``open_image``
-    (alpha on white) and passed on as a uint8 (3, H, W) tensor."""
+    no transform, on the GPU by :class:`GpuAugment`. Only upright RGB or greyscale JPEGs within the pixel limit
+    (:func:`common.images.is_plain`) are left encoded: anything else (PNG, CMYK, an EXIF orientation, alpha, 16-bit)
+    is decoded here with ``open_image`` and passed on as a uint8 (3, H, W) tensor, so every path gives
+    ``open_image``'s pixels."""
 
     def __init__(self, dataset, transform: Optional[Callable] = None, return_index: bool = False):
+        max_image_pixels()  # a bad RETRIEVAL_MAX_IMAGE_PIXELS is one error line here, not in a worker
         self.images: List[str] = list(dataset.images)
         self.labels: List[int] = list(dataset.labels)
         self.transform, self.return_index = transform, return_index
@@ -260,16 +265,14 @@ class EncodedImages(Dataset):
     def __getitem__(self, i: int):
         from torchvision.io import read_file
 
-        from common.datasets import open_image
-
         data = read_file(self.images[i])
-        if self.transform is not None and _is_jpeg(data):
+        if not (_is_jpeg(data) and is_plain(io.BytesIO(memoryview(data.numpy())))):
+            data = TF.pil_to_tensor(open_image(self.images[i]))
+        elif self.transform is not None:
             try:
                 data = _as_uint8_chw(data)
             except RuntimeError:  # a JPEG libjpeg-turbo refuses through torchvision: PIL's decoder decides
                 data = TF.pil_to_tensor(open_image(self.images[i]))
-        elif not _is_jpeg(data):
-            data = TF.pil_to_tensor(open_image(self.images[i]))
         if self.transform is not None:
             data = self.transform(data)
         return (data, self.labels[i], i) if self.return_index else (data, self.labels[i])

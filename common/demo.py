@@ -15,11 +15,14 @@ deterministic; 64 x 30 images of 80x80 px take a few seconds.
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
+
+from common.errors import UserError
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "crescent", "halfdisc", "ell")
 PATTERNS = ("solid", "hstripes", "vstripes", "diagonal", "checker", "dots", "rings", "grid")
@@ -131,30 +134,46 @@ def generate_demo(
 ) -> Path:
     """Write the raw demo (CUB layout) into root; annotation files go last so a partial run is not mistaken
     for a finished one."""
-    root = Path(root)
+    from common.preprocess import OutsideDataset  # local import: preprocess imports this module lazily too
+
+    try:
+        return _generate(Path(root), images_per_class, size, seed)
+    except OutsideDataset as e:
+        raise UserError(f"demo: {e}; the demo is written only inside it: replace the link by a folder") from None
+
+
+def _generate(root: Path, images_per_class: int, size: int, seed: int) -> Path:
+    from common.preprocess import write_inside
+
+    root.mkdir(parents=True, exist_ok=True)
+    base = root.resolve()  # every file is written inside it, never through a link out of it
+
+    def write(rel: str, data: bytes) -> None:
+        write_inside(base, base / rel, lambda f: f.write(data))
+
     classes = demo_classes()
     half = len(classes) // 2
     images, labels, splits, boxes = [], [], [], []
     for class_id, (shape, pattern) in enumerate(classes, 1):
         folder = f"{class_id:03d}.{shape}_{pattern}"
-        (root / "images" / folder).mkdir(parents=True, exist_ok=True)
         for k in range(1, images_per_class + 1):
             rng = np.random.default_rng([seed, class_id, k])
             pixels, (x, y, w, h) = render(shape, pattern, rng, size)
             rel = f"{folder}/{shape}_{pattern}_{k:04d}.jpg"
-            Image.fromarray(pixels).save(root / "images" / rel, quality=95)
+            jpeg = partial(Image.Image.save, Image.fromarray(pixels), format="JPEG", quality=95)
+            write_inside(base, base / "images" / rel, jpeg)
             image_id = len(images) + 1
             images.append(f"{image_id} {rel}")
             labels.append(f"{image_id} {class_id}")
             splits.append(f"{image_id} {int(class_id <= half)}")
             boxes.append(f"{image_id} {float(x):.1f} {float(y):.1f} {float(w):.1f} {float(h):.1f}")
-    (root / "README").write_text(_readme(len(images), len(classes), images_per_class, size, seed))
-    (root / "classes.txt").write_text("".join(f"{i} {i:03d}.{s}_{p}\n" for i, (s, p) in enumerate(classes, 1)))
+    write("README", _readme(len(images), len(classes), images_per_class, size, seed).encode())
+    write("classes.txt", "".join(f"{i} {i:03d}.{s}_{p}\n" for i, (s, p) in enumerate(classes, 1)).encode())
     for name, lines in zip(_FILES[1:], (labels, splits, None, boxes)):
         if lines is not None:
-            (root / name).write_text("".join(f"{line}\n" for line in lines))
-    (root / "images.txt").write_text("".join(f"{line}\n" for line in images))
-    return root
+            write(name, "".join(f"{line}\n" for line in lines).encode())
+    write("images.txt", "".join(f"{line}\n" for line in images).encode())
+    return Path(root)
 
 
 def _readme(n_images: int, n_classes: int, per_class: int, size: int, seed: int) -> str:

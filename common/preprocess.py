@@ -5,29 +5,36 @@ The index (``<data_path>/<name>/<crop_type>_index.json``) lists, per split, ``[p
 path is relative to ``<data_path>/<name>`` and the label is the raw dataset label string. Uncropped entries point
 at the ORIGINAL image files (nothing is re-encoded, so no JPEG generation loss and no duplicated disk space);
 bounding-box crops (car, cub, demo) are written once to ``<name>/cropped/<original sub-path>`` as JPEG quality 95
-without chroma subsampling, which is visually lossless. Every image is decoded once here, so a corrupt or missing
+without chroma subsampling, which is visually lossless. Every image is decoded once here with the opener every
+reader uses (``common.images.open_image``: modes, EXIF orientation, pixel limit), so a corrupt, missing or oversized
 file is found now (skipped, counted and logged) instead of crashing a training run hours later.
+
+Everything is written inside ``<data_path>/<name>/`` (:func:`write_inside`): a link there that leads out of it is
+refused before anything is written, never followed.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import multiprocessing
 import os
 import random
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from common.errors import UserError
+from common.images import max_image_pixels, open_image
 
 INDEX_FORMAT = 1
 REAL_DATASETS = ("car", "cub", "sop", "isc")
@@ -123,21 +130,35 @@ def _annotation(root: Path, name: str, rel: str) -> Path:
 # --------------------------------------------------------------------------------------------- readers
 
 
+def read_text_file(path: os.PathLike, what: str = "file") -> str:
+    """The text of an annotation, CSV or list file, which must be UTF-8 (a leading byte-order mark is dropped);
+    anything else is one line naming the file, the line and the byte."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(
+            f"{what} {path}:{line}: byte 0x{data[e.start]:02x} is not UTF-8; the file must be UTF-8 text "
+            f"(re-save it as UTF-8)"
+        ) from None
+
+
 def _rows(
     path: Path, min_fields: int, skip: Callable[[List[str]], bool] = lambda f: False
 ) -> List[Tuple[int, List[str]]]:
     """Whitespace-split non-empty lines (In-shop pads columns and leaves trailing spaces, so never split(' '))."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields or skip(fields):
-                continue
-            if len(fields) < min_fields:
-                raise UserError(
-                    f"{path}:{number}: expected {min_fields} whitespace-separated fields, got {len(fields)}"
-                )
-            rows.append((number, fields))
+    for number, line in enumerate(read_text_file(path, "annotation file").splitlines(), 1):
+        fields = line.split()
+        if not fields or skip(fields):
+            continue
+        if len(fields) < min_fields:
+            raise UserError(f"{path}:{number}: expected {min_fields} whitespace-separated fields, got {len(fields)}")
+        rows.append((number, fields))
     return rows
 
 
@@ -227,6 +248,78 @@ READERS: Dict[str, Callable[[Path], List[Entry]]] = {
 }
 
 
+# ------------------------------------------------------------------------------------- safe writing
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class OutsideDataset(ValueError):
+    """A write whose path leads out of the dataset folder (through a symbolic link)."""
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` resolves (all links followed) to ``root`` (a resolved folder) or below it."""
+    resolved = path.resolve()
+    return resolved == root or root in resolved.parents
+
+
+def _leaving(root: Path, folder: Path) -> Optional[Path]:
+    """The first existing component of ``folder`` (below ``root``) that resolves outside ``root``, else None."""
+    current = root
+    for part in folder.relative_to(root).parts:
+        current = current / part
+        if not os.path.lexists(current):
+            return None
+        if not _inside(current, root):
+            return current
+    return None
+
+
+def make_dirs_inside(root: Path, folder: Path) -> None:
+    """``mkdir -p folder`` that never creates or enters anything outside ``root``: the existing components are
+    checked first (a symbolic link out of ``root`` raises :class:`OutsideDataset`)."""
+    link = _leaving(root, folder)
+    if link is not None:
+        raise OutsideDataset(f"{link} is a link to {link.resolve()}, outside {root}")
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def write_inside(root: Path, path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` (below ``root``, the resolved dataset folder) atomically: ``write(file)`` fills a new temp
+    file in the checked folder, which then replaces ``path`` (a link there is replaced, never followed). The file
+    gets the usual permissions (0666 minus the umask)."""
+    make_dirs_inside(root, path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def dataset_root(data_path: os.PathLike, name: str) -> Path:
+    """``<data_path>/<name>`` resolved: the one folder data preparation writes into (the folder itself may be a
+    link, e.g. to another disk; links inside it may not lead out)."""
+    return (Path(data_path) / name).resolve()
+
+
+def refuse_links_out(root: Path, targets: Sequence[Path], name: str) -> None:
+    """One ``error:`` line, before anything is written, when a folder that crops go into leads out of ``root``
+    (e.g. ``cropped/`` or ``cropped/images/`` unpacked as a link); otherwise nothing."""
+    for folder in dict.fromkeys(t.parent for t in targets):
+        link = _leaving(root, folder)
+        if link is not None:
+            raise UserError(
+                f"{name}: {link} is a link to {link.resolve()}, outside the dataset folder {root}; crops are "
+                f"written only inside it: replace the link by a folder"
+            )
+
+
 # ---------------------------------------------------------------------------------------- image work
 
 
@@ -241,6 +334,9 @@ def clip_box(box: Box, size: Tuple[int, int]) -> Box:
 
 
 def _valid_crop(path: Path, size: Tuple[int, int]) -> bool:
+    """An existing crop of the right size is kept (a link is not: it is replaced by a file)."""
+    if path.is_symlink():
+        return False
     try:
         with Image.open(path) as im:
             im.load()
@@ -249,40 +345,35 @@ def _valid_crop(path: Path, size: Tuple[int, int]) -> bool:
         return False
 
 
-def _write_crop(src: Path, dst: Path, box: Box, force: bool) -> None:
-    with Image.open(src) as im:
-        clipped = clip_box(box, im.size)
-        if not force and _valid_crop(dst, (clipped[2] - clipped[0], clipped[3] - clipped[1])):
-            return
-        crop = im.crop(clipped).convert("RGB")  # crop() decodes; convert handles L, CMYK, P, RGBA
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        crop.save(tmp, **CROP_JPEG)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _write_crop(src: Path, dst: Path, box: Box, force: bool, root: Path) -> None:
+    """Crop the image as :func:`open_image` shows it (EXIF orientation applied) and write it inside ``root``."""
+    img = open_image(src)
+    clipped = clip_box(box, img.size)
+    if not force and _valid_crop(dst, (clipped[2] - clipped[0], clipped[3] - clipped[1])):
+        return
+    crop = img.crop(clipped)
+    write_inside(root, dst, lambda f: crop.save(f, **CROP_JPEG))
 
 
 def _check_image(task: tuple) -> Optional[str]:
     """Pool worker: decode (and crop) one image; return None on success, else a one-line reason."""
-    rel, src, dst, box, force, problem = task
+    rel, src, dst, box, force, problem, root = task
     try:
         if problem:
             raise ValueError(problem)
         if dst is None:
-            with Image.open(src) as im:
-                im.load()
+            open_image(src)
         elif box is None:
             raise ValueError("no bounding box annotated")
         else:
-            _write_crop(src, dst, box, force)
+            _write_crop(src, dst, box, force, root)
         return None
     except Exception as e:  # anything unreadable is reported and skipped, never fatal
         return f"{rel}: {type(e).__name__}: {e}"
 
 
 def _run(tasks: Sequence[tuple], num_workers: int, desc: str) -> List[Optional[str]]:
+    max_image_pixels()  # a bad RETRIEVAL_MAX_IMAGE_PIXELS is one error line here, not one per image
     workers = max(1, min(num_workers, len(tasks)))
     bar = dict(total=len(tasks), desc=desc, unit="img", dynamic_ncols=True)
     if workers == 1:
@@ -296,9 +387,9 @@ def _run(tasks: Sequence[tuple], num_workers: int, desc: str) -> List[Optional[s
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """An index or log file of the dataset folder ``path.parent``, written atomically inside it."""
+    root = path.parent.resolve()
+    write_inside(root, root / path.name, lambda f: f.write(text.encode("utf-8")))
 
 
 def _up_to_date(index: Path, sources: Sequence[Path], name: str, crop_type: str) -> bool:
@@ -334,7 +425,10 @@ def process_dataset(
         print(summary.line())
         return summary
     entries = READERS[name](root)
-    tasks = [_task(root, e, crop_type, force) for e in entries]
+    _check_annotated_splits(entries, name, root)
+    base = dataset_root(data_path, name)
+    tasks = [_task(root, base, e, crop_type, force) for e in entries]
+    refuse_links_out(base, [t[2] for t in tasks if t[2] is not None], name)
     errors = _run(tasks, num_workers or os.cpu_count() or 1, f"{name} {crop_type}")
     splits: Dict[str, List[List[str]]] = {split: [] for split in SPLITS[name]}
     for entry, error in zip(entries, errors):
@@ -351,6 +445,11 @@ def process_dataset(
                 f"{name} {crop_type}: none of the {len(entries)} images could be read (see {log}); "
                 f"{root} should hold {EXPECTED[name]}"
             )
+        empty = [split for split, items in splits.items() if not items]
+        if empty:
+            raise UserError(
+                f"{name} {crop_type}: the {empty[0]} split is empty once the unreadable images are skipped (see {log})"
+            )
     else:
         log.unlink(missing_ok=True)  # a stale log from an earlier run would mislead
     doc = {"format": INDEX_FORMAT, "dataset": name, "crop_type": crop_type, "splits": splits}
@@ -361,14 +460,26 @@ def process_dataset(
     return summary
 
 
-def _task(root: Path, entry: Entry, crop_type: str, force: bool) -> tuple:
+def _check_annotated_splits(entries: Sequence[Entry], name: str, root: Path) -> None:
+    """One line when the annotations list no image at all, or none for a split (an empty or cut file)."""
+    files = ", ".join(str(root / a) for a in ANNOTATIONS[name])
+    if not entries:
+        raise UserError(f"{name}: the annotation files list no images ({files})")
+    present = {e.split for e in entries}
+    missing = [split for split in SPLITS[name] if split not in present]
+    if missing:
+        raise UserError(f"{name}: the annotation files list no {missing[0]} images ({files})")
+
+
+def _task(root: Path, base: Path, entry: Entry, crop_type: str, force: bool) -> tuple:
+    """(name in messages, source, crop target or None, box, force, problem, resolved dataset folder)."""
     src = root / entry.path
     if crop_type == "uncropped":
-        return entry.path, src, None, None, force, None
+        return entry.path, src, None, None, force, None, base
     rel = PurePosixPath(entry.path)
     if rel.is_absolute() or ".." in rel.parts:  # keep crops inside <name>/cropped/
-        return entry.path, src, None, None, force, "path leaves the dataset folder"
-    return entry.path, src, root / "cropped" / rel, entry.box, force, None
+        return entry.path, src, None, None, force, "path leaves the dataset folder", base
+    return entry.path, src, base / "cropped" / rel, entry.box, force, None, base
 
 
 def ensure_dataset_main_first(data_path: os.PathLike, data_name: str, crop_type: str) -> Path:
@@ -545,8 +656,8 @@ def read_custom_csv(csv_path: os.PathLike, dataset_root: Optional[os.PathLike] =
     if not csv_path.is_file():
         raise UserError(f"CSV file {csv_path} not found")
     root = Path(os.path.abspath(dataset_root if dataset_root is not None else csv_path.parent))
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
+    reader = csv.reader(io.StringIO(read_text_file(csv_path, "CSV file"), newline=""))
+    try:
         header = [h.strip() for h in next(reader, [])]
         missing = [c for c in CSV_COLUMNS if c not in header]
         if missing:
@@ -570,6 +681,11 @@ def read_custom_csv(csv_path: os.PathLike, dataset_root: Optional[os.PathLike] =
             if len(row) < len(header):
                 raise UserError(f"{where}: {len(row)} fields, the header has {len(header)}")
             rows.append((where, {name: row[i] for name, i in col.items()}))
+    except csv.Error as e:  # e.g. a field over csv's 128 KiB limit, a NUL byte: not a CSV of this format
+        raise UserError(
+            f"{csv_path}:{reader.line_num}: not a readable CSV ({e}); expected UTF-8 text with the "
+            f"columns {','.join(CSV_COLUMNS)}"
+        ) from None
     if not rows:
         raise UserError(f"{csv_path}: no rows below the header")
     samples, flags = [], []
@@ -779,6 +895,9 @@ def prepare_custom(
     splits_order = _splits_of(samples)
     kept: Dict[str, List[Sample]] = {}
     failures: Dict[str, List[str]] = {}
+    if "cropped" in crop_types:  # crops are written while the images are checked
+        folder.mkdir(parents=True, exist_ok=True)
+    base = dataset_root(data_path, name)
     for crop_type in crop_types:
         tasks, missing = [], []
         for s in samples:
@@ -786,7 +905,9 @@ def prepare_custom(
                 missing.append(f"{s.where}: {s.src}: file not found")
                 continue
             crop = crop_type == "cropped" and s.box is not None
-            tasks.append((s, (s.where, s.src, folder / "cropped" / s.crop_rel if crop else None, s.box, force, None)))
+            dst = base / "cropped" / s.crop_rel if crop else None
+            tasks.append((s, (s.where, s.src, dst, s.box, force, None, base)))
+        refuse_links_out(base, [t[2] for _, t in tasks if t[2] is not None], name)
         errors = _run([t for _, t in tasks], num_workers or os.cpu_count() or 1, f"{name} {crop_type}")
         kept[crop_type] = [s for (s, _), e in zip(tasks, errors) if e is None]
         failures[crop_type] = missing + [e for e in errors if e is not None]
