@@ -8,14 +8,16 @@ The original decided "same set, exclude self" with ``is`` on strings, which was 
 excluded exactly when query and gallery are the same split.
 """
 
+import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
 
 from common.database import Database, rank_gallery
 from common.errors import UserError
+from common.outputs import building, flat_name, new_folder, output_folder
 from common.render import save_retrieval
 from common.retrieval import open_database, run_prefix
 from common.runio import results_dir
@@ -46,7 +48,8 @@ def compare_databases(
     save_dir: Optional[Path] = None,
     size=(224, 224),
 ) -> Dict[str, float]:
-    """AR@K of each database, GE Rate@K and Better Ratio@K; with ``save_dir`` the queries ``better`` wins."""
+    """AR@K of each database, GE Rate@K and Better Ratio@K; with ``save_dir`` the queries ``better`` wins, one
+    folder each, named by the query's path relative to the query images' common folder (``005.x__img.jpg``)."""
     q_name, g_name = query_and_gallery(better, data_type)
     _check_same(better, worse, q_name, g_name)
     query, gallery = better.split(q_name), better.split(g_name)
@@ -56,6 +59,7 @@ def compare_databases(
     gallery_labels = torch.as_tensor(gallery.labels)
     totals = {"better": [0, 0], "worse": [0, 0]}  # [sum of correct, queries with a hit]
     wins = ties = 0
+    drawn = []
     for i in tqdm(range(len(query.images)), desc="comparing", leave=False):
         ranked = {}
         for key, db in (("better", better), ("worse", worse)):
@@ -74,9 +78,9 @@ def compare_databases(
         wins += ranked["better"][2] > ranked["worse"][2]
         ties += ranked["better"][2] == ranked["worse"][2]
         if save_dir is not None and ranked["better"][2] > ranked["worse"][2]:
-            _save_example(
-                Path(save_dir) / Path(query.images[i]).stem, query.images[i], query.labels[i], gallery, ranked, size
-            )
+            drawn.append((i, ranked))
+    if save_dir is not None:
+        _save_examples(Path(save_dir), query, gallery, drawn, size)
     n = len(query.images)
     losses = n - wins - ties
     return {
@@ -88,6 +92,25 @@ def compare_databases(
         "ties": ties,
         "losses": losses,
     }
+
+
+def relative_names(paths: Sequence[str]) -> List[str]:
+    """Each path relative to the folder all of them share (the full path when they share none)."""
+    try:
+        base = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    except ValueError:  # different drives
+        return list(paths)
+    return [os.path.relpath(os.path.abspath(p), base) for p in paths]
+
+
+def _save_examples(save_dir: Path, query, gallery, drawn, size) -> None:
+    """Build ``save_dir`` (replacing only an earlier ablation output) with one marked folder per drawn query."""
+    names = relative_names(query.images)
+    taken: set = set()
+    with building(save_dir, "ablation") as tmp:
+        for i, ranked in drawn:
+            out = new_folder(output_folder(tmp, flat_name(names[i]), "query", taken), "query")
+            _save_example(out, query.images[i], query.labels[i], gallery, ranked, size)
 
 
 def _save_example(out: Path, query_path: str, query_label: int, gallery, ranked, size) -> None:
@@ -125,7 +148,8 @@ def compare_runs(
         )
     save_dir = None
     if save_results:
-        save_dir = results_dir(method) / f"{run_prefix(better_path)}----{run_prefix(worse_path)}"
+        name = f"{run_prefix(better_path)}----{run_prefix(worse_path)}"
+        save_dir = output_folder(results_dir(method), name, "ablation")
     result = compare_databases(better_db, worse_db, data_type, k, save_dir, size=size)
     print(
         f"better data base AR@{k}:{result[f'better_AR@{k}']:.2f}% | worse data base AR@{k}:"

@@ -10,13 +10,16 @@ The contract (README "One contract for all five methods"):
   now; the same file as a stored image uses the stored feature), otherwise a database image named by its stored
   path (a bare file name only when unambiguous); a folder queries every image in it. Each query writes
   ``results/<method>/<query stem>/`` with the originals' ``query_img.jpg`` + ``retrieval_img_<rank>_<score>.jpg``,
-  ``grid.png`` and ``ranking.csv`` (``rank,path,label,score``).
+  ``grid.png``, ``ranking.csv`` (``rank,path,label,score``) and ``index.html``; a folder of queries writes
+  ``results/<method>/<folder name>/<path relative to the folder, '/' -> '__'>/`` and a summary ``index.html``.
+  Names are made safe and only earlier outputs of the toolkit are replaced (``common.outputs``).
 * ``ablation.py --better_data_base A --worse_data_base B`` compares two databases query by query.
 """
 
 import argparse
 import csv
 import io
+import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -33,6 +36,7 @@ from common.device import main_device, parse_gpu_ids
 from common.engine import embed_dataset
 from common.errors import UserError
 from common.metrics import retrieval_metrics
+from common.outputs import building, flat_name, new_folder, output_folder, safe_name
 from common.postprocess import alpha_query_expansion, flip_embed, metrics_from_ranking, postprocess_rank, required_topk
 from common.preprocess import read_text_file
 from common.render import query_page, save_retrieval, summary_page
@@ -168,11 +172,49 @@ def _is_toolkit_file(path: Path, what: str = "model") -> bool:
     read at all count as foreign; the original-file readers then report them in one line."""
     if not Path(path).is_file():
         raise UserError(f"{what} not found: {path}")
+    return _peek(path) is not None
+
+
+def _peek(path: Path) -> Optional[Dict[str, Any]]:
+    """The memory-mapped top-level dict of a file this toolkit wrote (tensors not read), else None."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - legacy (non-zip) or unreadable: not this toolkit's
-        return False
-    return isinstance(obj, dict) and "config" in obj
+        return None
+    return obj if isinstance(obj, dict) and isinstance(obj.get("config"), dict) else None
+
+
+SAVED_BY = "saved_by"  # config key of a database written by --gallery / test.py --save_data_base (replaceable)
+_RUN_FILES = ("_model.pth", "_checkpoint.pth")
+
+
+def check_database_target(target: Path, in_use: Sequence[Optional[Path]]) -> None:
+    """Refuse a ``--save_data_base`` that would overwrite a run: the database or model in use, any run's model or
+    checkpoint name, a run's training database (its model or checkpoint beside it), or any existing file that is
+    not a database written earlier by ``--gallery`` / ``--save_data_base``."""
+    target = Path(target)
+    real = target.resolve()
+    if any(real == Path(p).resolve() for p in in_use if p):
+        raise UserError(f"--save_data_base {target} is the database or model in use; choose a new file name")
+    for name in (target.name, real.name):
+        if name.endswith(_RUN_FILES):
+            raise UserError(f"--save_data_base {target} is named like a run's model or checkpoint; choose a new name")
+    if not os.path.lexists(target) or (target.is_symlink() and not real.exists()):
+        return
+    if not real.is_file():
+        raise UserError(f"--save_data_base {target} exists and is not a file")
+    if real.name.endswith(DB_SUFFIX):
+        run = real.name[: -len(DB_SUFFIX)]
+        if any((real.parent / f"{run}{suffix}").exists() for suffix in _RUN_FILES):
+            raise UserError(f"--save_data_base {target} is the training database of run {run}; choose a new name")
+    obj = _peek(real)
+    if obj is None or "splits" not in obj:
+        raise UserError(f"--save_data_base {target} exists and is no database of this toolkit; not overwritten")
+    if SAVED_BY not in obj["config"] and "gallery_source" not in obj["config"]:
+        raise UserError(
+            f"--save_data_base {target} is a database that --gallery / --save_data_base did not write (a run's?); "
+            "not overwritten"
+        )
 
 
 def _device(args: argparse.Namespace) -> torch.device:
@@ -350,6 +392,11 @@ def test_metrics(splits: Dict[str, Split], query: str, gallery: str, ranks: Sequ
 def run_test(spec: MethodSpec, args: argparse.Namespace) -> Dict[str, float]:
     """``test.py``: metrics CSV (+ optional new database and one rendered query)."""
     device = _device(args)
+    if args.save_data_base:
+        in_use = [args.model_file and Path(args.model_file)]
+        if not args.model_file:
+            in_use += [database_path(args.data_base, spec.name)]
+        check_database_target(Path(args.save_data_base), in_use)
     run, config, model, model_file = load_run(spec, args, device)
     splits, query, gallery = evaluation_splits(spec, config, model, args, device)
     ranks, tag = _recalls(args, spec, config), _postprocess_tag(args)
@@ -365,11 +412,11 @@ def run_test(spec: MethodSpec, args: argparse.Namespace) -> Dict[str, float]:
     db = Database(dict(config), spec.name, spec.metric, spec.scale(config), query, gallery, splits)
     if args.save_data_base:
         target = Path(args.save_data_base)
-        if target.resolve() == (results_dir(spec.name) / f"{run}{DB_SUFFIX}").resolve():
-            raise UserError(f"--save_data_base {target} is the training database; choose another file name")
+        check_database_target(target, [results_dir(spec.name) / f"{run}{DB_SUFFIX}", args.model_file])
         save_database(
             target,
-            config={**config, "model_file": str(model_file.resolve())},  # new-image queries embed with it
+            # new-image queries embed with the model file recorded here
+            config={**config, "model_file": str(model_file.resolve()), SAVED_BY: "test.py --save_data_base"},
             method=spec.name,
             splits=splits,
             metric=spec.metric,
@@ -480,7 +527,7 @@ def _queries(name: str) -> List[str]:
 def write_ranking(out_dir: Path, results: Sequence[Tuple[str, Optional[int], float]]) -> Path:
     """``ranking.csv``: rank, path, label (empty when unknown), score (distance for euclidean, else similarity)."""
     path = Path(out_dir) / "ranking.csv"
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["rank", "path", "label", "score"])
         for rank, (p, label, score) in enumerate(results, start=1):
@@ -497,12 +544,14 @@ def answer_query(
     g_name: str,
     get_model,
     device: torch.device,
-    out_root: Optional[Path] = None,
+    out_dir: Optional[Path] = None,
     options: Optional[argparse.Namespace] = None,
+    title: Optional[str] = None,
 ) -> Tuple[Path, list]:
-    """Rank the gallery for one query and write its folder (the originals' files, grid.png, ranking.csv,
-    index.html) under ``out_root`` (default ``results/<method>/``); ``get_model()`` is only called for a new
-    image."""
+    """Rank the gallery for one query and write its files (the originals' files, grid.png, ranking.csv,
+    index.html titled ``title``) into the fresh folder ``out_dir``, or by default into
+    ``results/<method>/<safe query stem>/``, which replaces only an earlier query output of that name.
+    ``get_model()`` is only called for a new image."""
     query, gallery = db.split(q_name), db.split(g_name)
     index = stored_or_new(query.images, name)
     if index >= 0:
@@ -525,24 +574,30 @@ def answer_query(
             * norm
         )
     results = search(feature, gallery, db.metric, k, db.scale, exclude, _ann_index(db))
-    out = save_retrieval(
-        Path(out_root or results_dir(spec.name)) / Path(path).stem,
-        path,
-        label,
-        results,
-        size=spec.render_size,
-        width=spec.frame_width,
-    )
-    write_ranking(out, results)
-    query_page(out, path, label, results, db.metric)
+    if out_dir is not None:
+        out = _write_query(spec, Path(out_dir), path, label, results, db.metric, title)
+    else:
+        out = output_folder(results_dir(spec.name), Path(path).stem, "query")
+        with building(out, "query") as tmp:
+            _write_query(spec, tmp, path, label, results, db.metric, title)
     known = "unknown" if label is None else label
     print(f"query {path} (label {known}): {k} best of {len(gallery.images)} gallery images by {db.metric}")
     for rank, (p, lab, score) in enumerate(results, start=1):
         mark = "" if label is None else ("  correct" if lab == label else "  wrong")
         shown = lab if lab is not None and lab >= 0 else "?"
         print(f"{rank:3d}. {score:.4f}  label {shown}  {p}{mark}")
-    print(f"saved to {out}")
+    if out_dir is None:
+        print(f"saved to {out}")
     return out, results
+
+
+def _write_query(
+    spec: MethodSpec, out: Path, path: str, label: Optional[int], results: list, metric: str, title: Optional[str]
+) -> Path:
+    save_retrieval(out, path, label, results, size=spec.render_size, width=spec.frame_width)
+    write_ranking(out, results)
+    query_page(out, path, label, results, metric, title)
+    return out
 
 
 _ANN_CACHE: Dict[str, Any] = {}
@@ -583,17 +638,23 @@ def run_inference(spec: MethodSpec, args: argparse.Namespace) -> List[Tuple[Path
         return cache["model"]
 
     queries = _queries(args.query_img_name)
-    if not Path(args.query_img_name).is_dir():
+    folder = Path(args.query_img_name)
+    if not folder.is_dir():
         return [answer_query(spec, db, queries[0], args.retrieval_num, q_name, g_name, get_model, device, options=args)]
-    root = results_dir(spec.name) / Path(args.query_img_name).resolve().name
-    answers, entries = [], []
-    for q in tqdm(queries, desc="queries", dynamic_ncols=True):
-        out, results = answer_query(
-            spec, db, q, args.retrieval_num, q_name, g_name, get_model, device, root, options=args
-        )
-        answers.append((out, results))
-        entries.append((out, q, None))
-    print(f"summary page: {summary_page(root, entries)}")
+    root = output_folder(results_dir(spec.name), folder.resolve().name, "queries")
+    answers, taken = [], set()
+    with building(root, "queries") as tmp:
+        entries = []
+        for q in tqdm(queries, desc="queries", dynamic_ncols=True):
+            rel = Path(q).relative_to(folder).as_posix()
+            out = new_folder(output_folder(tmp, flat_name(rel), "query", taken), "query")
+            _, results = answer_query(
+                spec, db, q, args.retrieval_num, q_name, g_name, get_model, device, out, args, title=rel
+            )
+            answers.append((root / out.name, results))
+            entries.append((out, rel, None))
+        summary_page(tmp, entries)
+    print(f"saved {len(entries)} queries to {root}; summary page: {root / 'index.html'}")
     return answers
 
 
@@ -647,6 +708,7 @@ def build_gallery_database(spec: MethodSpec, args: argparse.Namespace, device: t
     counted and listed in ``<database>.errors.log``; the database stores the model's configuration and file."""
     if not args.save_data_base:
         raise UserError("--gallery needs --save_data_base FILE (where the new database is written)")
+    check_database_target(Path(args.save_data_base), [database_path(args.data_base, spec.name), args.model_file])
     if args.model_file:
         run, config, model = load_for_test(spec, argparse.Namespace(model_file=args.model_file), device)
         model_file = Path(args.model_file)
@@ -678,7 +740,12 @@ def build_gallery_database(spec: MethodSpec, args: argparse.Namespace, device: t
         log.write_text("".join(f"{items[i][0]}\n" for i in sorted(failed)))
     split = Split([items[i][0] for i in kept], [items[i][1] for i in kept], torch.cat(features))
     target.parent.mkdir(parents=True, exist_ok=True)
-    stored = {**dict(config), "model_file": str(model_file.resolve()), "gallery_source": str(args.gallery)}
+    stored = {
+        **dict(config),
+        "model_file": str(model_file.resolve()),
+        "gallery_source": str(args.gallery),
+        SAVED_BY: "inference.py --gallery",
+    }
     if getattr(args, "index", "exact") != "exact":
         from common.ann import build_index, save_index
 
@@ -760,7 +827,7 @@ def run_ablation(spec: MethodSpec, args: argparse.Namespace) -> Dict[str, float]
         opener=lambda name: open_spec_database(spec, name),
     )
     name = f"{run_prefix(Path(args.better_data_base))}----{run_prefix(Path(args.worse_data_base))}"
-    out = results_dir(spec.name) / f"{name}_ablation.csv"
+    out = results_dir(spec.name) / safe_name(f"{name}_ablation.csv")
     pd.DataFrame([result]).to_csv(out, index=False)
     print(f"saved {out}")
     return result

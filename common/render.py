@@ -1,15 +1,25 @@
 """Rendering a ranked retrieval: the originals' per-image files plus one grid PNG to see it at a glance."""
 
 import html
-import shutil
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
+from urllib.parse import quote
 
 from PIL import Image, ImageDraw
 
 from common.datasets import open_image
 
-__all__ = ["GREEN", "RED", "BLUE", "framed", "save_retrieval", "retrieval_grid", "query_page", "summary_page"]
+__all__ = [
+    "GREEN",
+    "RED",
+    "BLUE",
+    "framed",
+    "result_file",
+    "save_retrieval",
+    "retrieval_grid",
+    "query_page",
+    "summary_page",
+]
 
 GREEN, RED, BLUE = (0, 255, 0), (255, 0, 0), (0, 0, 255)
 Result = Tuple[str, int, float]  # (image path, label, score)
@@ -28,6 +38,11 @@ def framed(path: str, size: Tuple[int, int], color=None, width: int = 8) -> Imag
     return img
 
 
+def result_file(rank: int, score: float) -> str:
+    """The originals' name of a rendered result: ``retrieval_img_<rank>_<score>.jpg``."""
+    return f"retrieval_img_{rank}_{score:.4f}.jpg"
+
+
 def save_retrieval(
     out_dir: Path,
     query_path: str,
@@ -35,19 +50,17 @@ def save_retrieval(
     results: Sequence[Result],
     size: Tuple[int, int] = (224, 224),
     width: int = 8,
-    clean: bool = True,
 ) -> Path:
     """Write ``query_img.jpg`` and ``retrieval_img_<rank>_<score>.jpg`` (originals' names) and ``grid.png``.
 
     ``query_label=None`` is a query of unknown label (a new image file): same files, but no frames, since
-    whether a result is correct is unknown."""
+    whether a result is correct is unknown. Nothing is deleted: callers write into a fresh folder
+    (``common.outputs.building``), which replaces the previous output as a whole."""
     out_dir = Path(out_dir)
-    if clean and out_dir.exists():
-        shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     framed(query_path, size).save(out_dir / "query_img.jpg")
     for rank, (path, label, score) in enumerate(results, start=1):
-        framed(path, size, _color(label, query_label), width).save(out_dir / f"retrieval_img_{rank}_{score:.4f}.jpg")
+        framed(path, size, _color(label, query_label), width).save(out_dir / result_file(rank, score))
     retrieval_grid(query_path, query_label, results).save(out_dir / "grid.png")
     return out_dir
 
@@ -77,27 +90,33 @@ def _known(label: Optional[int]) -> bool:
 
 
 def query_page(
-    out_dir: Path, query_path: str, query_label: Optional[int], results: Sequence[Result], metric: str
+    out_dir: Path,
+    query_path: str,
+    query_label: Optional[int],
+    results: Sequence[Result],
+    metric: str,
+    title: Optional[str] = None,
 ) -> Path:
-    """``index.html`` beside the rendered files: the query, then the top-K thumbnails with rank and score, green /
-    red frames when both labels are known. Only relative links, so the folder can be zipped and shared."""
+    """``index.html`` beside the rendered files: the query (``title``, default its file name), then the top-K
+    thumbnails with rank and score, green / red frames when both labels are known. Only relative links and file
+    names (no folder of the user's machine), UTF-8, so the folder can be zipped and shared."""
     out_dir = Path(out_dir)
-    files = sorted(out_dir.glob("retrieval_img_*.jpg"), key=lambda p: int(p.name.split("_")[2]))
+    title = html.escape(title or Path(query_path).name)
     cells = []
-    for rank, ((path, label, score), file) in enumerate(zip(results, files), start=1):
+    for rank, (path, label, score) in enumerate(results, start=1):
         colour = "" if not (_known(query_label) and _known(label)) else ("#0a0" if label == query_label else "#d00")
         style = f"border:6px solid {colour}" if colour else "border:6px solid transparent"
         cells.append(
-            f'<figure><img src="{html.escape(file.name)}" style="{style}" width="160">'
+            f'<figure><img src="{html.escape(quote(result_file(rank, score)))}" style="{style}" width="160">'
             f"<figcaption>#{rank} {score:.4f}<br>{html.escape(Path(path).name)}"
             f"{'' if not _known(label) else f' (label {label})'}</figcaption></figure>"
         )
     order = "smaller is closer" if metric == "euclidean" else "larger is closer"
     page = (
-        f"<!doctype html><meta charset='utf-8'><title>{html.escape(Path(query_path).name)}</title>"
+        f"<!doctype html><meta charset='utf-8'><title>{title}</title>"
         "<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px;text-align:center}"
         "figcaption{font-size:12px;max-width:170px;word-wrap:break-word}</style>"
-        f"<h2>Query {html.escape(Path(query_path).name)}"
+        f"<h2>Query {title}"
         f"{'' if not _known(query_label) else f' (label {query_label})'}</h2>"
         f'<figure><img src="query_img.jpg" style="border:6px solid #00f" width="160">'
         f"<figcaption>query</figcaption></figure><h3>Top {len(cells)} ({metric}: {order})</h3>"
@@ -105,16 +124,18 @@ def query_page(
         + '<p><a href="ranking.csv">ranking.csv</a></p>'
     )
     target = out_dir / "index.html"
-    target.write_text(page)
+    target.write_text(page, encoding="utf-8")
     return target
 
 
 def summary_page(folder: Path, entries: Sequence[Tuple[Path, str, Optional[bool]]]) -> Path:
-    """``index.html`` linking every query's page: (its folder, query name, top-1 correct or None if unknown)."""
+    """``index.html`` linking every query's page: (its folder, query name, top-1 correct or None if unknown).
+
+    Links are relative and URL-encoded (folder names may hold ``#``, ``?``, ``%``, spaces, any script)."""
     folder = Path(folder)
     rows = []
     for out, name, correct in entries:
-        rel = Path(out).relative_to(folder).as_posix()
+        rel = quote(Path(out).relative_to(folder).as_posix())
         mark = "" if correct is None else ("&#10003;" if correct else "&#10007;")
         rows.append(
             f'<tr><td><a href="{html.escape(rel)}/index.html"><img src="{html.escape(rel)}/grid.png" '
@@ -129,5 +150,5 @@ def summary_page(folder: Path, entries: Sequence[Tuple[Path, str, Optional[bool]
         f"<h2>{len(entries)} queries</h2>{score}<table>" + "".join(rows) + "</table>"
     )
     target = folder / "index.html"
-    target.write_text(page)
+    target.write_text(page, encoding="utf-8")
     return target

@@ -3,7 +3,7 @@
 AR@K of each (mean precision@K over queries with a hit), GE Rate@K (share of queries where the better one is at
 least as good) and Better Ratio@K (wins / losses; ``inf`` without losses), saved as
 ``results/reir/<better>----<worse>_ablation.csv``; ``--save_results`` draws every query the better database wins
-under ``results/reir/<better run>----<worse run>/<query stem>/``.
+under ``results/reir/<better run>----<worse run>/<query path relative to the images' folder, '/' -> '__'>/``.
 
     python reir/ablation.py --save_results
 """

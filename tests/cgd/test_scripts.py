@@ -157,8 +157,10 @@ def test_folder_of_queries(trained, results, tmp_path):
         (folder / "sub").mkdir(parents=True, exist_ok=True)
         Image.open(next(trained[0].glob("cub/images/005.*/img_5_0.jpg"))).save(folder / "sub" / name)
     out = _infer("--data_base", f"{_name('SG')}_data_base.pth", "--retrieval_num", "2", "--query_img_name", str(folder))
-    assert len(out) == 2 and (results / "queries" / "a" / "ranking.csv").is_file()
-    assert (results / "queries" / "b" / "grid.png").is_file() and (results / "queries" / "index.html").is_file()
+    assert len(out) == 2 and (results / "queries" / "sub__a.jpg" / "ranking.csv").is_file()
+    assert (results / "queries" / "sub__b.png" / "grid.png").is_file() and (
+        results / "queries" / "index.html"
+    ).is_file()
 
 
 def test_model_of_another_configuration_refused_in_one_line(trained, results, tmp_path):

@@ -67,10 +67,10 @@ def test_gallery_folder_to_database_and_folder_of_queries(run):
         shutil.copy(images[0], queries / name)
     answers = _infer("--data_base", str(target), "--query_img_name", str(queries), "--retrieval_num", "3")
     assert len(answers) == 2 and answers[0][1][0][0] == images[0]  # a copy finds its original first
-    page = (folder / "queries" / "q1" / "index.html").read_text()
+    page = (folder / "queries" / "q1.jpg" / "index.html").read_text()
     assert 'src="query_img.jpg"' in page and page.count("<figure>") == 4 and "/" not in page.split("src=")[1][:40]
     summary = (folder / "queries" / "index.html").read_text()
-    assert 'href="q1/index.html"' in summary and 'href="q2/index.html"' in summary
+    assert 'href="q1.jpg/index.html"' in summary and 'href="q2.jpg/index.html"' in summary
 
 
 def test_gallery_csv_with_labels(run):

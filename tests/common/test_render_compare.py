@@ -62,7 +62,7 @@ def test_compare_databases_metrics_by_hand(tmp_path):
     assert m["better_AR@1"] == 100.0 and m["worse_AR@1"] == 0.0  # worse has no query with a hit
     assert m["wins"] == 4 and m["losses"] == 0 and m["Better_Ratio@1"] == float("inf")
     assert m["GE_Rate@1"] == 100.0
-    example = tmp_path / "wins" / "img0"
+    example = tmp_path / "wins" / "img0.png"  # the path relative to the images' folder
     assert (example / "query_img.jpg").is_file()
     assert len(list((example / "better").glob("retrieval_img_1_*.jpg"))) == 1
     assert len(list((example / "worse").glob("retrieval_img_1_*.jpg"))) == 1
