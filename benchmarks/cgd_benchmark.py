@@ -1,29 +1,37 @@
 """CGD throughput: training steps (forward + both losses + backward + Adam) and embedding (inference) in images/s.
 
 CPU: small inputs so it finishes in a minute (resnet18 at 64 px, resnet50 at 112 px). With a GPU it also measures
-resnet50 at 224 px in fp32 and with bf16 autocast (``--amp``), channels-last, as ``cgd/train.py`` runs it.
+resnet50 at 224 px in fp32 and with bf16 autocast, channels-last, as ``cgd/train.py`` runs it.
 Synthetic images; 4 images per class as the m-per-class sampler gives.
 
-    python benchmarks/cgd_benchmark.py                 # CPU rows, plus GPU rows when CUDA is available
-    python benchmarks/cgd_benchmark.py --steps 20 --batch_size 128
+    python -m benchmarks.cgd_benchmark                 # CPU rows, plus GPU rows when CUDA is available
+    python -m benchmarks.cgd_benchmark --steps 20 --batch_size 128
 """
 
 import argparse
 import json
 import platform
-import time
 from typing import Dict, List
 
 import torch
 
+from benchmarks.meter import Trainer, TrainingParts, autocast, timed
 from cgd.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropyLoss
 from cgd.model import Model
-from common.device import autocast, channels_last
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def training_parts(backbone: str, batch_size: int) -> TrainingParts:
+    """CGD's SG-1536 model over 100 classes, label-smoothed cross-entropy + batch-hard triplet, Adam; 4 images of
+    each class per batch, as the m-per-class sampler gives."""
+    model = Model(backbone, "SG", 1536, 100)
+    ce, triplet = LabelSmoothingCrossEntropyLoss(), BatchHardTripletLoss()
+
+    def loss(out, labels: torch.Tensor) -> torch.Tensor:
+        embeddings, logits = out
+        return ce(logits.float(), labels) + triplet(embeddings.float(), labels)
+
+    labels = torch.arange(batch_size) // 4 % 100
+    return TrainingParts(model, loss, lambda params: torch.optim.Adam(params, lr=1e-4), labels)
 
 
 def measure(
@@ -31,36 +39,18 @@ def measure(
 ) -> Dict[str, float]:
     """Images/s of training steps and of no-grad embedding, after one warm-up step each."""
     torch.manual_seed(0)
-    model = channels_last(Model(backbone, "SG", 1536, 100).to(device), device)
-    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.arange(batch_size, device=device) // 4
-    ce, triplet = LabelSmoothingCrossEntropyLoss(), BatchHardTripletLoss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-    def train_step():
-        with autocast(device, amp):
-            embeddings, logits = model(images)
-        loss = ce(logits.float(), labels) + triplet(embeddings.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    dtype = torch.bfloat16 if amp and device.type == "cuda" else None
+    trainer = Trainer(training_parts(backbone, batch_size), device, dtype, channels_last=device.type == "cuda")
+    model, images = trainer.model, trainer.prepare(torch.randn(batch_size, 3, image_size, image_size))
 
     def embed_step():
-        with torch.inference_mode(), autocast(device, amp):
+        with torch.inference_mode(), autocast(device, dtype):
             model(images)
 
     out = {}
-    for name, step, mode in (("train", train_step, model.train), ("embed", embed_step, model.eval)):
+    for name, step, mode in (("train", lambda: trainer.step(images), model.train), ("embed", embed_step, model.eval)):
         mode()
-        step()
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        out[f"{name}_img_s"] = round(batch_size * steps / (time.perf_counter() - t0), 1)
+        out[f"{name}_img_s"] = round(batch_size / timed(step, 1, steps, device), 1)
     return out
 
 

@@ -7,30 +7,33 @@ Forms:
 * ``grouped``: ``Model`` as one network with ``groups = E`` convolutions on the concatenated weights (GPU default);
 * ``grouped_cl``: grouped in channels-last memory format (CUDA only);
 * ``compiled``: ``torch.compile`` of the grouped model (CUDA only, ``--compile``).
-All start from the same weights; the first step's logits and the parameters after one Adam step are compared with
-``original`` and printed (max abs difference). ``--rounds 2`` times the forms in interleaved rounds (each form
-rebuilt from the same weights in every round; the median is over all rounds' timed steps), which evens out other
-jobs' load. Peak memory: CUDA max allocated, or on CPU the process's peak RSS while the form ran (sampled every
-10 ms; it includes the ~4 bytes/parameter of the reference model every form is copied from).
+All start from the same weights; the first step's logits (in full fp32, no TF32, unless ``--amp``) and the
+parameters after one Adam step (plain Adam, as training uses) are compared with ``original`` and printed (max abs
+difference). ``--rounds 2`` times the forms in interleaved rounds (each form rebuilt from the same weights in every
+round; the median is over all rounds' timed steps), which evens out other jobs' load. Peak memory: CUDA max
+allocated, or on CPU the process's peak RSS while the form ran (sampled every 10 ms; it includes the ~4
+bytes/parameter of the reference model every form is copied from).
 
-    python benchmarks/ensemble_benchmark.py --device cpu --image_size 64 --steps 3 --rounds 2 --forms original loop
-    python benchmarks/ensemble_benchmark.py --device cuda --image_size 256 --steps 20 --compile
+    python -m benchmarks.ensemble_benchmark --device cpu --image_size 64 --steps 3 --rounds 2 --forms original loop
+    python -m benchmarks.ensemble_benchmark --device cuda --image_size 256 --steps 20 --compile
 """
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import platform
 import threading
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
+from benchmarks.meter import TrainingParts, autocast, sync
 from reir.model import STAGES, EnsembleBatchNorm, EnsembleConv, Model
 
 
@@ -63,22 +66,41 @@ class Original(nn.Module):
         return torch.stack([head(body(shared).mean(dim=(2, 3))) for body, head in self.learners], dim=1)
 
 
-def sync(device: torch.device) -> None:
+def ensemble_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over meta-classes, mean over batch x learners (logits [B, E, M], labels [B, E])."""
+    return F.cross_entropy(logits.float().permute(0, 2, 1), labels)
+
+
+def training_parts(ensemble: int, meta: int, batch: int, impl: str = "grouped") -> TrainingParts:
+    """REIR/SREML's ResNet-18 ensemble (shared stem + layer1), its loss and Adam, with random meta-class labels."""
+    model = Model("resnet18", "layer1", ensemble, meta, pretrained="none", impl=impl)
+    labels = torch.randint(0, meta, (batch, ensemble))
+    return TrainingParts(model, ensemble_loss, lambda params: torch.optim.Adam(params, lr=1e-4), labels)
+
+
+def forms(base: Model, device: torch.device, compile: bool = False) -> Dict[str, Callable[[], nn.Module]]:
+    """name -> a fresh copy of ``base`` in that form (``grouped_cl`` and ``compiled`` on CUDA only)."""
+    out = {
+        "original": lambda: Original(base),
+        "loop": lambda: copy.deepcopy(base).set_impl("loop"),
+        "grouped": lambda: copy.deepcopy(base).set_impl("grouped"),
+    }
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        out["grouped_cl"] = lambda: copy.deepcopy(base).set_impl("grouped").to(memory_format=torch.channels_last)
+        if compile:
+            out["compiled"] = lambda: torch.compile(copy.deepcopy(base).set_impl("grouped").to(device))
+    return out
 
 
-def step_fn(model: nn.Module, optimizer, images, labels, amp: bool):
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float().permute(0, 2, 1), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return logits
-
-    return step
+@contextlib.contextmanager
+def exact_fp32():
+    """Full-precision fp32 (no TF32) for equality checks."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def head_weight(model: nn.Module) -> torch.Tensor:
@@ -115,23 +137,37 @@ class PeakRSS:
         self._thread.join()
 
 
-def time_form(name: str, model: nn.Module, images, labels, args, device) -> Dict[str, float]:
-    fused = device.type == "cuda"
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused)
-    step = step_fn(model, optimizer, images, labels, args.amp)
-    first = step().detach().float().cpu()
+def time_form(
+    model: nn.Module, images, labels, steps: int, warmup: int, device: torch.device, dtype: Optional[torch.dtype] = None
+) -> Dict:
+    """Per-step seconds of ``steps`` training steps (forward under ``dtype`` autocast, loss, backward, Adam) after
+    one untimed first step and ``warmup`` more; the first step's logits (in exact fp32 when ``dtype`` is None) and
+    the learner heads after it, for comparing forms."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step():
+        with autocast(device, dtype):
+            logits = model(images)
+        loss = ensemble_loss(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return logits
+
+    with exact_fp32() if dtype is None else contextlib.nullcontext():
+        first = step().detach().float().cpu()
     after = head_weight(model).detach().float().cpu().clone()
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         step()
     sync(device)
     times = []
-    for _ in range(args.steps):
+    for _ in range(steps):
         t0 = time.perf_counter()
         step()
         sync(device)
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"form": name, "times": times, "first_logits": first, "head_after_step": after, "peak_gib": peak}
+    return {"times": times, "first_logits": first, "head_after_step": after, "peak_gib": peak}
 
 
 def main(args: argparse.Namespace) -> List[Dict]:
@@ -141,24 +177,16 @@ def main(args: argparse.Namespace) -> List[Dict]:
     base = Model(args.model_type, "layer1", args.ensemble_size, args.meta_class_size, pretrained="none")
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     labels = torch.randint(0, args.meta_class_size, (args.batch_size, args.ensemble_size), device=device)
-    forms = {
-        "original": lambda: Original(base),
-        "loop": lambda: copy.deepcopy(base).set_impl("loop"),
-        "grouped": lambda: copy.deepcopy(base).set_impl("grouped"),
-    }
-    if device.type == "cuda":
-        forms["grouped_cl"] = lambda: copy.deepcopy(base).set_impl("grouped").to(memory_format=torch.channels_last)
-        if args.compile:
-            forms["compiled"] = lambda: torch.compile(copy.deepcopy(base).set_impl("grouped").to(device))
-    forms = {k: v for k, v in forms.items() if k in args.forms or args.forms == ["all"]}
+    made = {k: v for k, v in forms(base, device, args.compile).items() if k in args.forms or args.forms == ["all"]}
+    dtype = torch.bfloat16 if args.amp and device.type == "cuda" else None
     results: Dict[str, Dict] = {}
     for rnd in range(args.rounds):
-        for name, make in forms.items():
+        for name, make in made.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             with PeakRSS() as rss:
                 model = make().to(device).train()
-                r = time_form(name, model, images, labels, args, device)
+                r = {"form": name} | time_form(model, images, labels, args.steps, args.warmup, device, dtype)
                 del model
             if device.type == "cpu":
                 r["peak_gib"] = rss.peak

@@ -7,30 +7,27 @@
    channels-last, bf16 autocast, fp16 autocast + GradScaler (channels-last for the CNNs).
 2. ``loader``: the same step (bf16) fed by a real DataLoader over realistic fake JPEGs (500x375, made on the fly)
    with every host core, per input pipeline (the preset as written, ``fast``, ``tensor``, ``gpu`` decode, see
-   ``common/decode.py``), and the loader alone: does the host keep the GPU fed?
-3. ``ensemble``: REIR/SREML E = 48 ResNet-18, the originals' loop of 48 learners (a ModuleList, as
-   ``benchmarks/ensemble_benchmark.py``) and ``reir.model.Model``'s loop vs its grouped form: ms/step and outputs.
-4. ``recall``: exact Recall@{1,10,100,1000} at SOP scale (60,502 x 512, 11,316 classes) with
-   ``common.metrics.recall_at_k`` vs the full similarity matrix + top-k, and the GEMM alone (the floor).
+   ``benchmarks.loader_benchmark.data_loader``), and the loader alone: does the host keep the GPU fed?
+3. ``ensemble``: REIR/SREML E = 48 ResNet-18, the originals' loop of 48 learners (a ModuleList) and
+   ``reir.model.Model``'s loop vs its grouped form: ms/step and outputs (``benchmarks.ensemble_benchmark``).
+4. ``recall``: exact Recall@{1,10,100,1000} at SOP scale (60,502 x 512, 11,316 classes, the data of
+   ``benchmarks.recall_benchmark``) with ``common.metrics.recall_at_k`` vs the full similarity matrix + top-k, and
+   the GEMM alone (the floor).
 5. ``ddp``: a 1-process DDP smoke run of every method: ``torchrun --standalone --nproc_per_node 1 <method>/train.py``
    on the demo data with tiny settings; failures are reported in their row.
 
 Every section and every row is guarded (an error is recorded in its row and the check goes on) and the files are
 rewritten after every row. ``--budget_s`` bounds the whole run: a row that would start after its section's share of
-the budget is recorded as skipped.
+the budget is recorded as skipped. The models, losses and steps come from the per-topic benchmarks.
 
-    python benchmarks/gpu_check.py                            # on a GPU
-    python benchmarks/gpu_check.py --device cpu --quick       # every section at tiny sizes, < 1 minute (tests)
+    python -m benchmarks.gpu_check                            # on a GPU
+    python -m benchmarks.gpu_check --device cpu --quick       # every section at tiny sizes, < 1 minute (tests)
 """
 
 import argparse
-import contextlib
-import copy
 import datetime
-import importlib.util
 import json
 import math
-import multiprocessing
 import os
 import platform
 import subprocess
@@ -42,13 +39,22 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from loader_benchmark import fake_photo, machine  # noqa: E402
+from benchmarks import cgd_benchmark, ensemble_benchmark, irt_benchmark, loader_benchmark, recall_benchmark
+from benchmarks.meter import (
+    REPO,
+    Trainer,
+    TrainingParts,
+    cpu_model,
+    cuda_peak_gib,
+    host_cores,
+    module_env,
+    reset_cuda_peak,
+    sync,
+    timed,
+)
+from benchmarks.recall_benchmark import full_matrix_recall
+from common.errors import UserError, run_cli
 
 SECTIONS = ("synthetic", "loader", "ensemble", "recall", "ddp")
 # Share of --budget_s by the end of each section (the time a section leaves unused goes to the next ones).
@@ -113,6 +119,18 @@ class Report:
         print("  " + " | ".join(_cells(section["columns"], row) + [_note(row)]), flush=True)
         self.write()
         return row
+
+    def measure(self, name: str, row: Dict[str, Any], left_s: float, fn: Callable[..., Dict], *args: Any) -> None:
+        """Add ``row`` with ``fn(*args)``'s results, or its error, or as skipped when ``left_s`` <= 0: one row's
+        failure must not end the check."""
+        if left_s <= 0:
+            row["error"] = "skipped: time budget"
+        else:
+            try:
+                row |= fn(*args)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = _error(e)
+        self.add(name, row)
 
     def finish(self, name: str, error: Optional[str] = None) -> None:
         section = self.data["sections"][name]
@@ -182,51 +200,6 @@ def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:240] if str(e).strip() else ''}"
 
 
-# ---------------------------------------------------------------------------------------------------------- helpers
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device: torch.device) -> Optional[float]:
-    """Peak allocated GPU memory since the last reset (torch.cuda.max_memory_allocated); None on CPU."""
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def timed(fn: Callable[[], Any], warmup: int, steps: int, device: torch.device) -> float:
-    """Seconds per call: ``warmup`` calls (cuDNN autotuning, allocator), then ``steps`` calls between syncs."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / max(steps, 1)
-
-
-@contextlib.contextmanager
-def exact_fp32():
-    """Full-precision fp32 (no TF32) for equality checks."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-
-
-def amp(device: torch.device, dtype: Optional[torch.dtype]):
-    """Autocast to ``dtype`` on ``device``; nothing for None (fp32)."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 class Budget:
     def __init__(self, total_s: float):
         self.t0, self.total = time.perf_counter(), total_s
@@ -264,107 +237,42 @@ def fastest_mode(method: str) -> str:
     return "bf16" if method == "irt" else "bf16 CL"
 
 
-def build(method: str, s: Dict[str, Any], device: torch.device):
-    """(model, loss(outputs, labels), optimizer factory, labels) as each method's train.py uses them."""
-    b = s["batch"]
+def build(method: str, s: Dict[str, Any]) -> TrainingParts:
+    """Model, loss, optimizer and labels of one method at setting ``s``, from its benchmark."""
     if method == "cgd":
-        from cgd.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropyLoss
-        from cgd.model import Model
-
-        model = Model(s["backbone"], "SG", 1536, 100)
-        ce, triplet = LabelSmoothingCrossEntropyLoss(0.1, 0.5), BatchHardTripletLoss(0.1)
-
-        def loss(out, y):
-            return ce(out[1].float(), y) + triplet(out[0].float(), y)
-
-        labels = torch.arange(b) // 4 % 100  # the m-per-class sampler: 4 images of each class
-
-        def optimizer(params):
-            return torch.optim.Adam(params, lr=1e-4)
-    elif method == "reir":
-        from reir.model import Model
-
-        model = Model("resnet18", "layer1", s["ensemble"], s["meta"], pretrained="none", impl="grouped")
-
-        def loss(out, y):  # cross-entropy over meta-classes, mean over batch x learners
-            return F.cross_entropy(out.float().permute(0, 2, 1), y)
-
-        labels = torch.randint(0, s["meta"], (b, s["ensemble"]))
-
-        def optimizer(params):
-            return torch.optim.Adam(params, lr=1e-4)
-    elif method == "irt":
-        from irt.losses import ContrastiveLoss, KoLeo
-        from irt.model import build_model
-
-        model = build_model(s["model"], "none", s["image"], model_kwargs=s["kwargs"])
-        contrastive, koleo = ContrastiveLoss(0.5), KoLeo()
-
-        def loss(z, y):
-            return contrastive(z.float(), y) + 0.7 * koleo(z.float())
-
-        labels = torch.arange(b) // 2  # --m 2
-
-        def optimizer(params):
-            return torch.optim.AdamW(params, lr=3e-5, weight_decay=5e-4)
-    elif method == "fastretri":
+        return cgd_benchmark.training_parts(s["backbone"], s["batch"])
+    if method == "reir":
+        return ensemble_benchmark.training_parts(s["ensemble"], s["meta"], s["batch"])
+    if method == "irt":
+        return irt_benchmark.training_parts(s["model"], s["kwargs"], s["image"], s["batch"])
+    if method == "fastretri":  # label-smoothed cross-entropy and fast-reid's SGD
         from fastretri.losses import LabelSmoothingCrossEntropy
         from fastretri.model import FastRetri
 
-        model = FastRetri(100, backbone=s["backbone"], pretrained="none")
         ce = LabelSmoothingCrossEntropy(0.1)
-
-        def loss(out, y):
-            return ce(out[1].float(), y)
-
-        labels = torch.randint(0, 100, (b,))
-
-        def optimizer(params):
-            return torch.optim.SGD(params, lr=3e-3, momentum=0.99, nesterov=True, weight_decay=5e-4)
-    else:
-        raise ValueError(method)
-    return model, loss, optimizer, labels.to(device)
+        return TrainingParts(
+            FastRetri(100, backbone=s["backbone"], pretrained="none"),
+            lambda out, y: ce(out[1].float(), y),
+            lambda params: torch.optim.SGD(params, lr=3e-3, momentum=0.99, nesterov=True, weight_decay=5e-4),
+            torch.randint(0, 100, (s["batch"],)),
+        )
+    raise ValueError(method)
 
 
-class Trainer:
-    """One training step (forward under autocast, loss in fp32, backward, optimizer) in one precision mode."""
-
-    def __init__(self, method: str, s: Dict[str, Any], mode: str, device: torch.device):
-        self.dtype, use_scaler, self.channels_last = MODES[mode]
-        self.device = device
-        with device:  # parameters initialised on the device (48 learners' init on a CPU takes seconds)
-            model, self.loss, optimizer, self.labels = build(method, s, device)
-        model = model.to(device).train()
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model, self.optimizer = model, optimizer(model.parameters())
-        self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True)
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
-
-    def step(self, images: torch.Tensor) -> None:
-        with amp(self.device, self.dtype):
-            out = self.model(images)
-        loss = self.loss(out, self.labels[: images.shape[0]])
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+def make_trainer(method: str, s: Dict[str, Any], mode: str, device: torch.device) -> Trainer:
+    """A training step of ``method`` at setting ``s`` in precision ``mode``."""
+    with device:  # parameters initialised on the device (48 learners' init on a CPU takes seconds)
+        parts = build(method, s)
+    return Trainer(parts, device, *MODES[mode])
 
 
 # --------------------------------------------------------------------------------------------------------- sections
 def _synthetic_row(method: str, s: Dict[str, Any], mode: str, device: torch.device, args) -> Dict[str, float]:
-    reset_peak(device)
-    trainer = Trainer(method, s, mode, device)
+    reset_cuda_peak(device)
+    trainer = make_trainer(method, s, mode, device)
     images = trainer.prepare(torch.randn(s["batch"], 3, s["image"], s["image"], device=device))
     sec = timed(lambda: trainer.step(images), args.warmup, args.steps, device)
-    return {"img_s": s["batch"] / sec, "ms_step": sec * 1000, "peak_gib": peak_gib(device)}
+    return {"img_s": s["batch"] / sec, "ms_step": sec * 1000, "peak_gib": cuda_peak_gib(device)}
 
 
 def section_synthetic(report: Report, args, device: torch.device, budget: Budget) -> Dict[Tuple[str, str], float]:
@@ -383,102 +291,32 @@ def section_synthetic(report: Report, args, device: torch.device, budget: Budget
         "torch.cuda.synchronize; fp32 = PyTorch defaults (cuDNN convolutions may use TF32, matmuls fp32).",
     )
     ceilings: Dict[Tuple[str, str], float] = {}
-    S = settings(args.quick)
+
+    def measure(method: str, s: Dict[str, Any], mode: str) -> Dict[str, float]:
+        row = _synthetic_row(method, s, mode, device, args)
+        ceilings[(method, mode)] = row["img_s"]
+        fp32 = ceilings.get((method, "fp32"))
+        return row | {"vs_fp32": row["img_s"] / fp32 if fp32 else None}
+
     for method in args.methods:
-        s = S[method]
-        fp32 = None
+        s = settings(args.quick)[method]
         for mode in modes_of(method, device, args.quick):
             row = {"method": method, "setting": s["label"], "mode": mode}
-            if budget.left("synthetic") <= 0:
-                report.add("synthetic", row | {"error": "skipped: time budget"})
-                continue
-            try:
-                row |= _synthetic_row(method, s, mode, device, args)
-                fp32 = row["img_s"] if mode == "fp32" else fp32
-                row["vs_fp32"] = row["img_s"] / fp32 if fp32 else None
-                ceilings[(method, mode)] = row["img_s"]
-            except Exception as e:  # noqa: BLE001 - one row's failure must not end the check
-                row["error"] = _error(e)
-            report.add("synthetic", row)
+            report.measure("synthetic", row, budget.left("synthetic"), measure, method, s, mode)
     return ceilings
 
 
-def _make_one(job: Tuple[str, int, int, int]) -> str:
-    import numpy as np
-
-    path, seed, w, h = job
-    fake_photo(np.random.default_rng(seed), w, h).save(path, quality=90)
-    return path
-
-
-def make_jpegs(folder: Path, count: int, workers: int, size=(500, 375)) -> List[str]:
-    """``count`` fake CUB-like photos (500x375, quality 90), written in parallel."""
-    jobs = [(str(folder / f"img_{i:05d}.jpg"), i, *size) for i in range(count)]
-    if workers <= 1:
-        return [_make_one(j) for j in jobs]
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return pool.map(_make_one, jobs, chunksize=8)
-
-
-def _loader(pipeline: str, preset, paths: List[str], batch: int, num_batches: int, workers: int, device: torch.device):
-    """(DataLoader, batch -> images on the device) for one input pipeline."""
-    from torch.utils.data import DataLoader, RandomSampler
-
-    from common.datasets import RetrievalDataset
-    from common.decode import EncodedImages, GpuAugment, TensorPipeline, accelerate, collate_encoded
-
-    items = [(p, str(i % 100)) for i, p in enumerate(paths)]
-    labels = {str(i): i for i in range(100)}
-    collate, post = None, None
-    if pipeline == "original":
-        dataset = RetrievalDataset(items, labels, preset)
-    elif pipeline == "fast":
-        dataset = RetrievalDataset(items, labels, accelerate(preset, "fast"))
-    elif pipeline == "tensor":
-        dataset = EncodedImages(RetrievalDataset(items, labels), transform=TensorPipeline(preset))
-    else:  # gpu: the workers only read files; decode + augment on the device
-        dataset, collate = EncodedImages(RetrievalDataset(items, labels)), collate_encoded
-        post = GpuAugment(preset, device)
-    sampler = RandomSampler(dataset, replacement=True, num_samples=batch * num_batches)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch,
-        sampler=sampler,
-        num_workers=workers,
-        drop_last=True,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        collate_fn=collate,
-        prefetch_factor=4 if workers > 0 else None,
-    )
-
-    def to_device(b):
-        return post(b[0]) if post is not None else b[0].to(device, non_blocking=True)
-
-    return loader, to_device
-
-
-def _rate(loader, fn: Callable[[Any], None], warm: int, batch: int, device: torch.device) -> float:
-    """img/s of fetching + ``fn`` over the batches after the first ``warm`` >= 1 (worker start-up, autotuning)."""
-    t0, n = None, 0
-    for i, b in enumerate(loader):
-        fn(b)
-        n += i >= warm
-        if i == warm - 1:
-            sync(device)
-            t0 = time.perf_counter()
-    sync(device)
-    return n * batch / (time.perf_counter() - t0) if t0 is not None and n else float("nan")
-
-
 def _loader_row(
-    pipeline: str, preset, paths: List[str], batch: int, trainer: "Trainer", args, device: torch.device
+    pipeline: str, preset, paths: List[str], trainer: Trainer, ceiling: Optional[float], args
 ) -> Dict[str, float]:
     """Loader alone, then training fed by it (the same persistent workers), 2 warm-up batches each."""
-    loader, to_device = _loader(pipeline, preset, paths, batch, args.loader_batches + 2, args.workers, device)
-    alone = _rate(loader, to_device, 2, batch, device)
-    fed = _rate(loader, lambda b: trainer.step(trainer.prepare(to_device(b))), 2, batch, device)
-    return {"loader_img_s": alone, "train_img_s": fed}
+    batch, device = len(trainer.labels), trainer.device
+    loader, to_device = loader_benchmark.data_loader(
+        pipeline, preset, paths, batch, args.loader_batches + 2, args.workers, device
+    )
+    alone = loader_benchmark.loader_rate(loader, to_device, 2, batch, device)
+    fed = loader_benchmark.loader_rate(loader, lambda b: trainer.step(trainer.prepare(to_device(b))), 2, batch, device)
+    return {"loader_img_s": alone, "train_img_s": fed} | ({"fed": fed / ceiling} if ceiling else {})
 
 
 def section_loader(
@@ -503,79 +341,33 @@ def section_loader(
         "bit-identical fused ToTensor/Normalize; tensor = decode_jpeg + transforms.v2 in the workers; gpu = "
         "workers read bytes, nvJPEG decode + augment on the device (common/decode.py).",
     )
-    S = settings(args.quick)
     for method in args.methods:
-        s = S[method]
+        s = settings(args.quick)[method]
         mode = fastest_mode(method) if device.type == "cuda" else "fp32"
-        trainer = None
         try:
             preset = build_transform(method, True, "cub", "uncropped", s["image"])
-            trainer = Trainer(method, s, mode, device)
+            trainer = make_trainer(method, s, mode, device)
         except Exception as e:  # noqa: BLE001
             report.add("loader", {"method": method, "error": _error(e)})
             continue
         for pipeline in args.pipelines:
-            row = {"method": method, "pipeline": pipeline, "ceiling_img_s": ceilings.get((method, mode))}
-            if budget.left("loader") <= 0:
-                report.add("loader", row | {"error": "skipped: time budget"})
-                continue
-            try:
-                row |= _loader_row(pipeline, preset, paths, s["batch"], trainer, args, device)
-                if row["ceiling_img_s"]:
-                    row["fed"] = row["train_img_s"] / row["ceiling_img_s"]
-            except Exception as e:  # noqa: BLE001
-                row["error"] = _error(e)
-            report.add("loader", row)
+            ceiling = ceilings.get((method, mode))
+            row = {"method": method, "pipeline": pipeline, "ceiling_img_s": ceiling}
+            left = budget.left("loader")
+            report.measure("loader", row, left, _loader_row, pipeline, preset, paths, trainer, ceiling, args)
         trainer = None
-        reset_peak(device)
+        reset_cuda_peak(device)
 
 
-def _original_form():
-    """``Original`` (the originals' ModuleList of learners) from benchmarks/ensemble_benchmark.py."""
-    spec = importlib.util.spec_from_file_location(
-        "ensemble_benchmark", Path(__file__).with_name("ensemble_benchmark.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.Original
-
-
-def _ensemble_row(
-    model: torch.nn.Module,
-    name: str,
-    precision: str,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    args,
-    device: torch.device,
-) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
-    """(fp32 logits without TF32 or None, {ms_step, peak_gib}) of one ensemble form."""
-    reset_peak(device)
-    model = model.to(device).train()
-    x = images.contiguous(memory_format=torch.channels_last) if name.endswith("CL") else images
-    logits = None
-    if precision == "fp32":
-        with torch.no_grad(), exact_fp32():
-            logits = model(x).float()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    dtype = torch.bfloat16 if precision == "bf16" else None
-
-    def step():
-        with amp(device, dtype):
-            out = model(x)
-        loss = F.cross_entropy(out.float().permute(0, 2, 1), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    slow = "loop" in name
-    sec = timed(step, 1 if slow else args.warmup, max(1, args.steps // (3 if slow else 1)), device)
-    return logits, {"ms_step": sec * 1000, "peak_gib": peak_gib(device)}
+ENSEMBLE_FORMS = {  # ensemble_benchmark's forms -> the names of this check's rows
+    "original": "originals' loop (ModuleList)",
+    "loop": "Model loop",
+    "grouped": "Model grouped",
+    "grouped_cl": "Model grouped CL",
+}
 
 
 def section_ensemble(report: Report, args, device: torch.device, budget: Budget) -> None:
-    from reir.model import Model
-
     s = settings(args.quick)["reir"]
     e, m, b, size = s["ensemble"], s["meta"], s["batch"], s["image"]
     report.start(
@@ -596,55 +388,33 @@ def section_ensemble(report: Report, args, device: torch.device, budget: Budget)
     )
     torch.manual_seed(0)
     with device:
-        base = Model("resnet18", "layer1", e, m, pretrained="none", impl="grouped")
-    images = torch.randn(b, 3, size, size, device=device)
-    labels = torch.randint(0, m, (b, e), device=device)
-    forms: Dict[str, Callable[[], torch.nn.Module]] = {}
-    try:
-        original = _original_form()
-        forms["originals' loop (ModuleList)"] = lambda: original(base)
-    except Exception as exc:  # noqa: BLE001
-        report.add("ensemble", {"form": "originals' loop (ModuleList)", "error": _error(exc)})
-    forms["Model loop"] = lambda: copy.deepcopy(base).set_impl("loop")
-    forms["Model grouped"] = lambda: copy.deepcopy(base).set_impl("grouped")
-    if device.type == "cuda":
-        forms["Model grouped CL"] = lambda: (
-            copy.deepcopy(base).set_impl("grouped").to(memory_format=torch.channels_last)
-        )
-    reference: Optional[torch.Tensor] = None
-    for precision in ("fp32", "bf16"):
+        base, _, _, labels = ensemble_benchmark.training_parts(e, m, b)
+    images, labels = torch.randn(b, 3, size, size, device=device), labels.to(device)
+    forms = ensemble_benchmark.forms(base, device)
+    reference: List[torch.Tensor] = []  # the first fp32 form's logits
+
+    def measure(form: str, dtype: Optional[torch.dtype], times: Dict[str, float]) -> Dict[str, Any]:
+        with device:
+            model = forms[form]()
+        reset_cuda_peak(device)
+        model = model.to(device).train()
+        x = images.contiguous(memory_format=torch.channels_last) if form == "grouped_cl" else images
+        slow = form in ("original", "loop")  # the first step is a warm-up step too
+        steps, warmup = max(1, args.steps // (3 if slow else 1)), (1 if slow else args.warmup) - 1
+        r = ensemble_benchmark.time_form(model, x, labels, steps, max(warmup, 0), device, dtype)
+        times[form] = 1000 * sum(r["times"]) / len(r["times"])
+        row = {"ms_step": times[form], "peak_gib": cuda_peak_gib(device)}
+        if dtype is None:
+            reference.append(r["first_logits"])
+            row["max_dlogits"] = (r["first_logits"] - reference[0]).abs().max().item()
+        orig, loop = times.get("original"), times.get("loop")
+        return row | {"vs_original": orig and orig / times[form], "vs_loop": loop and loop / times[form]}
+
+    for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         times: Dict[str, float] = {}
-        for name, make in forms.items():
-            row = {"form": name, "precision": precision}
-            if budget.left("ensemble") <= 0:
-                report.add("ensemble", row | {"error": "skipped: time budget"})
-                continue
-            try:
-                with device:
-                    model = make()
-                logits, measured = _ensemble_row(model, name, precision, images, labels, args, device)
-                model = None
-                row |= measured
-                if logits is not None:
-                    reference = logits if reference is None else reference
-                    row["max_dlogits"] = (logits - reference).abs().max().item()
-                times[name] = measured["ms_step"]
-                orig = times.get("originals' loop (ModuleList)")
-                row["vs_original"] = orig / times[name] if orig else None
-                row["vs_loop"] = times["Model loop"] / times[name] if "Model loop" in times else None
-            except Exception as exc:  # noqa: BLE001
-                row["error"] = _error(exc)
-            report.add("ensemble", row)
-
-
-def full_matrix_recall(features: torch.Tensor, labels: torch.Tensor, ranks: Sequence[int]) -> List[float]:
-    """The full-matrix approach: the whole N x N similarity, self masked, top-k, labels compared."""
-    sim = features @ features.T
-    sim.fill_diagonal_(float("-inf"))
-    top = sim.topk(max(ranks), dim=1).indices
-    del sim
-    hit = labels[top] == labels[:, None]
-    return [hit[:, :k].any(dim=1).float().mean().item() for k in ranks]
+        for form in forms:
+            row = {"form": ENSEMBLE_FORMS[form], "precision": precision}
+            report.measure("ensemble", row, budget.left("ensemble"), measure, form, dtype, times)
 
 
 def section_recall(report: Report, args, device: torch.device, budget: Budget) -> None:
@@ -659,15 +429,11 @@ def section_recall(report: Report, args, device: torch.device, budget: Budget) -
         [("approach", "approach", "{}"), ("seconds", "seconds", "{:.3f}"), ("peak_gib", "peak GiB", "{:.2f}")]
         + [(f"r{k}", f"R@{k}", "{:.4f}") for k in ranks]
         + [("equal", "equal to full matrix", "{}")],
-        note="Synthetic unit features around class centres; fp32; median of timed runs after a warm-up; the "
-        "GEMM row is the N x N product alone (the floor of any exact method).",
+        note="Synthetic unit features around class centres (benchmarks.recall_benchmark's data); fp32; median of "
+        "timed runs after a warm-up; the GEMM row is the N x N product alone (the floor of any exact method).",
     )
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, classes, (n,), generator=g)
-    centres = torch.randn(classes, d, generator=g)
-    features = F.normalize(centres[labels] + 1.5 * torch.randn(n, d, generator=g), dim=1).to(device)
-    labels = labels.to(device)
-    full: Optional[List[float]] = None
+    x, y = recall_benchmark.make_data(n, d, classes)
+    features, labels = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
     approaches: List[Tuple[str, Callable[[], Any]]] = [
         ("full matrix + topk", lambda: full_matrix_recall(features, labels, ranks)),
         ("common.metrics.recall_at_k", lambda: recall_at_k(features, labels, ranks)),
@@ -678,33 +444,30 @@ def section_recall(report: Report, args, device: torch.device, budget: Budget) -
             2,
             ("recall_at_k, memory_budget 8 GiB", lambda: recall_at_k(features, labels, ranks, memory_budget=8 * 2**30)),
         )
+    full: List[List[float]] = []
+
+    def measure(fn: Callable[[], Any]) -> Dict[str, Any]:
+        reset_cuda_peak(device)
+        fn()  # warm-up (CUDA context, cuBLAS handles, allocator)
+        runs, out = [], None
+        for _ in range(3):
+            out = None  # free the previous result (an N x N matrix for the GEMM row) before the next
+            sync(device)
+            t0 = time.perf_counter()
+            out = fn()
+            sync(device)
+            runs.append(time.perf_counter() - t0)
+            if runs[-1] > 5:
+                break
+        row = {"seconds": sorted(runs)[len(runs) // 2], "peak_gib": cuda_peak_gib(device)}
+        if isinstance(out, list):
+            full.append(out)
+            row |= {f"r{k}": v for k, v in zip(ranks, out)}
+            row["equal"] = all(abs(a - b) * n < 0.5 for a, b in zip(out, full[0]))  # the same hit counts
+        return row
+
     for name, fn in approaches:
-        row = {"approach": name}
-        if budget.left("recall") <= 0:
-            report.add("recall", row | {"error": "skipped: time budget"})
-            continue
-        try:
-            reset_peak(device)
-            fn()  # warm-up (CUDA context, cuBLAS handles, allocator)
-            runs, out = [], None
-            for _ in range(3):
-                out = None  # free the previous result (an N x N matrix for the GEMM row) before the next
-                sync(device)
-                t0 = time.perf_counter()
-                out = fn()
-                sync(device)
-                runs.append(time.perf_counter() - t0)
-                if runs[-1] > 5:
-                    break
-            row |= {"seconds": sorted(runs)[len(runs) // 2], "peak_gib": peak_gib(device)}
-            if isinstance(out, list):
-                row |= {f"r{k}": v for k, v in zip(ranks, out)}
-                full = out if full is None else full
-                row["equal"] = all(abs(a - b) * n < 0.5 for a, b in zip(out, full))  # the same hit counts
-            del out
-        except Exception as e:  # noqa: BLE001
-            row["error"] = _error(e)
-        report.add("recall", row)
+        report.measure("recall", {"approach": name}, budget.left("recall"), measure, fn)
 
 
 def write_tiny_demo(root: Path) -> Path:
@@ -731,81 +494,45 @@ def write_tiny_demo(root: Path) -> Path:
 
 def ddp_commands(data: str, quick: bool, workers: int) -> Dict[str, List[str]]:
     """Each method's train.py with tiny settings on the demo data (1 epoch / a few iterations)."""
-    b, w = ("8" if quick else "32"), str(workers)
-    cnn = [
-        "--data_path",
-        data,
-        "--data_name",
-        "demo",
-        "--crop_type",
-        "cropped",
-        "--pretrained",
-        "none",
-        "--image_size",
-        "32",
-        "--batch_size",
-        b,
-        "--num_epochs",
-        "1",
-        "--num_workers",
-        w,
-        "--recalls",
-        "1,2,4,8",
-    ]
-    ensemble = ["--ensemble_size", "4", "--meta_class_size", "4" if quick else "8"]
+    b, w, iters = ("8" if quick else "32"), str(workers), ("4" if quick else "20")
+    cnn = ["--data_path", data, *"--data_name demo --crop_type cropped --pretrained none --image_size 32".split()]
+    cnn += f"--batch_size {b} --num_epochs 1 --num_workers {w} --recalls 1,2,4,8".split()
+    ensemble = f"--ensemble_size 4 --meta_class_size {4 if quick else 8}".split()
+    irt = "--model vit_tiny_patch16_224 --input-size 32 --model-kwargs patch_size=8 depth=2 --pretrained none"
+    irt_tail = f"--crop_type cropped --max-iter {iters} --eval-freq {iters} --batch-size {b} --m 4 --num-workers {w}"
+    irt_tail += " --rank 1 2 4 8"
+    fastretri = f"SOLVER.MAX_EPOCH 1 SOLVER.IMS_PER_BATCH {b} DATALOADER.NUM_WORKERS {w} TEST.EVAL_PERIOD 1"
     return {
-        "cgd": ["cgd/train.py", *cnn, "--backbone_type", "resnet18", "--no-freeze_bn", "--feature_dim", "64"],
+        "cgd": ["cgd/train.py", *cnn, *"--backbone_type resnet18 --no-freeze_bn --feature_dim 64".split()],
         "reir": ["reir/train.py", *cnn, *ensemble],
         "sreml": ["sreml/train.py", *cnn, *ensemble],
-        "irt": [
-            "irt/train.py",
-            "--model",
-            "vit_tiny_patch16_224",
-            "--input-size",
-            "32",
-            "--model-kwargs",
-            "patch_size=8",
-            "depth=2",
-            "--pretrained",
-            "none",
-            "--dataset",
-            "demo",
-            "--data-path",
-            data,
-            "--crop_type",
-            "cropped",
-            "--max-iter",
-            "4" if quick else "20",
-            "--eval-freq",
-            "4" if quick else "20",
-            "--batch-size",
-            b,
-            "--m",
-            "4",
-            "--num-workers",
-            w,
-            "--rank",
-            "1",
-            "2",
-            "4",
-            "8",
-        ],
-        "fastretri": [
-            "fastretri/train.py",
-            "--config-file",
-            "fastretri/configs/demo.yml",
-            "DATASETS.ROOT",
-            data,
-            "SOLVER.MAX_EPOCH",
-            "1",
-            "SOLVER.IMS_PER_BATCH",
-            b,
-            "DATALOADER.NUM_WORKERS",
-            w,
-            "TEST.EVAL_PERIOD",
-            "1",
-        ],
+        "irt": ["irt/train.py", *irt.split(), "--dataset", "demo", "--data-path", data, *irt_tail.split()],
+        "fastretri": ["fastretri/train.py", "--config-file", "fastretri/configs/demo.yml", "DATASETS.ROOT", data]
+        + fastretri.split(),
     }
+
+
+def _ddp_row(argv: List[str], env: Dict[str, str], timeout: float) -> Dict[str, Any]:
+    """Run one torchrun command line; its status, seconds and last line (or most telling error line)."""
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", *argv[1:]],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "seconds": time.perf_counter() - t0, "error": f"no exit within {timeout:.0f} s"}
+    except Exception as e:  # noqa: BLE001
+        return {"status": "error", "error": _error(e)}
+    row = {"seconds": time.perf_counter() - t0, "status": "ok"}
+    if proc.returncode != 0:
+        error = _last_error(proc.stdout + "\n" + proc.stderr)
+        return row | {"status": f"failed (exit {proc.returncode})", "error": error}
+    return row | {"note": _last_line(proc.stdout)}
 
 
 def section_ddp(report: Report, args, device: torch.device, budget: Budget) -> None:
@@ -823,12 +550,7 @@ def section_ddp(report: Report, args, device: torch.device, budget: Budget) -> N
     )
     with tempfile.TemporaryDirectory() as tmp:
         data = str(write_tiny_demo(Path(tmp) / "data")) if args.quick else args.data_path
-        env = dict(
-            os.environ,
-            RETRIEVAL_RESULTS=str(Path(tmp) / "results"),
-            PYTHONUNBUFFERED="1",
-            PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        )
+        env = module_env() | {"RETRIEVAL_RESULTS": str(Path(tmp) / "results"), "PYTHONUNBUFFERED": "1"}
         if device.type == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
         commands = ddp_commands(data, args.quick, 0 if args.quick else 2)
@@ -837,32 +559,9 @@ def section_ddp(report: Report, args, device: torch.device, budget: Budget) -> N
             row = {"method": method, "command": " ".join(argv)}
             left = budget.left("ddp")
             if left <= 5:
-                report.add("ddp", row | {"status": "skipped", "error": "skipped: time budget"})
-                continue
-            t0 = time.perf_counter()
-            try:
-                proc = subprocess.run(
-                    [sys.executable, "-m", "torch.distributed.run", *argv[1:]],
-                    cwd=REPO,
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    timeout=min(args.ddp_timeout, left),
-                )
-                row["seconds"] = time.perf_counter() - t0
-                row["status"] = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-                if proc.returncode != 0:
-                    row["error"] = _last_error(proc.stdout + "\n" + proc.stderr)
-                else:
-                    row["note"] = _last_line(proc.stdout)
-            except subprocess.TimeoutExpired:
-                row |= {
-                    "status": "timeout",
-                    "seconds": time.perf_counter() - t0,
-                    "error": f"no exit within {min(args.ddp_timeout, left):.0f} s",
-                }
-            except Exception as e:  # noqa: BLE001
-                row |= {"status": "error", "error": _error(e)}
+                row |= {"status": "skipped", "error": "skipped: time budget"}
+            else:
+                row |= _ddp_row(argv, env, min(args.ddp_timeout, left))
             report.add("ddp", row)
 
 
@@ -885,18 +584,18 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     t0 = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available (use --device cpu --quick)")
+        raise UserError("--device cuda but CUDA is not available (use --device cpu --quick)")
     if device.type == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), args.workers or torch.get_num_threads())))
     torch.backends.cudnn.benchmark = True
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = host_cores()
     meta = {
-        "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.gpu_check " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "quick": args.quick,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({machine()})",
-        "host_cpu": machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_model()})",
+        "host_cpu": cpu_model(),
         "host_cores": cores,
         "workers": args.workers,
         "torch": torch.__version__,
@@ -910,7 +609,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     paths: List[str] = []
     if "loader" in args.sections:  # before CUDA is initialised: the pool forks
         try:
-            paths = make_jpegs(Path(tmp.name), args.jpegs, cores)
+            paths = loader_benchmark.make_jpegs(tmp.name, args.jpegs, workers=cores)
         except Exception as e:  # noqa: BLE001
             print(f"fake JPEGs failed: {_error(e)}")
     ceilings: Dict[Tuple[str, str], float] = {}
@@ -933,7 +632,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
                 report.start(name, name, [])
             report.finish(name, _error(e))
         finally:
-            reset_peak(device)
+            reset_cuda_peak(device)
     tmp.cleanup()
     report.write()
     print(f"\nwrote {Path(args.out) / 'gpu_check.md'} and .json in {time.perf_counter() - t0:.0f} s")
@@ -962,11 +661,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=["original", "fast", "tensor", "gpu"],
         choices=["original", "fast", "tensor", "gpu"],
     )
-    p.add_argument("--steps", default=None, type=int, help="timed steps per row (default 10; quick 2)")
+    p.add_argument("--steps", default=None, type=int, help="timed steps per row (default 10; quick 1)")
     p.add_argument("--warmup", default=None, type=int, help="warm-up steps per row (default 3; quick 1)")
     p.add_argument("--workers", default=None, type=int, help="DataLoader workers (default: all host cores; quick 0)")
     p.add_argument("--jpegs", default=None, type=int, help="distinct fake JPEGs (default 512; quick 12)")
-    p.add_argument("--loader_batches", default=None, type=int, help="timed batches per loader row (default 6)")
+    p.add_argument("--loader_batches", default=None, type=int, help="timed batches per loader row (default 6; quick 1)")
     p.add_argument("--data_path", default="data", help="demo data root of the DDP runs (built on first use)")
     p.add_argument("--ddp_timeout", default=None, type=float, help="seconds per torchrun (default 150; quick 60)")
     p.add_argument("--budget_s", default=None, type=float, help="whole-run budget (default 420; quick 50)")
@@ -974,8 +673,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    q = args.quick
+    cores, q = host_cores(), args.quick
     defaults = {
         "steps": 1 if q else 10,
         "warmup": 1 if q else 3,
@@ -993,4 +691,4 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    main(resolve_defaults(get_args_parser().parse_args()))
+    run_cli(main, resolve_defaults(get_args_parser().parse_args()))

@@ -3,29 +3,47 @@
 Synthetic tensors, so the figures measure the model and the loss, not JPEG decoding. Defaults: on a GPU the paper's
 setting (DeiT-S distilled at 224 px, batch 64, a CUB-sized memory of 5,864 entries); on CPU a small ViT at 48 px.
 
-    python benchmarks/irt_benchmark.py                       # auto: GPU setting if CUDA is available
-    python benchmarks/irt_benchmark.py --device cuda --amp   # bf16 autocast
+    python -m benchmarks.irt_benchmark                       # auto: GPU setting if CUDA is available
+    python -m benchmarks.irt_benchmark --device cuda --amp   # bf16 autocast
 """
 
 import argparse
-import platform
-import time
+from typing import Dict
 
 import torch
+from torch import nn
 
-from common.device import autocast
+from benchmarks.meter import Trainer, TrainingParts, autocast, cpu_model, timed
+from common.errors import run_cli
 from irt.losses import ContrastiveLoss, KoLeo
 from irt.model import build_model, parse_model_kwargs
-from irt.train import build_optimizer
-from irt.train import get_args_parser as train_parser
 from irt.xbm import XBM
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class IRTLoss(nn.Module):
+    """IRT_R's loss as irt/train.py computes it without a momentum encoder: contrastive (margin 0.5) + 0.7 KoLeo
+    on fp32 embeddings, plus the contrastive term against an XBM memory of ``memory`` entries (0: none); every
+    call is one iteration of new samples."""
+
+    def __init__(self, memory: int, embed_dim: int):
+        super().__init__()
+        self.contrastive, self.koleo = ContrastiveLoss(0.5), KoLeo()
+        self.xbm = XBM(memory, embed_dim) if memory else None
+        self.step = 0
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        z = z.float()
+        loss = self.contrastive(z, labels) + 0.7 * self.koleo(z)
+        if self.xbm is not None:
+            indices = torch.arange(len(labels), device=labels.device) + self.step * len(labels)
+            self.xbm.enqueue(z.detach(), labels, indices, self.step)
+            feats, mem_labels, _, _ = self.xbm.get()
+            loss = loss + self.contrastive(z, labels, feats, mem_labels, self.xbm.self_pairs(indices, self.step))
+        self.step += 1
+        return loss
 
 
+<<<<<<< HEAD
 def train_speed(model, device, batch_size, input_size, memory, iters, warmup, amp) -> float:
     """Optimizer steps per second with the full IRT_R loss against a memory of ``memory`` entries."""
     args = train_parser().parse_args([])
@@ -49,32 +67,46 @@ def train_speed(model, device, batch_size, input_size, memory, iters, warmup, am
         optimizer.step()
     _sync(device)
     return iters / (time.perf_counter() - start)
+=======
+def training_parts(name: str, model_kwargs: Dict, input_size: int, batch_size: int, memory: int = 0) -> TrainingParts:
+    """IRT's model (a timm ViT without classifier, drop-path 0.1), ``IRTLoss``, and AdamW at irt/train.py's
+    defaults (lr 3e-5, weight decay 5e-4 on every parameter: the grouping does not change a step's time); 2 images
+    of each class per batch (``--m 2``)."""
+    model = build_model(name, "none", input_size, drop_path=0.1, model_kwargs=model_kwargs)
+    labels = torch.arange(batch_size) // 2
+    return TrainingParts(
+        model,
+        IRTLoss(memory, model.embed_dim),
+        lambda params: torch.optim.AdamW(params, lr=3e-5, weight_decay=5e-4),
+        labels,
+    )
+
+
+def train_speed(parts: TrainingParts, device: torch.device, input_size: int, iters: int, warmup: int, amp: bool):
+    """Optimizer steps per second of ``parts`` on synthetic images (bf16 autocast with ``amp`` on CUDA)."""
+    trainer = Trainer(parts, device, torch.bfloat16 if amp and device.type == "cuda" else None)
+    x = torch.randn(len(parts.labels), 3, input_size, input_size, device=device)
+    return 1 / timed(lambda: trainer.step(x), warmup, iters, device)
+>>>>>>> bench
 
 
 @torch.inference_mode()
-def embed_speed(model, device, batch_size, input_size, iters, warmup, amp) -> float:
+def embed_speed(model: nn.Module, device: torch.device, batch_size, input_size, iters, warmup, amp) -> float:
     model.eval()
     x = torch.randn(batch_size, 3, input_size, input_size, device=device)
-    for step in range(warmup + iters):
-        if step == warmup:
-            _sync(device)
-            start = time.perf_counter()
-        with autocast(device, amp):
+    dtype = torch.bfloat16 if amp and device.type == "cuda" else None
+
+    def step():
+        with autocast(device, dtype):
             model(x)
-    _sync(device)
-    return iters * batch_size / (time.perf_counter() - start)
+
+    return batch_size / timed(step, warmup, iters, device)
 
 
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def main(args):
@@ -89,9 +121,11 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model(name, "none", size, drop_path=0.1, model_kwargs=kwargs).to(device)
-    it_s = train_speed(model, device, batch, size, args.memory, args.iters, args.warmup, args.amp)
-    img_s = embed_speed(model, device, args.embed_batch_size or 2 * batch, size, args.iters, args.warmup, args.amp)
+    parts = training_parts(name, kwargs, size, batch, args.memory)
+    it_s = train_speed(parts, device, size, args.iters, args.warmup, args.amp)
+    img_s = embed_speed(
+        parts.model, device, args.embed_batch_size or 2 * batch, size, args.iters, args.warmup, args.amp
+    )
     kw = " ".join(f"{k}={v}" for k, v in kwargs.items())
     print(
         f"| {name} {kw} | {size} px | batch {batch} | XBM {args.memory} | {it_s:.2f} it/s "
@@ -122,4 +156,4 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

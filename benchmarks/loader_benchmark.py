@@ -14,26 +14,29 @@ median over interleaved rounds (each round runs every row once, which evens out 
 For each it prints the speed-up over ``original`` and the pixel difference from it (same seed, in grey levels of
 0-255: max and mean |difference| over all outputs). Decoder-only rows come first.
 
-    python benchmarks/loader_benchmark.py                          # 500x375, all methods
-    python benchmarks/loader_benchmark.py --size 1000x750 --methods cgd irt --rounds 5 --json out.json
+    python -m benchmarks.loader_benchmark                          # 500x375, all methods
+    python -m benchmarks.loader_benchmark --size 1000x750 --methods cgd irt --rounds 5 --json out.json
+
+``data_loader`` and ``loader_rate`` time the same pipelines inside a real DataLoader (``benchmarks.gpu_check``).
 """
 
 import argparse
 import json
+import multiprocessing
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from common.datasets import open_image
-from common.decode import TensorPipeline, accelerate, draft_size
+from benchmarks.meter import cpu_model, sync
+from common.datasets import RetrievalDataset, open_image
+from common.decode import EncodedImages, GpuAugment, TensorPipeline, accelerate, collate_encoded, draft_size
 from common.presets import build_transform
 
 METHODS = ("cgd", "reir", "sreml", "irt", "fastretri")
@@ -64,19 +67,29 @@ def fake_photo(rng: np.random.Generator, width: int = 500, height: int = 375) ->
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
+def _write_photo(job: Tuple[str, int, int, int, int]) -> str:
+    path, seed, width, height, quality = job
+    fake_photo(np.random.default_rng(seed), width, height).save(path, quality=quality)
+    return path
+
+
 def make_jpegs(
-    folder: os.PathLike, count: int, size: Tuple[int, int] = (500, 375), quality: int = 90, seed: int = 0
+    folder: os.PathLike,
+    count: int,
+    size: Tuple[int, int] = (500, 375),
+    quality: int = 90,
+    seed: int = 0,
+    workers: int = 1,
 ) -> List[str]:
-    """Write ``count`` fake photos as ``folder/img_00000.jpg ...`` (seeded); returns their paths."""
+    """Write ``count`` fake photos as ``folder/img_00000.jpg ...`` (image i drawn with seed + i), in ``workers``
+    forked processes (fork before CUDA is initialised); returns their paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(count):
-        path = folder / f"img_{i:05d}.jpg"
-        fake_photo(rng, *size).save(path, quality=quality)
-        paths.append(str(path))
-    return paths
+    jobs = [(str(folder / f"img_{i:05d}.jpg"), seed + i, *size, quality) for i in range(count)]
+    if workers <= 1:
+        return [_write_photo(job) for job in jobs]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.map(_write_photo, jobs, chunksize=8)
 
 
 def original_open(path: str) -> Image.Image:
@@ -149,15 +162,56 @@ def pixel_diff(
     return out
 
 
-def machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def data_loader(
+    pipeline: str, preset, paths: List[str], batch: int, num_batches: int, workers: int, device: torch.device
+):
+    """(DataLoader, batch -> images on the device) of one input pipeline: ``original`` = the preset as written
+    (PIL), ``fast`` = fused ToTensor/Normalize, ``tensor`` = decode_jpeg + tensor ops in the workers, ``gpu`` =
+    the workers read bytes, decoding (nvJPEG) and augmenting happen on ``device``."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    items = [(p, str(i % 100)) for i, p in enumerate(paths)]
+    labels = {str(i): i for i in range(100)}
+    collate, post = None, None
+    if pipeline == "original":
+        dataset = RetrievalDataset(items, labels, preset)
+    elif pipeline == "fast":
+        dataset = RetrievalDataset(items, labels, accelerate(preset, "fast"))
+    elif pipeline == "tensor":
+        dataset = EncodedImages(RetrievalDataset(items, labels), transform=TensorPipeline(preset))
+    else:
+        dataset, collate = EncodedImages(RetrievalDataset(items, labels)), collate_encoded
+        post = GpuAugment(preset, device)
+    sampler = RandomSampler(dataset, replacement=True, num_samples=batch * num_batches)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        collate_fn=collate,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+    def to_device(b):
+        return post(b[0]) if post is not None else b[0].to(device, non_blocking=True)
+
+    return loader, to_device
+
+
+def loader_rate(loader, fn: Callable[[Any], None], warm: int, batch: int, device: torch.device) -> float:
+    """img/s of fetching + ``fn`` over the batches after the first ``warm`` >= 1 (worker start-up, autotuning)."""
+    t0, n = None, 0
+    for i, b in enumerate(loader):
+        fn(b)
+        n += i >= warm
+        if i == warm - 1:
+            sync(device)
+            t0 = time.perf_counter()
+    sync(device)
+    return n * batch / (time.perf_counter() - t0) if t0 is not None and n else float("nan")
 
 
 def main(args: argparse.Namespace) -> Dict:
@@ -167,12 +221,12 @@ def main(args: argparse.Namespace) -> Dict:
         paths = make_jpegs(tmp, args.images, size, args.quality)
         kb = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
         print(
-            f"{machine()}, {os.cpu_count()} logical CPUs (load {os.getloadavg()[0]:.2f}), torch "
+            f"{cpu_model()}, {os.cpu_count()} logical CPUs (load {os.getloadavg()[0]:.2f}), torch "
             f"{torch.__version__}, 1 thread; {args.images} fake JPEGs {size[0]}x{size[1]} q{args.quality} "
             f"({kb:.0f} KB avg), median of {args.rounds} interleaved rounds, img/s per core"
         )
         result: Dict = {
-            "machine": machine(),
+            "machine": cpu_model(),
             "size": list(size),
             "images": args.images,
             "rounds": args.rounds,

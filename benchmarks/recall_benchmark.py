@@ -16,9 +16,9 @@ the RSS after loading the data, or peak CUDA memory) is measured in isolation:
 BLAS-using workers run with ``OPENBLAS_CORETYPE`` / ``OPENBLAS_L2_SIZE`` unset (numpy picks its own kernel); the
 kernels actually used are printed. Every method's recalls must be identical to ours (``identical`` column).
 
-    python benchmarks/recall_benchmark.py                 # full scale, CPU (several minutes)
-    python benchmarks/recall_benchmark.py --quick         # 6,000 x 128 (about a minute: process start-ups)
-    python benchmarks/recall_benchmark.py --device cuda --skip full
+    python -m benchmarks.recall_benchmark                 # full scale, CPU (several minutes)
+    python -m benchmarks.recall_benchmark --quick         # 6,000 x 128 (about a minute: process start-ups)
+    python -m benchmarks.recall_benchmark --device cuda --skip full
 
 Prints a table and writes ``results/benchmarks/recall_benchmark.csv``.
 """
@@ -32,19 +32,21 @@ import glob
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.meter import REPO, module_env, peak_rss_kib, reset_peak_rss, run_module
+
 METHODS = ("ours", "ours_fp32", "faiss", "faiss_generic", "full", "gemm_fp32", "gemm_bf16")
 BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+NOISE = 2.3  # default within-class spread: norm of the noise vs unit centres
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_classes", type=int, default=11316)
     p.add_argument("--ranks", type=lambda s: [int(k) for k in s.split(",")], default=[1, 10, 100, 1000])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise", type=float, default=2.3, help="within-class spread (norm of the noise vs unit centres)")
+    p.add_argument("--noise", type=float, default=NOISE, help="within-class spread (norm of the noise vs unit centres)")
     p.add_argument("--quick", action="store_true", help="small problem (6,000 x 128, 1,100 classes) for a smoke run")
     p.add_argument(
         "--skip",
@@ -90,7 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_data(n: int, dim: int, num_classes: int, seed: int, noise: float):
+def make_data(n: int, dim: int, num_classes: int, seed: int = 0, noise: float = NOISE):
     """Unit features: class centre + isotropic noise of norm ~``noise``, L2-normalised. (n, dim) float32, (n,)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((num_classes, dim), dtype=np.float32)
@@ -138,50 +140,28 @@ def faiss_kernel() -> Optional[str]:
 def detect_numpy_kernel() -> Optional[str]:
     """The kernel numpy's OpenBLAS picks by itself (probed in a subprocess with the BLAS variables unset)."""
     env = {k: v for k, v in os.environ.items() if k not in BLAS_ENV}
-    code = (
-        f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.recall_benchmark import numpy_kernel; "
-        "print(numpy_kernel())"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
-    name = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else "None"
-    return None if name == "None" else name
-
-
-# ---- peak memory -----------------------------------------------------------------------------------------------
-def _rss_kib(field: str) -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> int:
-    """Reset the kernel's RSS high-water mark if allowed; return the baseline (KiB) to subtract."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _rss_kib("VmRSS")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _peak_kib() -> int:
-    return _rss_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code = "import json; from benchmarks.recall_benchmark import numpy_kernel; print(json.dumps(numpy_kernel()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=module_env(env), cwd=REPO)
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else None
 
 
 # ---- the methods -----------------------------------------------------------------------------------------------
-def _recall_from_neighbours(neighbour_labels, labels, ranks) -> List[float]:
-    """(N, K) labels of the top-K retrieved items -> Recall@K for each K."""
-    match = neighbour_labels == labels[:, None]
-    first = np.where(match.any(1), match.argmax(1), np.iinfo(np.int64).max)
-    return [float((first < k).sum()) / len(labels) for k in ranks]
+def recall_from_neighbours(neighbour_labels: torch.Tensor, labels: torch.Tensor, ranks: Sequence[int]) -> List[float]:
+    """(N, K) labels of the top-K retrieved items -> Recall@K for each K (exact hit counts / N)."""
+    hit = neighbour_labels == labels[:, None]
+    return [hit[:, :k].any(dim=1).sum().item() / len(labels) for k in ranks]
+
+
+def full_matrix_recall(features: torch.Tensor, labels: torch.Tensor, ranks: Sequence[int]) -> List[float]:
+    """The original repos' evaluation: full similarity, diagonal -inf, topk(max K) on the whole matrix."""
+    sim = features @ features.T
+    sim.fill_diagonal_(float("-inf"))
+    top = sim.topk(max(ranks), dim=1).indices
+    del sim
+    return recall_from_neighbours(labels[top], labels, ranks)
 
 
 def run_ours(x, labels, ranks, device, bf16: bool = True):
-    import torch
-
     from common import metrics
 
     feats, lab = torch.from_numpy(x).to(device), torch.from_numpy(labels).to(device)
@@ -197,15 +177,7 @@ def full_matrix_bytes(n: int, kmax: int) -> int:
 
 
 def run_full(x, labels, ranks, device):
-    """The original repos' evaluation: full similarity, diagonal -inf, topk(max K) on the whole matrix."""
-    import torch
-
-    feats, lab = torch.from_numpy(x).to(device), torch.from_numpy(labels).to(device)
-    sim = feats @ feats.T
-    sim.fill_diagonal_(float("-inf"))
-    idx = sim.topk(max(ranks), dim=1).indices
-    del sim
-    return _recall_from_neighbours(lab[idx].cpu().numpy(), labels, ranks)
+    return full_matrix_recall(torch.from_numpy(x).to(device), torch.from_numpy(labels).to(device), ranks)
 
 
 def run_faiss(x, labels, ranks, device):
@@ -218,20 +190,17 @@ def run_faiss(x, labels, ranks, device):
     keep = ~is_self
     keep[:, -1] &= is_self.any(1)  # self not returned (a tie pushed it out): drop the extra last neighbour
     found = found[keep].reshape(len(x), max(ranks))
-    return _recall_from_neighbours(labels[found], labels, ranks)
+    return recall_from_neighbours(torch.from_numpy(labels[found]), torch.from_numpy(labels), ranks)
 
 
 def run_gemm_fp32(x, labels, ranks, device):
     """Every score of the problem through numpy's sgemm into a 512 MiB block, nothing else."""
+    rows = max(1, 2**27 // len(x))
     if device == "cuda":
-        import torch
-
         g = torch.from_numpy(x).cuda()
-        rows = max(1, 2**27 // len(x))
         for i in range(0, len(x), rows):
             g[i : i + rows] @ g.T
         return None
-    rows = max(1, 2**27 // len(x))
     out = np.empty((rows, len(x)), np.float32)
     for i in range(0, len(x), rows):
         np.matmul(x[i : i + rows], x.T, out=out[: min(rows, len(x) - i)])
@@ -240,8 +209,6 @@ def run_gemm_fp32(x, labels, ranks, device):
 
 def run_gemm_bf16(x, labels, ranks, device):
     """Every score in bf16 (torch), laid out as ours does it: (gallery, 1024 queries) blocks."""
-    import torch
-
     g = torch.from_numpy(x).to(device).bfloat16()
     out = torch.empty(len(x) * 1024, dtype=torch.bfloat16, device=device)
     for i in range(0, len(x), 1024):
@@ -263,8 +230,6 @@ RUNNERS: Dict[str, Callable] = {
 
 def measure(method: str, x, labels, ranks, device: str, threads: Optional[int]) -> dict:
     """Wall and CPU time of one method and its peak extra memory (MiB), in this process."""
-    import torch
-
     if threads:
         torch.set_num_threads(threads)
         try:
@@ -279,13 +244,13 @@ def measure(method: str, x, labels, ranks, device: str, threads: Optional[int]) 
         torch.cuda.reset_peak_memory_stats()
         base_gpu = torch.cuda.memory_allocated()
     load = os.getloadavg()[0]  # > cpu count means the timings shared the CPUs with other work
-    base = _reset_peak()
+    base = reset_peak_rss()
     start, cpu_start = time.perf_counter(), time.process_time()
     recalls = RUNNERS[method](x, labels, ranks, device)
     if cuda:
         torch.cuda.synchronize()
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    extra = (_peak_kib() - base) / 1024
+    extra = (peak_rss_kib() - base) / 1024
     if cuda and not method.startswith("faiss"):
         extra = (torch.cuda.max_memory_allocated() - base_gpu) / 2**20
     kernel = faiss_kernel() if method.startswith("faiss") else numpy_kernel()
@@ -302,8 +267,6 @@ def measure(method: str, x, labels, ranks, device: str, threads: Optional[int]) 
 
 def _worker(args) -> None:
     """Subprocess entry: load the data, warm the libraries up, measure one method, print JSON."""
-    import torch
-
     import common.metrics  # noqa: F401  (imports count towards the baseline, not the method)
 
     if args.worker.startswith("faiss"):
@@ -334,8 +297,6 @@ def _skip_reason(method: str, args, n: int) -> Optional[str]:
 
 def _available_bytes(device: str) -> int:
     if device == "cuda":
-        import torch
-
         return torch.cuda.mem_get_info()[0]
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -348,7 +309,6 @@ def _available_bytes(device: str) -> int:
 
 def _worker_env(method: str, args, fair_kernel: Optional[str]) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in BLAS_ENV}  # numpy: its own kernel choice
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     if method == "faiss" and fair_kernel:
         env["OPENBLAS_CORETYPE"] = fair_kernel  # faiss-cpu's bundled OpenBLAS: the kernel numpy uses
     if args.threads:  # OpenBLAS reads its thread count at import
@@ -357,24 +317,9 @@ def _worker_env(method: str, args, fair_kernel: Optional[str]) -> Dict[str, str]
 
 
 def _run_isolated(method: str, args, data_dir: Path, fair_kernel: Optional[str]) -> dict:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        method,
-        "--data",
-        str(data_dir),
-        "--ranks",
-        ",".join(map(str, args.ranks)),
-        "--device",
-        args.device,
-    ]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_worker_env(method, args, fair_kernel))
-    if proc.returncode != 0:
-        return {"status": f"failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    argv = ["--worker", method, "--data", str(data_dir), "--ranks", ",".join(map(str, args.ranks))]
+    argv += ["--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
+    return run_module("benchmarks.recall_benchmark", argv, _worker_env(method, args, fair_kernel))
 
 
 def _keep_fastest(best: Optional[dict], run: dict) -> dict:
@@ -487,5 +432,4 @@ def main(args) -> List[dict]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main(get_args_parser().parse_args())

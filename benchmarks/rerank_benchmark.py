@@ -5,8 +5,8 @@ Products) are ranked against themselves (self excluded), as CUB/CARS/SOP are eva
 ``postprocess_rank`` call (top-100 lists) in its own subprocess, so its peak extra memory (peak RSS above the RSS
 after loading the data) is measured in isolation; Recall@K and MAP@R of the lists are printed too.
 
-    python benchmarks/rerank_benchmark.py              # full scale (several minutes on 2 cores)
-    python benchmarks/rerank_benchmark.py --quick      # 6,000 images
+    python -m benchmarks.rerank_benchmark              # full scale (several minutes on 2 cores)
+    python -m benchmarks.rerank_benchmark --quick      # 6,000 images
 
 Prints a table and writes ``results/benchmarks/rerank_benchmark.csv``.
 """
@@ -17,10 +17,6 @@ import argparse
 import csv
 import json
 import os
-import platform
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +24,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.meter import REPO, cpu_model, peak_rss_kib, reset_peak_rss, run_module
+from benchmarks.recall_benchmark import make_data
+from common.errors import UserError, run_cli
+
 CONFIGS: Dict[str, dict] = {
     "plain": {},
     "qe": {"qe_k": 5},
@@ -63,40 +62,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_data(n: int, dim: int, num_classes: int, seed: int, noise: float):
-    """Unit features: class centre + isotropic noise of norm ~``noise``, L2-normalised. (n, dim) float32, (n,)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((num_classes, dim), dtype=np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    labels = rng.permutation(np.arange(n) % num_classes).astype(np.int64)
-    x = rng.standard_normal((n, dim), dtype=np.float32) * np.float32(noise / np.sqrt(dim)) + centres[labels]
-    return x / np.linalg.norm(x, axis=1, keepdims=True), labels
-
-
-# ---- peak memory (torch allocates outside tracemalloc's view: read the kernel's RSS high-water mark) ----------
-def _status_kib(field: str) -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> int:
-    """Reset the RSS high-water mark where the kernel allows it; return the baseline (KiB) to subtract."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _status_kib("VmRSS")
-    except OSError:  # no reset: the peak so far (after loading the data) is the baseline
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _peak_kib() -> int:
-    return _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def measure(config: str, x: np.ndarray, labels: np.ndarray, threads: Optional[int]) -> dict:
     """Wall and CPU time, peak extra memory (MiB) and metrics of one configuration, in this process."""
     import torch
@@ -108,11 +73,11 @@ def measure(config: str, x: np.ndarray, labels: np.ndarray, threads: Optional[in
     feats = torch.from_numpy(x)
     postprocess_rank(feats[:64], same_set=True, topk=8, **CONFIGS[config])  # imports and first-call setup
     load = os.getloadavg()[0]
-    base = _reset_peak()
+    base = reset_peak_rss()
     start, cpu_start = time.perf_counter(), time.process_time()
     indices, _ = postprocess_rank(feats, same_set=True, topk=100, **CONFIGS[config])
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    extra = (_peak_kib() - base) / 1024
+    extra = (peak_rss_kib() - base) / 1024
     metrics = metrics_from_ranking(indices, labels, None, RANKS)
     return {
         "status": "ok",
@@ -131,25 +96,8 @@ def _worker(args) -> None:
 
 
 def _run_isolated(config: str, args, data_dir: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--data", str(data_dir)]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines()
-        return {"status": f"failed: {lines[-1] if lines else proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    argv = ["--worker", config, "--data", str(data_dir)] + (["--threads", str(args.threads)] if args.threads else [])
+    return run_module("benchmarks.rerank_benchmark", argv)
 
 
 def _print_table(rows: List[dict]) -> None:
@@ -173,13 +121,13 @@ def main(args) -> List[dict]:
         return _worker(args)
     unknown = set(args.configs) - set(CONFIGS)
     if unknown:
-        raise SystemExit(f"error: unknown configs {sorted(unknown)} (choose from {', '.join(CONFIGS)})")
+        raise UserError(f"unknown configs {sorted(unknown)} (choose from {', '.join(CONFIGS)})")
     if args.quick:
         args.num_images, args.num_classes = 6000, 1122
     x, labels = make_data(args.num_images, args.dim, args.num_classes, args.seed, args.noise)
     print(
         f"data: {x.shape[0]} x {x.shape[1]} unit features, {args.num_classes} classes, query = gallery; "
-        f"{os.cpu_count()} CPUs ({_cpu_model()}), load average {os.getloadavg()[0]:.1f} (shared machine)"
+        f"{os.cpu_count()} CPUs ({cpu_model()}), load average {os.getloadavg()[0]:.1f} (shared machine)"
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,7 +149,7 @@ def main(args) -> List[dict]:
             num_classes=args.num_classes,
             noise=args.noise,
             cpus=os.cpu_count(),
-            cpu_model=_cpu_model(),
+            cpu_model=cpu_model(),
             threads=args.threads,
         )
     _print_table(rows)
@@ -216,5 +164,4 @@ def main(args) -> List[dict]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

@@ -11,9 +11,9 @@ peak extra memory (RSS high-water mark above the data):
 - ``ivf`` / ``hnsw``  the ANN index of ``common.ann``: build time (training, adding, tuning its breadth on a
                  gallery sample), search time, and Recall@10 against the exact results for the benchmark's queries
 
-    python benchmarks/search_benchmark.py                       # 1,000 queries x 1,000,000 x 512, IVF
-    python benchmarks/search_benchmark.py --quick               # 20,000 x 64, seconds
-    python benchmarks/search_benchmark.py --ann hnsw --num_gallery 200000
+    python -m benchmarks.search_benchmark                       # 1,000 queries x 1,000,000 x 512, IVF
+    python -m benchmarks.search_benchmark --quick               # 20,000 x 64, seconds
+    python -m benchmarks.search_benchmark --ann hnsw --num_gallery 200000
 
 Writes ``results/benchmarks/search_benchmark.csv``.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,8 +30,9 @@ from typing import List
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+from benchmarks.meter import REPO, cpu_model, module_env, peak_rss_kib, reset_peak_rss
+from benchmarks.recall_benchmark import BLAS_ENV, detect_numpy_kernel
+
 FAIR_FLAG = "SEARCH_BENCHMARK_KERNEL"  # set once the process runs with the fair OpenBLAS kernel
 
 
@@ -92,43 +92,25 @@ def make_data(n: int, q: int, dim: int, per_class: int, noise: float, groups: in
     return draw(n), draw(q)
 
 
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> int:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    return _rss_kib("VmRSS")
-
-
 def measured(fn):
     """Run fn(); return (result, seconds, peak extra MiB above the RSS before it)."""
-    base = _reset_peak()
+    base = reset_peak_rss()
     start = time.perf_counter()
     out = fn()
-    return out, time.perf_counter() - start, (_rss_kib("VmHWM") - base) / 1024
+    return out, time.perf_counter() - start, (peak_rss_kib() - base) / 1024
 
 
 def _fair_kernel_reexec(argv: List[str]) -> None:
     """Restart once with OPENBLAS_CORETYPE = the kernel numpy's OpenBLAS picks, so faiss's bundled OpenBLAS uses it."""
     if os.environ.get(FAIR_FLAG):
         return
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from recall_benchmark import detect_numpy_kernel
-
-    env = {k: v for k, v in os.environ.items() if k not in BLAS_ENV}
+    env = module_env({k: v for k, v in os.environ.items() if k not in BLAS_ENV})
     kernel = detect_numpy_kernel()
     if kernel:
         env["OPENBLAS_CORETYPE"] = kernel
     env[FAIR_FLAG] = kernel or "unknown"
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], env)
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.search_benchmark", *argv], env)
 
 
 def main(args) -> List[dict]:
@@ -153,7 +135,7 @@ def main(args) -> List[dict]:
         )
     )
     g, q = torch.from_numpy(gallery), torch.from_numpy(queries)
-    cpu = _cpu_name()
+    cpu = cpu_model()
     print(
         f"gallery {args.num_gallery} x {args.dim} float32 in {groups} groups ({gallery.nbytes / 2**30:.2f} GiB, "
         f"made in {gen_s:.1f} s), "
@@ -233,16 +215,7 @@ def main(args) -> List[dict]:
     return rows
 
 
-def _cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
-
-
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     args = get_args_parser().parse_args()
     if not args.skip_faiss_flat or args.ann != "none":
         _fair_kernel_reexec(sys.argv[1:])
