@@ -29,45 +29,17 @@ class IRTLoss(nn.Module):
         super().__init__()
         self.contrastive, self.koleo = ContrastiveLoss(0.5), KoLeo()
         self.xbm = XBM(memory, embed_dim) if memory else None
-        self.step = 0
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         z = z.float()
         loss = self.contrastive(z, labels) + 0.7 * self.koleo(z)
         if self.xbm is not None:
-            indices = torch.arange(len(labels), device=labels.device) + self.step * len(labels)
-            self.xbm.enqueue(z.detach(), labels, indices, self.step)
-            feats, mem_labels, _, _ = self.xbm.get()
-            loss = loss + self.contrastive(z, labels, feats, mem_labels, self.xbm.self_pairs(indices, self.step))
-        self.step += 1
+            slots = self.xbm.enqueue(z.detach(), labels)
+            feats, mem_labels = self.xbm.get()
+            loss = loss + self.contrastive(z, labels, feats, mem_labels, self.xbm.self_pairs(slots))
         return loss
 
 
-<<<<<<< HEAD
-def train_speed(model, device, batch_size, input_size, memory, iters, warmup, amp) -> float:
-    """Optimizer steps per second with the full IRT_R loss against a memory of ``memory`` entries."""
-    args = train_parser().parse_args([])
-    optimizer = build_optimizer(model, args)
-    criterion, koleo = ContrastiveLoss(0.5), KoLeo()
-    xbm = XBM(memory, model.embed_dim).to(device)
-    x = torch.randn(batch_size, 3, input_size, input_size, device=device)
-    y = torch.arange(batch_size, device=device) // 2
-    model.train()
-    for step in range(warmup + iters):
-        if step == warmup:
-            _sync(device)
-            start = time.perf_counter()
-        with autocast(device, amp):
-            z = model(x)
-        slots = xbm.enqueue(z.detach(), y)
-        feats, labels = xbm.get()
-        loss = criterion(z, y) + criterion(z, y, feats, labels, xbm.self_pairs(slots)) + 0.7 * koleo(z)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    _sync(device)
-    return iters / (time.perf_counter() - start)
-=======
 def training_parts(name: str, model_kwargs: Dict, input_size: int, batch_size: int, memory: int = 0) -> TrainingParts:
     """IRT's model (a timm ViT without classifier, drop-path 0.1), ``IRTLoss``, and AdamW at irt/train.py's
     defaults (lr 3e-5, weight decay 5e-4 on every parameter: the grouping does not change a step's time); 2 images
@@ -87,7 +59,6 @@ def train_speed(parts: TrainingParts, device: torch.device, input_size: int, ite
     trainer = Trainer(parts, device, torch.bfloat16 if amp and device.type == "cuda" else None)
     x = torch.randn(len(parts.labels), 3, input_size, input_size, device=device)
     return 1 / timed(lambda: trainer.step(x), warmup, iters, device)
->>>>>>> bench
 
 
 @torch.inference_mode()
