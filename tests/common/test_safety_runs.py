@@ -326,6 +326,8 @@ def _database(tmp_path: Path, **change) -> Path:
         test["features"] = test["features"][:, : change["dim"]]
         if change.get("config_dim", True):
             obj["config"] = {}
+    if "query" in change:
+        obj["query"] = change["query"]
     if "other_split_dim" in change:
         obj["splits"]["train"] = {"images": ["t.jpg"], "labels": [0], "features": torch.zeros(1, 3)}
     torch.save(obj, path)
@@ -345,8 +347,9 @@ def test_a_database_as_written_loads(tmp_path):
         ({"nan": 2}, "1 feature row.s. hold NaN"),
         ({"dim": 6, "config_dim": False}, "features have 6 dimensions, its configuration's feature_dim 8"),
         ({"other_split_dim": True}, "different dimensions .3, 8."),
+        ({"query": "val"}, "has no 'val' split"),
     ],
-    ids=["fewer-rows", "fewer-images", "nan", "config-dim", "split-dims"],
+    ids=["fewer-rows", "fewer-images", "nan", "config-dim", "split-dims", "no-query-split"],
 )
 def test_a_database_that_cannot_be_the_toolkits_is_refused_at_load(tmp_path, change, message):
     with pytest.raises(UserError, match=message):
