@@ -21,7 +21,7 @@ from tqdm import tqdm
 from cgd.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropyLoss
 from cgd.model import BACKBONE_TYPES, GD_CONFIGS, MODEL_KEYS, Model, count_flops, embed, freeze_bn
 from cgd.spec import cgd_run_name
-from common.cli import bool_pair, common_parser, validate_args
+from common.cli import bool_pair, common_parser, non_negative_float, positive_float, positive_int, validate_args
 from common.database import Split
 from common.datasets import eval_splits, load_splits
 from common.device import autocast, channels_last, data_parallel, first_device, main_device, upcast
@@ -278,19 +278,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument(
         "--feature_dim",
         default=1536,
-        type=int,
+        type=positive_int,
         help="embedding size, divisible by the number of descriptors (default: 1536)",
     )
     bool_pair(g, "freeze_bn", True, "keep the backbone BatchNorm2d running statistics frozen, as leftthomas/CGD")
     g = parser.add_argument_group("CGD loss")
     g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing epsilon (default: 0.1)")
-    g.add_argument("--temperature", default=0.5, type=float, help="softmax temperature (default: 0.5)")
+    g.add_argument("--temperature", default=0.5, type=positive_float, help="softmax temperature (default: 0.5)")
     g.add_argument("--margin", default=0.1, type=float, help="triplet margin m (default: 0.1)")
     g = parser.add_argument_group("optimizer")
     g.add_argument(
         "--lr",
         default=1e-4,
-        type=float,
+        type=non_negative_float,
         help="Adam learning rate, x0.1 at 60%% and 80%% of the epochs (default: 1e-4, the original's)",
     )
     g.add_argument(

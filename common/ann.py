@@ -15,7 +15,6 @@ neighbours that the index returns among its 10 (the usual ANN definition), avera
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from common.errors import UserError
 from common.metrics import PreparedGallery, _check_metric, _cpu_features, prepare_gallery, search_topk
+from common.runio import atomic_write
 
 __all__ = ["Index", "build_index", "search", "recall_at_k_vs_exact", "save_index", "load_index", "KINDS"]
 
@@ -191,20 +191,12 @@ def search(index: Index, queries: Tensor, k: int, *, progress: bool = False) -> 
 
 
 def save_index(index: Index, path: os.PathLike) -> None:
-    """Write an ANN index atomically (temporary file in the same folder, then rename). An exact index is just the
-    gallery's features, which the database already holds."""
+    """Write an ANN index atomically (:func:`common.runio.atomic_write`: temporary file beside it, then rename). An
+    exact index is just the gallery's features, which the database already holds."""
     if index.kind == "exact":
         raise ValueError("an exact index is the gallery features themselves; save the database instead")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        _faiss().write_index(index.faiss_index, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    data = _faiss().serialize_index(index.faiss_index)
+    atomic_write(path, lambda f: f.write(memoryview(data)))
 
 
 def load_index(path: os.PathLike) -> Index:

@@ -5,8 +5,9 @@ Each method's ``get_args_parser`` starts from :func:`common_parser` and only set
 """
 
 import argparse
+import math
 import re
-from typing import List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 from common.errors import UserError
 
@@ -18,6 +19,11 @@ __all__ = [
     "validate_args",
     "bool_pair",
     "add_check_flags",
+    "positive_int",
+    "non_negative_int",
+    "positive_float",
+    "non_negative_float",
+    "check_value",
 ]
 
 DATASETS = ("car", "cub", "sop", "isc", "demo")  # the benchmarks; any dataset processed by data_utils.py also works
@@ -34,6 +40,39 @@ def dataset_name(text: str) -> str:
             f"processed by data_utils.py (letters, digits, '_', '-', '.')"
         )
     return text
+
+
+def _number(kind: type, minimum: Union[int, float], strict: bool) -> Callable[[Any], Any]:
+    """An argparse ``type``: ``kind`` of the text, finite, and > ``minimum`` (``strict``) or >= it."""
+    words = {int: "an integer", float: "a number"}[kind]
+    bound = f"{'greater than' if strict else 'at least'} {minimum:g}"
+
+    def parse(text: Any) -> Any:
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {words} {bound}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"expected {words} {bound}, got {text!r}")
+        return value
+
+    parse.__name__ = f"{'positive' if strict else 'non_negative'}_{kind.__name__}"
+    return parse
+
+
+positive_int = _number(int, 0, strict=True)  # --batch_size, --feature_dim, --image_size
+non_negative_int = _number(int, 0, strict=False)  # --num_workers, --num_epochs (0 = evaluate only)
+positive_float = _number(float, 0.0, strict=True)  # temperatures, scales
+non_negative_float = _number(float, 0.0, strict=False)  # --lr, margins, weights
+
+
+def check_value(name: str, value: Any, parse: Callable[[Any], Any]) -> Any:
+    """``parse(value)`` for a value that did not come through argparse (a config file's, an override's): one
+    ``error:`` line naming ``name`` instead of argparse's message."""
+    try:
+        return parse(value)
+    except argparse.ArgumentTypeError as e:
+        raise UserError(f"{name}: {e}") from None
 
 
 def parse_recalls(text: str) -> List[int]:
@@ -79,13 +118,18 @@ def common_parser(
     g.add_argument(
         "--image_size",
         default=None,
-        type=int,
+        type=positive_int,
         help="scale the method's transform preset to this crop size (default: the paper's size)",
     )
-    g.add_argument("--num_workers", default=4, type=int, help="DataLoader workers (default: 4)")
+    g.add_argument("--num_workers", default=4, type=non_negative_int, help="DataLoader workers (default: 4)")
     g = p.add_argument_group("training")
-    g.add_argument("--batch_size", default=batch_size, type=int, help=f"batch size (default: {batch_size})")
-    g.add_argument("--num_epochs", default=num_epochs, type=int, help=f"epochs (default: {num_epochs})")
+    g.add_argument("--batch_size", default=batch_size, type=positive_int, help=f"batch size (default: {batch_size})")
+    g.add_argument(
+        "--num_epochs",
+        default=num_epochs,
+        type=non_negative_int,
+        help=f"epochs; 0 = evaluate only (default: {num_epochs})",
+    )
     g.add_argument("--seed", default=0, type=int, help="seed for python, numpy and torch (default: 0)")
     g.add_argument(
         "--resume",

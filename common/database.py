@@ -21,7 +21,7 @@ import torch
 from common.errors import UserError
 from common.runio import atomic_save, check_config, safe_load
 
-__all__ = ["Split", "Database", "save_database", "load_database", "rank_gallery", "find_query"]
+__all__ = ["Split", "Database", "save_database", "load_database", "check_splits", "rank_gallery", "find_query"]
 
 
 @dataclass
@@ -80,17 +80,54 @@ def save_database(
 
 
 def load_database(
-    path: os.PathLike, expected: Optional[Mapping[str, Any]] = None, keys: Sequence[str] = ()
+    path: os.PathLike, expected: Optional[Mapping[str, Any]] = None, keys: Sequence[str] = (), dim: Optional[int] = None
 ) -> Database:
-    """Load and, when ``expected`` is given, refuse a database written by a different model configuration."""
+    """Load and check a database: refused in one line when it was written by a different model configuration
+    (``expected`` on ``keys``), or when its contents cannot be what this toolkit wrote (see :func:`check_splits`;
+    ``dim``, the embedding size of the model it is used with, when the caller knows it)."""
     obj = safe_load(path, "database")
     if expected is not None:
         check_config(obj["config"], expected, f"database {path}", keys)
     try:
         splits = {k: Split(v["images"], v["labels"], v["features"]) for k, v in obj["splits"].items()}
-        return Database(obj["config"], obj["method"], obj["metric"], obj["scale"], obj["query"], obj["gallery"], splits)
-    except (KeyError, TypeError) as e:
+        db = Database(obj["config"], obj["method"], obj["metric"], obj["scale"], obj["query"], obj["gallery"], splits)
+    except (KeyError, TypeError, AttributeError) as e:
         raise UserError(f"database {path} is incomplete ({e})") from None
+    check_splits(db, path, dim)
+    return db
+
+
+def check_splits(db: Database, path: os.PathLike, dim: Optional[int] = None) -> None:
+    """One row of features per image and label, all finite, one dimension in every split: the ``feature_dim`` of
+    the stored configuration where it names one, and ``dim`` when given. A database edited or written by other
+    code is refused here instead of ranking the wrong images or failing deep inside a search."""
+    dims = set()
+    for name, split in db.splits.items():
+        where = f"database {path}, split {name!r}"
+        feats = split.features
+        if not isinstance(feats, torch.Tensor) or feats.dim() != 2 or not feats.is_floating_point():
+            shape = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
+            raise UserError(f"{where}: features are not a 2-D float tensor ({shape})")
+        if not isinstance(split.images, list) or not all(isinstance(x, str) for x in split.images):
+            raise UserError(f"{where}: images are not a list of paths")
+        if not isinstance(split.labels, list) or not all(isinstance(x, int) for x in split.labels):
+            raise UserError(f"{where}: labels are not a list of integers")
+        if not len(split.images) == len(split.labels) == feats.shape[0]:
+            raise UserError(
+                f"{where}: {feats.shape[0]} feature rows for {len(split.images)} images and {len(split.labels)} labels"
+            )
+        if not torch.isfinite(feats).all():
+            bad = int((~torch.isfinite(feats)).any(dim=1).sum())
+            raise UserError(f"{where}: {bad} feature row(s) hold NaN or infinite values")
+        dims.add(feats.shape[1])
+    if len(dims) > 1:
+        raise UserError(f"database {path}: its splits have features of different dimensions {sorted(dims)}")
+    stored = db.config.get("feature_dim")
+    for source, want in (("its configuration's feature_dim", stored), ("the model", dim)):
+        if isinstance(want, int) and not isinstance(want, bool) and dims and dims != {want}:
+            raise UserError(f"database {path}: features have {dims.pop()} dimensions, {source} {want}")
+    for name in (db.query, db.gallery):
+        db.split(name)
 
 
 def scores(query: torch.Tensor, gallery: torch.Tensor, metric: str, scale: float = 1.0) -> torch.Tensor:

@@ -41,6 +41,7 @@ __all__ = [
     "free_port",
     "init_distributed",
     "broadcast_object",
+    "gather_object",
     "all_gather_with_grad",
     "shard_batch",
     "RankBatchSampler",
@@ -263,6 +264,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_object(obj: Any, dst: int = 0) -> Optional[List[Any]]:
+    """Every rank's ``obj`` in rank order on rank ``dst`` (None on the others); ``[obj]`` in one process."""
+    if get_world_size() == 1:
+        return [obj]
+    box = [None] * get_world_size() if get_rank() == dst else None
+    dist.gather_object(obj, box, dst=dst)
+    return box
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -17,10 +17,18 @@ from tqdm import tqdm
 
 from common.database import Split, save_database
 from common.device import autocast, unwrap
-from common.distributed import all_gather_by_index, barrier, broadcast_object, get_rank, get_world_size, is_main_process
+from common.distributed import (
+    all_gather_by_index,
+    barrier,
+    broadcast_object,
+    gather_object,
+    get_rank,
+    get_world_size,
+    is_main_process,
+)
 from common.errors import UserError
 from common.metrics import recall_at_k
-from common.runio import Statistics, atomic_save, load_checkpoint, save_checkpoint
+from common.runio import Statistics, atomic_save, load_checkpoint, rng_state, save_checkpoint, saved_rng_states
 
 __all__ = ["extract_features", "embed_dataset", "eval_recalls", "RunFiles", "Evaluation", "Run", "check_finite"]
 
@@ -185,7 +193,8 @@ class Run:
         self, resume: Optional[str], model: nn.Module, optimizer=None, scheduler=None, scaler=None
     ) -> Tuple[int, Dict[str, Any]]:
         """``(first epoch to train, checkpoint dict)``: 1 and {} for a new run, else after the checkpoint's epoch
-        (weights, optimizer, scheduler, scaler and RNG restored on every rank)."""
+        (weights, optimizer, scheduler and scaler restored on every rank, and each rank's own random state, so a
+        resumed N-process run repeats the uninterrupted one)."""
         if not resume:
             return 1, {}
         path = self.files.checkpoint if resume == "auto" else Path(resume)
@@ -199,7 +208,15 @@ class Run:
             optimizer=optimizer,
             scheduler=scheduler,
             scaler=scaler,
+            rank=get_rank(),
         )
+        saved, world = len(saved_rng_states(state)), get_world_size()
+        if saved != world and self.main:
+            print(
+                f"note: {path} holds the random state of {saved} process(es), this run has {world}: random "
+                "augmentation will not repeat the uninterrupted run exactly",
+                flush=True,
+            )
         self.stats = Statistics.resume(self.files.statistics, state["epoch"])
         trained = [r.get(self.key_metric) for e, r in self.stats.rows.items() if e > 0 and self.key_metric in r]
         self.best = max(trained, default=float("-inf"))
@@ -239,7 +256,9 @@ class Run:
     def checkpoint(
         self, epoch: int, model: nn.Module, optimizer=None, scheduler=None, scaler=None, **extra: Any
     ) -> None:
-        """Everything ``--resume`` needs, written atomically by rank 0 after every epoch."""
+        """Everything ``--resume`` needs, written atomically by rank 0 after every epoch, with every rank's random
+        state."""
+        states = gather_object(rng_state())
         if self.main:
             save_checkpoint(
                 self.files.checkpoint,
@@ -249,6 +268,7 @@ class Run:
                 optimizer=optimizer,
                 scheduler=scheduler,
                 scaler=scaler,
+                rng=states,
                 **extra,
             )
             print(f"epoch {epoch} done, {time.time() - self.started:.1f}s since start", flush=True)

@@ -96,6 +96,11 @@ def search(
     Exact and memory-bounded by default (``common.metrics.search_topk``: ties to the smaller index); ``index``, an
     ANN index of ``common.ann`` built on this gallery, answers approximately instead. ``exclude`` drops one gallery
     index (the query itself)."""
+    if feature.shape[-1] != gallery.features.shape[1]:
+        raise UserError(
+            f"the model embeds {feature.shape[-1]} dimensions, the database's features have "
+            f"{gallery.features.shape[1]}: the database was not written by this model"
+        )
     wanted = k + (1 if exclude is not None else 0)
     wanted = min(wanted, len(gallery.images))
     if index is not None:

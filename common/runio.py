@@ -3,13 +3,21 @@
 Checkpoints and databases are plain dicts of tensors, numbers, strings and lists, loaded with
 ``torch.load(..., weights_only=True)``; the run's configuration is stored inside as a dict and compared with the
 model asked for before anything is loaded.
+
+Every file is written by :func:`atomic_write`: into ``.<name>.<pid>.<random>.tmp`` beside the target, flushed to
+disk, then renamed over it, so a kill or a full disk leaves the previous file whole. The file gets the mode a
+plain ``open()`` would give it (0666 minus the umask), and a write removes the temporary files of the same target
+left by killed writers (see :func:`remove_stale_temps`).
 """
 
+import errno
 import os
 import random
+import re
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +31,10 @@ __all__ = [
     "set_seed",
     "rng_state",
     "set_rng_state",
+    "atomic_write",
     "atomic_save",
+    "remove_stale_temps",
+    "saved_rng_states",
     "safe_load",
     "check_config",
     "save_checkpoint",
@@ -107,19 +118,106 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_save(obj: Any, path: os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same folder, then rename: a kill never leaves a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+STALE_TEMP_SECONDS = 24 * 3600  # a temporary file untouched this long is stale whoever wrote it
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (``os.umask`` sets it process-wide)."""
     try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_running(pid: int) -> bool:
+    """Whether ``pid`` is a live process on this machine (POSIX); elsewhere assume it is."""
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) would terminate the process on Windows
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def remove_stale_temps(path: os.PathLike) -> List[Path]:
+    """Remove the temporary files of ``path`` that killed writers left behind; returns the ones removed.
+
+    A temporary file is this toolkit's when it is named ``.<name>.<pid>.<8 random chars>.tmp`` beside ``path``
+    (or ``.<name>.<8 random chars>.tmp``, the form without a PID). It is stale, and removed, when its PID is not a
+    running process on this machine, or when it has not been modified for :data:`STALE_TEMP_SECONDS`. A live
+    writer's file is therefore never touched (one machine writing a run's files at a time, as training does)."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\.)?[a-z0-9_]{{8}}\.tmp\Z")
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if not match or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            old = now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS
+            dead = match.group(1) is not None and not _pid_running(int(match.group(1)))
+            if old or dead:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            pass  # removed meanwhile, or not ours to remove
+    return removed
+
+
+def atomic_write(path: os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """``write(f)`` into a temporary file beside ``path``, flushed to disk, then renamed over ``path``.
+
+    A kill or a failed write never leaves a truncated ``path``; a full disk (or any OS error) is one ``error:`` line
+    with the previous file intact. The new file has the permissions ``open()`` would give it."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    remove_stale_temps(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {_reason(e)}; the previous file, if any, is unchanged") from None
+    except RuntimeError as e:  # torch's zip writer reports a failed write as a RuntimeError
+        if "writ" not in str(e):
+            raise
+        raise UserError(f"cannot write {path}: {str(e).splitlines()[0]}; the previous file is unchanged") from None
+    finally:
+        if tmp is not None and os.path.lexists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def _reason(error: OSError) -> str:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{error.strerror} (free some space and run again)"
+    return error.strerror or str(error)
+
+
+def atomic_save(obj: Any, path: os.PathLike) -> None:
+    """``torch.save`` through :func:`atomic_write`: a kill never leaves a truncated file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def safe_load(path: os.PathLike, what: str = "file") -> Dict[str, Any]:
@@ -152,15 +250,33 @@ def save_checkpoint(
     optimizer=None,
     scheduler=None,
     scaler=None,
+    rng: Optional[Sequence[Mapping[str, Any]]] = None,
     **extra: Any,
 ) -> None:
-    """Everything ``--resume`` needs: model, optimizer, scheduler, scaler, RNG states, epoch, configuration."""
-    state = {"model": model.state_dict(), "config": dict(config), "epoch": epoch, "rng": rng_state()}
+    """Everything ``--resume`` needs: model, optimizer, scheduler, scaler, RNG states, epoch, configuration.
+
+    ``rng`` holds the random states of every process in rank order (default: this process's alone); they are
+    stored as ``rng_ranks``, rank 0's also as ``rng``."""
+    states = list(rng) if rng is not None else [rng_state()]
+    state = {
+        "model": model.state_dict(),
+        "config": dict(config),
+        "epoch": epoch,
+        "rng": states[0],
+        "rng_ranks": states,
+    }
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         if obj is not None:
             state[name] = obj.state_dict()
     state.update(extra)
     atomic_save(state, path)
+
+
+def saved_rng_states(state: Mapping[str, Any]) -> List[Mapping[str, Any]]:
+    """The random states a checkpoint holds, in rank order (one for checkpoints written before ``rng_ranks``)."""
+    if "rng_ranks" in state:
+        return list(state["rng_ranks"])
+    return [state["rng"]] if "rng" in state else []
 
 
 def load_checkpoint(
@@ -173,15 +289,20 @@ def load_checkpoint(
     scheduler=None,
     scaler=None,
     restore_rng: bool = True,
+    rank: int = 0,
 ) -> Dict[str, Any]:
-    """Load a checkpoint into the given objects after checking its configuration; returns the raw dict."""
+    """Load a checkpoint into the given objects after checking its configuration; returns the raw dict.
+
+    ``restore_rng``: process ``rank`` takes the random state that rank saved; a rank the checkpoint has no state
+    for (it was written by fewer processes) keeps its own."""
     state = _checked_state(path, "checkpoint", config, keys)
     _load_weights(model, state, f"checkpoint {path} does not fit this model")
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         if obj is not None and name in state:
             obj.load_state_dict(state[name])
-    if restore_rng and "rng" in state:
-        set_rng_state(state["rng"])
+    states = saved_rng_states(state)
+    if restore_rng and rank < len(states):
+        set_rng_state(states[rank])
     return state
 
 
@@ -251,10 +372,8 @@ class Statistics:
 
     def write(self) -> None:
         frame = self.frame()
-        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.csv_path.with_suffix(".csv.tmp")
-        frame.to_csv(tmp, index_label="epoch")
-        os.replace(tmp, self.csv_path)
+        text = frame.to_csv(index_label="epoch")
+        atomic_write(self.csv_path, lambda f: f.write(text.encode("utf-8")))
         self.plot(frame)
 
     def plot(self, frame) -> None:
@@ -278,8 +397,10 @@ class Statistics:
             ax.legend()
         axes[0][-1].set_ylabel("%" if any(c.startswith("test_") for c in groups[-1]) else "")
         fig.tight_layout()
-        fig.savefig(self.csv_path.with_suffix(".png"), dpi=80)
-        plt.close(fig)
+        try:
+            atomic_write(self.csv_path.with_suffix(".png"), lambda f: fig.savefig(f, format="png", dpi=80))
+        finally:
+            plt.close(fig)
 
     def best(self, column: str) -> float:
         values = [r[column] for r in self.rows.values() if column in r]

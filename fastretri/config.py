@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from common.cli import check_value, non_negative_float, non_negative_int, positive_int
 from common.engine import RunFiles
 from common.errors import UserError
 from common.runio import plain_config, results_dir, run_name
@@ -138,6 +139,19 @@ def _literal(key: str, text: str) -> Any:
         raise UserError(f"config key {key} expects a list, got {text!r}") from None
 
 
+# keys checked like the shared flags they stand for (--lr, --batch_size, --num_epochs, --num_workers, --image_size)
+_BOUNDED = {
+    "SOLVER.BASE_LR": non_negative_float,
+    "SOLVER.IMS_PER_BATCH": positive_int,
+    "SOLVER.MAX_EPOCH": non_negative_int,
+    "DATALOADER.NUM_WORKERS": non_negative_int,
+    "TEST.IMS_PER_BATCH": positive_int,
+    "INPUT.SIZE_TRAIN": non_negative_int,  # [0]: no resize (fast-reid's In-shop config)
+    "INPUT.SIZE_TEST": non_negative_int,
+    "INPUT.CROP.SIZE": positive_int,
+}
+
+
 def set_value(cfg: Dict[str, Any], key: str, value: Any, where: str = "command line") -> None:
     _check_key(cfg, key, where)
     *parents, last = key.split(".")
@@ -147,6 +161,9 @@ def set_value(cfg: Dict[str, Any], key: str, value: Any, where: str = "command l
     if isinstance(node[last], dict):
         raise UserError(f"config key {key} is a group; set one of its keys ({', '.join(node[last])})")
     node[last] = _coerce(key, value, node[last])
+    if key in _BOUNDED:
+        for item in node[last] if isinstance(node[last], list) else [node[last]]:
+            check_value(f"config key {key} ({where})", item, _BOUNDED[key])
 
 
 def _merge(cfg: Dict[str, Any], update: Dict[str, Any], where: str, prefix: str = "") -> None:

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common.cli import common_parser, validate_args
+from common.cli import common_parser, non_negative_int, positive_int, validate_args
 from common.contract import run_test
 from common.database import Split
 from common.datasets import RetrievalDataset, eval_splits
@@ -342,11 +342,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = parser.add_argument_group("distributed")
     g.add_argument(
         "--num-gpus",
-        type=int,
+        type=non_negative_int,
         default=1,
         help="GPUs = processes on this machine, one DDP process each (default: 1; 0 or no CUDA = CPU)",
     )
-    g.add_argument("--num-procs", type=int, default=1, help="CPU processes (gloo DDP) when no GPU is used (default: 1)")
+    g.add_argument(
+        "--num-procs", type=positive_int, default=1, help="CPU processes (gloo DDP) when no GPU is used (default: 1)"
+    )
     g.add_argument(
         "--dist-backend",
         default="auto",

@@ -17,7 +17,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common.cli import add_check_flags, bool_pair, dataset_name, parse_recalls
+from common.cli import (
+    add_check_flags,
+    bool_pair,
+    dataset_name,
+    non_negative_float,
+    non_negative_int,
+    parse_recalls,
+    positive_int,
+)
 from common.database import Split
 from common.datasets import eval_splits
 from common.device import autocast, upcast
@@ -379,7 +387,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--image_size",
         dest="input_size",
         default=224,
-        type=int,
+        type=positive_int,
         help="image and model input size in px; the train/test resize is 256/224 of it (default: 224)",
     )
     g.add_argument(
@@ -404,11 +412,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--drop", default=0.0, type=float, help="dropout rate (default: 0.0)")
     g.add_argument("--drop-path", default=0.1, type=float, metavar="PCT", help="drop-path rate (default: 0.1)")
     g = p.add_argument_group("optimizer and schedule")
-    g.add_argument("--max-iter", default=2000, type=int, help="optimizer steps; 0 = IRT_O evaluation (default: 2000)")
     g.add_argument(
-        "--batch-size", "--batch_size", dest="batch_size", default=64, type=int, help="batch size (default: 64)"
+        "--max-iter", default=2000, type=non_negative_int, help="optimizer steps; 0 = IRT_O evaluation (default: 2000)"
     )
-    g.add_argument("--lr", default=3e-5, type=float, help="constant learning rate (default: 3e-5)")
+    g.add_argument(
+        "--batch-size",
+        "--batch_size",
+        dest="batch_size",
+        default=64,
+        type=positive_int,
+        help="batch size (default: 64)",
+    )
+    g.add_argument("--lr", default=3e-5, type=non_negative_float, help="constant learning rate (default: 3e-5)")
     g.add_argument("--opt", default="adamw", choices=["adamw", "sgd"], help="optimizer (default: adamw)")
     g.add_argument("--opt-eps", default=1e-8, type=float, help="optimizer epsilon (default: 1e-8)")
     g.add_argument("--opt-betas", default=None, type=float, nargs="+", help="AdamW betas (default: 0.9 0.999)")
@@ -485,7 +500,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--num_workers",
         dest="num_workers",
         default=16,
-        type=int,
+        type=non_negative_int,
         help="DataLoader workers (default: 16)",
     )
     bool_pair(g, "pin-mem", True, "pin host memory on CUDA")

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
-from common.cli import bool_pair, common_parser, validate_args
+from common.cli import bool_pair, common_parser, non_negative_float, positive_int, validate_args
 from common.database import Split
 from common.datasets import RetrievalDataset, eval_splits, load_splits
 from common.device import autocast, get_devices, parse_gpu_ids, unwrap, upcast
@@ -369,8 +369,8 @@ def add_model_args(parser: argparse.ArgumentParser, setting: Setting) -> None:
     """Ensemble and optimiser flags; a setting's ``fixed`` flags are not offered and keep their fixed values."""
     g = parser.add_argument_group(f"{setting.display} model")
     g.add_argument("--model_type", default="resnet18", choices=MODEL_TYPES, help="backbone type (default: resnet18)")
-    g.add_argument("--ensemble_size", default=48, type=int, help="ensemble model size E (default: 48)")
-    g.add_argument("--meta_class_size", default=12, type=int, help="meta class size M (default: 12)")
+    g.add_argument("--ensemble_size", default=48, type=positive_int, help="ensemble model size E (default: 48)")
+    g.add_argument("--meta_class_size", default=12, type=positive_int, help="meta class size M (default: 12)")
     g.add_argument(
         "--ensemble_impl",
         default="auto",
@@ -396,7 +396,7 @@ def add_model_args(parser: argparse.ArgumentParser, setting: Setting) -> None:
     g.add_argument(
         "--lr",
         default=1e-4,
-        type=float,
+        type=non_negative_float,
         help="Adam learning rate, x0.1 at 50%% and 70%% of the epochs (default: 1e-4, the original's)",
     )
     g.add_argument(
