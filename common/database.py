@@ -80,10 +80,11 @@ def save_database(
 
 
 def load_database(
-    path: os.PathLike, expected: Optional[Mapping[str, Any]] = None, keys: Sequence[str] = ()
+    path: os.PathLike, expected: Optional[Mapping[str, Any]] = None, keys: Sequence[str] = (), mmap: bool = False
 ) -> Database:
-    """Load and, when ``expected`` is given, refuse a database written by a different model configuration."""
-    obj = safe_load(path, "database")
+    """Load and, when ``expected`` is given, refuse a database written by a different model configuration.
+    ``mmap``: the features stay in the file's pages, shared by every process that maps it (a server's workers)."""
+    obj = safe_load(path, "database", mmap=mmap)
     if expected is not None:
         check_config(obj["config"], expected, f"database {path}", keys)
     try:
