@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import fcntl
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -83,11 +84,14 @@ class Report:
     removed: int = 0
     missing: int = 0  # asked to remove, not in the database
     images: int = 0  # gallery size after the update
+    embed_seconds: float = 0.0  # embedding the new images
+    write_seconds: float = 0.0  # updating the index and writing the database (atomically)
 
     def line(self) -> str:
         return (
             f"added {self.added}, skipped {self.present} already present and {self.unreadable} unreadable, "
-            f"removed {self.removed} ({self.missing} not in the database): {self.images} images"
+            f"removed {self.removed} ({self.missing} not in the database): {self.images} images "
+            f"(embedding {self.embed_seconds:.1f} s, writing {self.write_seconds:.1f} s)"
         )
 
 
@@ -351,6 +355,7 @@ def update(
         report = Report(present=present, missing=missing, removed=int((~keep).sum()))
         features = torch.empty(0, gallery.features.shape[1])
         kept: List[int] = []
+        start = time.perf_counter()
         if new:
             model = get_model(db)
             features, kept, bad = embed_items(
@@ -366,7 +371,7 @@ def update(
             report.unreadable = len(bad)
             if bad and is_main_process():
                 Path(f"{db_path}.errors.log").write_text("".join(f"{new[i][0]}\n" for i in bad))
-        report.added = len(kept)
+        report.added, report.embed_seconds = len(kept), time.perf_counter() - start
         report.images = len(gallery.images) - report.removed + report.added
         if not is_main_process():
             return db, report
@@ -378,7 +383,10 @@ def update(
         if names:
             db.config["label_names"] = names
         added = Split([new[i][0] for i in kept], [new[i][1] for i in kept], features)
-        return commit(db_path, db, keep, added, index), report
+        start = time.perf_counter()
+        db = commit(db_path, db, keep, added, index)
+        report.write_seconds = time.perf_counter() - start
+        return db, report
 
 
 def run_update(spec: MethodSpec, args: argparse.Namespace, device: torch.device) -> Tuple[Path, Database]:

@@ -21,8 +21,6 @@ database file changes (an update by this server, another worker or a script), th
 that arrive together are embedded in one forward pass and searched in one pass over the gallery.
 """
 
-from __future__ import annotations
-
 import argparse
 import hashlib
 import hmac
@@ -564,7 +562,7 @@ def run_server(spec: MethodSpec, args: argparse.Namespace) -> None:
     """``serve.py``: load once, then serve until interrupted."""
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401
+        import python_multipart  # noqa: F401
         import uvicorn
     except ImportError as e:
         raise UserError(f"serving needs the [serve] extra: pip install -e '.[serve]' ({e})") from None

@@ -89,7 +89,7 @@ def test_remove_rows(tmp_path, photos, capsys):
     gone = tmp_path / "gone.txt"
     gone.write_text(f"{photos[3]}\n{photos[11]}\n{tmp_path / 'never_added.jpg'}\n")
     infer("--data_base", str(db_path), "--remove", str(gone))
-    assert "removed 2 (1 not in the database): 18 images" in capsys.readouterr().out
+    assert "removed 2 (1 not in the database): 18 images (embedding" in capsys.readouterr().out
     after = load_database(db_path).split("gallery")
     keep = [i for i in range(20) if i not in (3, 11)]
     assert after.images == [before.images[i] for i in keep]
