@@ -157,6 +157,8 @@ class Searcher:
         max_batch: int = 16,
     ):
         self.spec, self.db_path, self.device = spec, Path(db_path), device
+        if not self.db_path.is_file():
+            raise UserError(f"database not found: {self.db_path}")
         self.requested, self.image_root, self.max_batch = index, image_root, max_batch
         self._reload = threading.Lock()
         self.state = self._load()

@@ -219,3 +219,16 @@ def test_concurrent_queries_get_the_answers_of_single_queries(setup):
     for i, answer in enumerate(together):
         assert [p for p, _, _ in answer] == [p for p, _, _ in alone[i % 4]]
         assert [s for _, _, s in answer] == pytest.approx([s for _, _, s in alone[i % 4]], rel=1e-5, abs=1e-6)
+
+
+def test_serve_script_refuses_in_one_line(setup, monkeypatch):
+    from cgd import serve
+
+    tmp_path, db_path, _ = setup
+    monkeypatch.delenv("RETRIEVAL_SERVE_TOKEN", raising=False)
+    for argv, message in [
+        (["--data_base", str(tmp_path / "none_data_base.pth")], "database not found"),
+        (["--data_base", str(db_path), "--allow-write"], "needs a token"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            serve.main(serve.get_args_parser().parse_args(argv))
