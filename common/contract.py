@@ -283,6 +283,7 @@ def test_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentPar
         type=str,
         help="also write the recomputed features as a new database FILE (the training database is never overwritten)",
     )
+    add_flag(g, "float64", action="store_true", help="embed in float64 (N torchrun processes then match one)")
     add_postprocess_flags(parser, rerank=True)
     g = parser.add_argument_group("rendering one query (CGD's original test.py)")
     add_flag(g, "query_img_name", default=None, type=str, help="render this query (a file or a database image)")
@@ -335,10 +336,16 @@ def test_metrics(splits: Dict[str, Split], query: str, gallery: str, ranks: Sequ
 
 
 def run_test(spec: MethodSpec, args: argparse.Namespace) -> Dict[str, float]:
-    """``test.py``: metrics CSV (+ optional new database and one rendered query)."""
-    device = _device(args)
+    """``test.py``: metrics CSV (+ optional new database and one rendered query). Under torchrun each process
+    embeds a shard of every split (gathered by index) and rank 0 evaluates and writes."""
+    from common.catalogue import join_processes
+
+    device = join_processes(args)
     run, config, model = load_for_test(spec, args, device)
+    model = model.double() if getattr(args, "float64", False) else model
     splits, query, gallery = evaluation_splits(spec, config, model, args, device)
+    if not is_main_process():
+        return {}
     ranks, tag = _recalls(args, spec, config), _postprocess_tag(args)
     if getattr(args, "qe_k", 0) or getattr(args, "dba_k", 0) or getattr(args, "rerank", False):
         test_metrics(splits, query, gallery, ranks)  # the same checks of --recalls against the gallery

@@ -23,7 +23,7 @@ from common.catalogue import commit, locked
 from common.database import Split, load_database, save_database
 from tests.ddp import REPO, run_script
 from tests.serving import RUN, demo_photos, gallery_database, infer
-from tests.tiny import CGD_CONFIG, make_untrained_cgd_run
+from tests.tiny import CGD_CONFIG, make_tiny_processed, make_untrained_cgd_run
 
 
 @pytest.fixture
@@ -278,6 +278,26 @@ def test_two_processes_embed_like_one(tmp_path, monkeypatch, capsys):
     torch.testing.assert_close(dbs[0].features, dbs[1].features, rtol=1e-6, atol=1e-7)
     folder = tmp_path / "results" / "cgd"
     torch.testing.assert_close(dbs[1].features[9], _embedding(folder, dbs[1].images[9]), rtol=1e-4, atol=1e-5)
+
+
+def test_test_script_two_processes_like_one(tmp_path, monkeypatch):
+    """test.py under torchrun: each process embeds a shard of the evaluation split; rank 0 writes what one process
+    writes (metrics CSV and --save_data_base)."""
+    from cgd import test as cgd_test
+
+    monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path / "results"))
+    data = make_tiny_processed(tmp_path / "data", "cub", num_classes=6, per_class=5, size=40)
+    folder = make_untrained_cgd_run(tmp_path / "results" / "cgd")
+    common = ["--data_base", f"{RUN}_data_base.pth", "--data_path", str(data), "--num_workers", "0", "--float64"]
+    common += ["--batch_size", "4", "--recalls", "1,2,4"]
+    cgd_test.main(cgd_test.get_args_parser().parse_args(common + ["--save_data_base", str(tmp_path / "one.pth")]))
+    shutil.move(folder / f"{RUN}_test_metrics.csv", tmp_path / "one.csv")
+    out = run_script("cgd/test.py", common + ["--save_data_base", str(tmp_path / "two.pth")], tmp_path / "results", 2)
+    assert out.count("metrics saved to") == 1  # rank 0 only
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "one.csv"), pd.read_csv(folder / f"{RUN}_test_metrics.csv"))
+    a, b = (load_database(tmp_path / f"{n}.pth").split("test") for n in ("one", "two"))
+    assert a.images == b.images and len(a.images) == 15
+    torch.testing.assert_close(a.features, b.features, rtol=1e-6, atol=1e-7)
 
 
 def test_add_needs_an_existing_database(tmp_path, photos):
