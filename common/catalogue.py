@@ -155,25 +155,24 @@ def embed_items(
         Subset(_Images(items, transform), mine), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
     )
     dtype = next(model.parameters()).dtype
-    rows: Dict[int, torch.Tensor] = {}
+    chunks: List[torch.Tensor] = []
+    done: List[int] = []
     bad: List[int] = []
     for images, index, failed in tqdm(loader, desc=desc, dynamic_ncols=True, disable=not is_main_process()):
         bad += failed
         if images is not None:
             out = embed(model, images.to(device, dtype)).cpu()
-            out = out if out.dtype == torch.float64 else out.float()
-            rows.update(zip(index.tolist(), out))
-    dim = max(_all_gather_object(next(iter(rows.values())).shape[0] if rows else 0))
+            chunks.append(out if out.dtype == torch.float64 else out.float())
+            done += index.tolist()
+    dim = max(_all_gather_object(chunks[0].shape[1] if chunks else 0))
     bad = sorted(i for part in _all_gather_object(bad) for i in part)
     unreadable = set(bad)
     kept = [i for i in range(len(items)) if i not in unreadable]
     if dim == 0:
         return torch.empty(0, 0), [], bad
-    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    local = torch.zeros(len(mine), dim, dtype=out_dtype)
-    for row, i in enumerate(mine):
-        if i in rows:
-            local[row] = rows[i]
+    local = torch.zeros(len(mine), dim, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    if chunks:  # item i is row (i - rank) / world of this rank's shard; unreadable rows stay zero, dropped below
+        local[(torch.tensor(done) - get_rank()) // get_world_size()] = torch.cat(chunks).to(local.dtype)
     features = all_gather_by_index(local, torch.tensor(mine, dtype=torch.long), len(items))
     return features[kept], kept, bad
 
@@ -200,7 +199,7 @@ def _clean_leftovers(db_path: Path, config: Dict) -> None:
     """Delete what a killed update left: temporary files and index files the database does not name."""
     keep = Path(config["ann_index"]).name if config.get("ann_index") else None
     name = db_path.name
-    for f in db_path.parent.glob(f"*{name}.*"):
+    for f in db_path.parent.iterdir():
         stale_tmp = f.name.endswith(".tmp") and (f.name.startswith(f".{name}.") or f.name.startswith(f"{name}."))
         parts = f.name[len(name) + 1 :].split(".") if f.name.startswith(f"{name}.") else []
         generation = all(x.isdigit() for x in parts[1:-1])
