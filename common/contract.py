@@ -33,6 +33,7 @@ from common.compare import compare_runs, query_and_gallery
 from common.database import Database, Split, find_query, save_database
 from common.datasets import eval_splits, load_splits, open_image
 from common.device import main_device, parse_gpu_ids
+from common.distributed import is_main_process
 from common.engine import embed_dataset
 from common.errors import UserError
 from common.metrics import retrieval_metrics
@@ -338,6 +339,7 @@ def test_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentPar
         type=str,
         help="also write the recomputed features as a new database FILE (the training database is never overwritten)",
     )
+    add_flag(g, "float64", action="store_true", help="embed in float64 (N torchrun processes then match one)")
     add_postprocess_flags(parser, rerank=True)
     g = parser.add_argument_group("rendering one query (CGD's original test.py)")
     add_flag(g, "query_img_name", default=None, type=str, help="render this query (a file or a database image)")
@@ -390,15 +392,21 @@ def test_metrics(splits: Dict[str, Split], query: str, gallery: str, ranks: Sequ
 
 
 def run_test(spec: MethodSpec, args: argparse.Namespace) -> Dict[str, float]:
-    """``test.py``: metrics CSV (+ optional new database and one rendered query)."""
-    device = _device(args)
+    """``test.py``: metrics CSV (+ optional new database and one rendered query). Under torchrun each process
+    embeds a shard of every split (gathered by index) and rank 0 evaluates and writes."""
+    from common.catalogue import join_processes
+
+    device = join_processes(args)
     if args.save_data_base:
         in_use = [args.model_file and Path(args.model_file)]
         if not args.model_file:
             in_use += [database_path(args.data_base, spec.name)]
         check_database_target(Path(args.save_data_base), in_use)
     run, config, model, model_file = load_run(spec, args, device)
+    model = model.double() if getattr(args, "float64", False) else model
     splits, query, gallery = evaluation_splits(spec, config, model, args, device)
+    if not is_main_process():
+        return {}
     ranks, tag = _recalls(args, spec, config), _postprocess_tag(args)
     if getattr(args, "qe_k", 0) or getattr(args, "dba_k", 0) or getattr(args, "rerank", False):
         test_metrics(splits, query, gallery, ranks)  # the same checks of --recalls against the gallery
@@ -496,6 +504,9 @@ def inference_parser(spec: MethodSpec, add_help: bool = True) -> argparse.Argume
     )
     add_flag(g, "batch_size", default=64, type=int, help="images per forward pass for --gallery (default: 64)")
     add_flag(g, "num_workers", default=4, type=int, help="DataLoader workers for --gallery (default: 4)")
+    from common.catalogue import add_catalogue_flags
+
+    add_catalogue_flags(parser)
     return parser
 
 
@@ -620,14 +631,22 @@ def _ann_index(db: Database):
 def run_inference(spec: MethodSpec, args: argparse.Namespace) -> List[Tuple[Path, list]]:
     """``inference.py``: optionally embed ``--gallery`` into a new database, then one folder of results per query
     (a folder of queries also gets a summary ``index.html``)."""
-    device = _device(args)
-    if getattr(args, "gallery", None):
-        db_path, db = build_gallery_database(spec, args, device)
-        if not args.query_img_name:
+    if getattr(args, "gallery", None) or getattr(args, "add", None) or getattr(args, "remove", None):
+        from common.catalogue import join_processes, run_update
+
+        if args.gallery and (args.add or args.remove):
+            raise UserError("--gallery writes a new database; --add / --remove change --data_base: give one of them")
+        device = join_processes(args)  # under torchrun: one shard of the images per process
+        build = build_gallery_database if args.gallery else run_update
+        db_path, db = build(spec, args, device)
+        if not args.query_img_name or not is_main_process():
             return []
     else:
+        device = _device(args)
         if not args.query_img_name:
-            raise UserError("give --query_img_name (a query image or folder), or --gallery to embed a collection")
+            raise UserError(
+                "give --query_img_name (a query image or folder), --gallery to embed a collection, or --add / --remove"
+            )
         db_path, db = open_spec_database(spec, args.data_base)
     q_name, g_name = query_and_gallery(db, args.data_type)
     cache: Dict[str, nn.Module] = {}
@@ -658,25 +677,44 @@ def run_inference(spec: MethodSpec, args: argparse.Namespace) -> List[Tuple[Path
     return answers
 
 
-def _gallery_items(source: str) -> List[Tuple[str, int]]:
+def _gallery_items(source: str, names: Optional[Dict[str, int]] = None) -> List[Tuple[str, int]]:
     """(path, label) pairs of a folder (label -1 = unknown) or a list file (paths, or a CSV with path[,label])."""
+    return label_ids(_listed_items(source), names)
+
+
+def _listed_items(source: str) -> List[Tuple[str, Optional[str]]]:
+    """(path, label name or None) of an image file, a folder (recursive) or a list file (paths, or a CSV with a
+    'path' and an optional 'label' column)."""
     path = Path(source)
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        return [(str(path), None)]
     if path.is_dir():
-        return [(p, -1) for p in _queries(str(path))]
+        return [(p, None) for p in _queries(str(path))]
     if not path.is_file():
-        raise UserError(f"--gallery {source}: no such folder or list file")
-    text = read_text_file(path, "--gallery list")
+        raise UserError(f"{source}: no such folder or list file")
+    text = read_text_file(path, "list file")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if lines and "path" in [c.strip() for c in lines[0].split(",")]:
         frame = pd.read_csv(io.StringIO(text))
-        paths = [str(p) for p in frame["path"]]
-        if "label" not in frame.columns:
-            return [(p, -1) for p in paths]
-        names = sorted({str(x) for x in frame["label"]}, key=lambda x: (not x.lstrip("-").isdigit(), x))
-        numeric = all(x.lstrip("-").isdigit() for x in names)
-        ids = {x: (int(x) if numeric else i) for i, x in enumerate(names)}
-        return [(p, ids[str(x)]) for p, x in zip(paths, frame["label"])]
-    return [(line, -1) for line in lines]
+        labels = [str(x) for x in frame["label"]] if "label" in frame.columns else [None] * len(frame)
+        return list(zip([str(p) for p in frame["path"]], labels))
+    return [(line, None) for line in lines]
+
+
+def label_ids(
+    items: Sequence[Tuple[str, Optional[str]]], names: Optional[Dict[str, int]] = None, first_id: int = 0
+) -> List[Tuple[str, int]]:
+    """(path, label id): no label is -1; integer labels are their own ids unless ``names`` already holds names;
+    other labels get ids by sorted name, continuing ``names`` (name -> id, extended in place, new ids from
+    ``first_id`` on) so that a database keeps one id per name across additions."""
+    given = sorted({x for _, x in items if x is not None}, key=lambda x: (not x.lstrip("-").isdigit(), x))
+    if not names and all(x.lstrip("-").isdigit() for x in given):
+        return [(p, -1 if x is None else int(x)) for p, x in items]
+    names = {} if names is None else names
+    for x in given:
+        if x not in names:
+            names[x] = max(first_id, max(names.values(), default=-1) + 1)
+    return [(p, -1 if x is None else names[x]) for p, x in items]
 
 
 class _Images(torch.utils.data.Dataset):
@@ -715,37 +753,43 @@ def build_gallery_database(spec: MethodSpec, args: argparse.Namespace, device: t
     else:
         src_path, src = open_spec_database(spec, args.data_base)
         config, model, model_file = src.config, _model_beside(spec, src_path, src, device), _model_file(src_path, src)
-    items = _gallery_items(args.gallery)
+    if getattr(args, "float64", False):
+        model = model.double()
+    names: Dict[str, int] = {}
+    items = _gallery_items(args.gallery, names)
     if not items:
         raise UserError(f"--gallery {args.gallery} lists no images")
-    loader = torch.utils.data.DataLoader(
-        _Images(items, spec.eval_transform(config)),
+    from common.catalogue import embed_items  # sharded over torchrun ranks, gathered by index
+
+    features, kept, failed = embed_items(
+        model,
+        items,
+        spec.eval_transform(config),
+        device=device,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
-        collate_fn=_collate,
+        embed=_embed_fn(spec, args),
+        desc="embedding the gallery",
     )
-    dtype = next(model.parameters()).dtype
-    features, kept, failed = [], [], []
-    for images, index, bad in tqdm(loader, desc="embedding the gallery", dynamic_ncols=True):
-        failed += bad
-        if images is not None:
-            features.append(_embed_fn(spec, args)(model, images.to(device, dtype)).float().cpu())
-            kept += index.tolist()
     if not kept:
         raise UserError(f"none of the {len(items)} images of --gallery {args.gallery} could be read")
     target = Path(args.save_data_base)
     log = Path(f"{target}.errors.log")
-    if failed:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text("".join(f"{items[i][0]}\n" for i in sorted(failed)))
-    split = Split([items[i][0] for i in kept], [items[i][1] for i in kept], torch.cat(features))
-    target.parent.mkdir(parents=True, exist_ok=True)
+    split = Split([items[i][0] for i in kept], [items[i][1] for i in kept], features.float())
     stored = {
         **dict(config),
         "model_file": str(model_file.resolve()),
         "gallery_source": str(args.gallery),
         SAVED_BY: "inference.py --gallery",
     }
+    stored.update({"label_names": names} if names else {})
+    db = Database(stored, spec.name, spec.metric, spec.scale(config), "gallery", "gallery", {"gallery": split})
+    if not is_main_process():  # rank 0 writes
+        return target, db
+    if failed:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(f"{items[i][0]}\n" for i in sorted(failed)))
+    target.parent.mkdir(parents=True, exist_ok=True)
     if getattr(args, "index", "exact") != "exact":
         from common.ann import build_index, save_index
 
@@ -766,9 +810,7 @@ def build_gallery_database(spec: MethodSpec, args: argparse.Namespace, device: t
         f"embedded {len(kept)} images into {target}"
         + (f"; skipped {len(failed)} unreadable (listed in {log})" if failed else "")
     )
-    return target, Database(
-        stored, spec.name, spec.metric, spec.scale(config), "gallery", "gallery", {"gallery": split}
-    )
+    return target, db
 
 
 # ---------------------------------------------------------------- ablation.py

@@ -80,12 +80,17 @@ def save_database(
 
 
 def load_database(
-    path: os.PathLike, expected: Optional[Mapping[str, Any]] = None, keys: Sequence[str] = (), dim: Optional[int] = None
+    path: os.PathLike,
+    expected: Optional[Mapping[str, Any]] = None,
+    keys: Sequence[str] = (),
+    dim: Optional[int] = None,
+    mmap: bool = False,
 ) -> Database:
     """Load and check a database: refused in one line when it was written by a different model configuration
     (``expected`` on ``keys``), or when its contents cannot be what this toolkit wrote (see :func:`check_splits`;
-    ``dim``, the embedding size of the model it is used with, when the caller knows it)."""
-    obj = safe_load(path, "database")
+    ``dim``, the embedding size of the model it is used with, when the caller knows it). ``mmap``: the features
+    stay in the file's pages, shared by every process that maps it (a server's workers)."""
+    obj = safe_load(path, "database", mmap=mmap)
     if expected is not None:
         check_config(obj["config"], expected, f"database {path}", keys)
     try:

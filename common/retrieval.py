@@ -7,7 +7,7 @@ output becomes an embedding) is passed in by the caller.
 """
 
 from pathlib import Path
-from typing import Any, Callable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -19,7 +19,16 @@ from common.errors import UserError
 from common.metrics import search_topk
 from common.runio import results_dir
 
-__all__ = ["DB_SUFFIX", "database_path", "run_prefix", "model_path", "open_database", "embed_file", "search"]
+__all__ = [
+    "DB_SUFFIX",
+    "database_path",
+    "run_prefix",
+    "model_path",
+    "open_database",
+    "embed_file",
+    "search",
+    "search_batch",
+]
 
 DB_SUFFIX = "_data_base.pth"  # RunFiles.database of run <run>
 _DISPLAY_NAMES = {"fastretri": "FastRetri"}  # how error messages name a method; default: upper case
@@ -96,19 +105,36 @@ def search(
     Exact and memory-bounded by default (``common.metrics.search_topk``: ties to the smaller index); ``index``, an
     ANN index of ``common.ann`` built on this gallery, answers approximately instead. ``exclude`` drops one gallery
     index (the query itself)."""
-    if feature.shape[-1] != gallery.features.shape[1]:
+    return search_batch(feature[None], gallery, metric, k, scale, [exclude], index)[0]
+
+
+def search_batch(
+    features: torch.Tensor,
+    gallery: Split,
+    metric: str,
+    k: int,
+    scale: float = 1.0,
+    excludes: Optional[Sequence[Optional[int]]] = None,
+    index=None,
+) -> List[List[Result]]:
+    """:func:`search` for a batch of query features (Q, d) in one pass over the gallery (a server batches the
+    queries that arrive together); ``excludes`` has one gallery index or None per query."""
+    if features.shape[-1] != gallery.features.shape[1]:
         raise UserError(
-            f"the model embeds {feature.shape[-1]} dimensions, the database's features have "
+            f"the model embeds {features.shape[-1]} dimensions, the database's features have "
             f"{gallery.features.shape[1]}: the database was not written by this model"
         )
-    wanted = k + (1 if exclude is not None else 0)
-    wanted = min(wanted, len(gallery.images))
+    excludes = list(excludes) if excludes is not None else [None] * len(features)
+    wanted = min(k + (1 if any(e is not None for e in excludes) else 0), len(gallery.images))
     if index is not None:
         from common.ann import search as ann_search
 
-        values, ids = ann_search(index, feature[None].float(), wanted)
+        values, ids = ann_search(index, features.float(), wanted)
     else:
-        values, ids = search_topk(feature[None].float(), gallery.features.float(), wanted, metric)
-    pairs = [(int(i), float(v)) for i, v in zip(ids[0].tolist(), values[0].tolist()) if i >= 0 and i != exclude]
+        values, ids = search_topk(features.float(), gallery.features.float(), wanted, metric)
     factor = 1.0 if metric == "euclidean" else 1.0 / scale
-    return [(gallery.images[i], gallery.labels[i], v * factor) for i, v in pairs[:k]]
+    out = []
+    for row_ids, row_values, exclude in zip(ids.tolist(), values.tolist(), excludes):
+        pairs = [(i, v) for i, v in zip(row_ids, row_values) if i >= 0 and i != exclude]
+        out.append([(gallery.images[i], gallery.labels[i], v * factor) for i, v in pairs[:k]])
+    return out

@@ -220,13 +220,14 @@ def atomic_save(obj: Any, path: os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def safe_load(path: os.PathLike, what: str = "file") -> Dict[str, Any]:
-    """``torch.load(weights_only=True)`` with one-line errors for a missing or foreign file."""
+def safe_load(path: os.PathLike, what: str = "file", mmap: bool = False) -> Dict[str, Any]:
+    """``torch.load(weights_only=True)`` with one-line errors for a missing or foreign file; ``mmap`` maps the
+    tensors from the file instead of reading them (processes that map one file share its pages)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot read {what} {path}: not a checkpoint of this toolkit ({type(e).__name__})") from None
     if not isinstance(obj, dict) or "config" not in obj:
