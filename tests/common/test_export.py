@@ -146,7 +146,7 @@ def _save_run(spec, config: dict, root: Path) -> tuple:
     run = spec.run_name(config)
     folder = root / spec.name
     atomic_save({"model": model.state_dict(), "config": config, "epoch": 1}, folder / f"{run}_model.pth")
-    dim = 8
+    dim = config.get("feature_dim", 8)  # a CGD database holds feature_dim columns (checked at load)
     save_database(
         folder / f"{run}_data_base.pth",
         config=config,
