@@ -13,10 +13,10 @@ CONFIGS = Path(__file__).resolve().parents[2] / "fastretri" / "configs"
 @pytest.mark.parametrize(
     "name, epochs, lr, eta, momentum, nesterov, eps, size, ratio, cj, recalls",
     [
-        ("cub", 30, 0.02, 2e-5, 0.0, False, 0.3, [256], [0.75, 1.33], [0.25, 0.25, 0.25, 0.0], [1, 2, 4, 8, 16, 32]),
+        ("cub", 30, 0.02, 2e-5, 0.0, False, 0.3, [256], [0.75, 1.33333], [0.25, 0.25, 0.25, 0.0], [1, 2, 4, 8, 16, 32]),
         ("cars", 100, 0.05, 5e-4, 0.0, False, 0.4, [256, 256], [1.0, 1.0], [0.3, 0.3, 0.3, 0.1], [1, 2, 4, 8, 16, 32]),
-        ("sop", 100, 0.003, 3e-5, 0.99, True, 0.1, [256, 256], [0.75, 1.33], None, [1, 10, 100, 1000]),
-        ("inshop", 100, 0.003, 3e-5, 0.99, True, 0.1, [0], [0.75, 1.33], None, [1, 10, 20, 30, 40, 50]),
+        ("sop", 100, 0.003, 3e-5, 0.99, True, 0.1, [256, 256], [0.75, 1.33333], None, [1, 10, 100, 1000]),
+        ("inshop", 100, 0.003, 3e-5, 0.99, True, 0.1, [0], [0.75, 1.33333], None, [1, 10, 20, 30, 40, 50]),
     ],
 )
 def test_dataset_configs_match_fastretri(name, epochs, lr, eta, momentum, nesterov, eps, size, ratio, cj, recalls):

@@ -30,7 +30,7 @@ def test_frozen_batchnorm_survives_an_optimizer_step(model):
     assert all(not p.requires_grad for bn in bns for p in bn.parameters())
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
     for _ in range(2):
-        _, logits = model(torch.randn(4, 3, 32, 32))
+        logits = model(torch.randn(4, 3, 32, 32)).logits
         F.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
         opt.step()
     after = model.backbone.state_dict()
@@ -55,8 +55,10 @@ def test_bnneck_and_classifier(model):
     w = FastRetri(num_classes=2000, backbone="resnet18").classifier.weight
     assert abs(w.std().item() - 0.01) < 5e-4 and abs(w.mean().item()) < 5e-4
     model.train()
-    emb, logits = model(torch.randn(3, 3, 32, 32))
+    emb, logits, pooled = model(torch.randn(3, 3, 32, 32))
     assert torch.allclose(logits, emb @ model.classifier.weight.t(), atol=1e-6)
+    mean, var = pooled.mean(0), pooled.var(0, unbiased=False)  # BNNeck: batch statistics, weight 1, bias 0
+    assert torch.allclose(emb, (pooled - mean) / torch.sqrt(var + 1e-5), atol=1e-4)
 
 
 def test_gem_against_formula():
