@@ -141,10 +141,7 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
     if not args.augment:
         datasets["train"].transform = build_transforms(cfg)[1]
     # ---- model, DDP ----
-    model = build_model(cfg, datasets["train"].num_classes, pretrained_source(cfg)).to(info.device, dtype)
-    if "CrossEntropyLoss" not in cfg["MODEL"]["LOSSES"]["NAME"]:
-        # no loss reads the classifier: fast-reid's SGD skips its None gradient; frozen, DDP does not wait for it
-        model.classifier.weight.requires_grad_(False)
+    model = training_model(cfg, datasets["train"].num_classes).to(info.device, dtype)
     model = channels_last(model, info.device)
     model_without_ddp = model
     if info.distributed:
@@ -163,8 +160,7 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
     # ---- optimisation ----
     optimizer = build_optimizer(model_without_ddp, cfg)
     criterion = FastRetriLoss(cfg)
-    amp = use_amp(cfg, info.device)
-    amp_dtype = torch.float16 if solver["AMP"]["DTYPE"] == "float16" else torch.bfloat16
+    amp, amp_dtype = amp_settings(cfg, info.device)
     scaler = torch.amp.GradScaler("cuda") if amp and amp_dtype == torch.float16 else None
     ipe = len(sampler)
     schedule, clip = schedule_from_config(cfg, ipe), clipper_from_config(cfg)
@@ -234,9 +230,20 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
     run.finish()
 
 
-def use_amp(cfg: Dict, device: torch.device) -> bool:
-    """SOLVER.AMP.ENABLED applies on CUDA (as fast-reid's AMPTrainer); CPU training runs in full precision."""
-    return cfg["SOLVER"]["AMP"]["ENABLED"] and device.type == "cuda"
+def training_model(cfg: Dict, num_classes: int) -> nn.Module:
+    """The model to train; without CrossEntropyLoss no loss reads the classifier, which is then frozen (fast-reid's
+    SGD skips its None gradient; frozen, DistributedDataParallel does not wait for one)."""
+    model = build_model(cfg, num_classes, pretrained_source(cfg))
+    if "CrossEntropyLoss" not in cfg["MODEL"]["LOSSES"]["NAME"]:
+        model.classifier.weight.requires_grad_(False)
+    return model
+
+
+def amp_settings(cfg: Dict, device: torch.device) -> Tuple[bool, torch.dtype]:
+    """(autocast on, its dtype): SOLVER.AMP applies on CUDA (as fast-reid's AMPTrainer); CPU trains in full
+    precision."""
+    dtype = torch.float16 if cfg["SOLVER"]["AMP"]["DTYPE"] == "float16" else torch.bfloat16
+    return cfg["SOLVER"]["AMP"]["ENABLED"] and device.type == "cuda", dtype
 
 
 def evaluates(cfg: Dict, epoch: int) -> bool:
