@@ -12,6 +12,7 @@ with gloo; the global batch stays SOLVER.IMS_PER_BATCH. Evaluation always runs i
 
 import argparse
 import os
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -257,7 +258,7 @@ def snapshots(cfg: Dict, epoch: int) -> bool:
     return 0 < epoch < cfg["SOLVER"]["MAX_EPOCH"] and epoch % cfg["SOLVER"]["CHECKPOINT_PERIOD"] == 0
 
 
-def snapshot(cfg: Dict, epoch: int):
+def snapshot(cfg: Dict, epoch: int) -> Path:
     """``<run>_model_<epoch>.pth`` after 1-based ``epoch`` (fast-reid's ``model_<epoch - 1>.pth``); test.py,
     export.py and ``--eval-only MODEL.WEIGHTS`` take it like ``model.pth``."""
     return run_files(cfg).path(f"model_{epoch:04d}.pth")
