@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from common.database import Split, save_database
-from common.device import autocast, unwrap
+from common.device import unwrap
 from common.distributed import (
     all_gather_by_index,
     barrier,
@@ -43,13 +43,16 @@ def extract_features(
     desc: str = "features",
 ) -> torch.Tensor:
     """Embeddings of ``loader``'s dataset in dataset order (loader must not shuffle), on CPU: float32, or float64
-    for a float64 model."""
+    for a float64 model.
+
+    Always computed in the model's precision, never under autocast (``amp`` is accepted and not used): features
+    computed during AMP training then equal test.py's, as in the originals' evaluation."""
     model.eval()
     dtype = next(model.parameters()).dtype  # float64 models (equivalence checks) get float64 images
     chunks = []
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main_process()):
         images = batch[0].to(device, dtype, non_blocking=True)
-        with autocast(device, amp):
+        with torch.autocast(device.type, enabled=False):  # float32 even inside a caller's autocast region
             out = embed(model, images) if embed is not None else model(images)
         chunks.append(out.cpu() if out.dtype == torch.float64 else out.float().cpu())
     return torch.cat(chunks) if chunks else torch.empty(0)

@@ -102,10 +102,10 @@ def eval_size(method: str, image_size: Optional[int] = None) -> Tuple[int, int]:
 # FastRetri per-dataset inputs (fast-reid projects/FastRetri/configs, anchors.md A): resize ([s] = shorter side,
 # [h, w] = fixed, [0] = none), RandomResizedCrop ratio, ColorJitter (brightness, contrast, saturation, hue) or None.
 FASTRETRI_PRESETS = {
-    "cub": {"resize": [256], "ratio": (0.75, 1.33), "jitter": (0.25, 0.25, 0.25, 0.0)},
+    "cub": {"resize": [256], "ratio": (0.75, 1.33333), "jitter": (0.25, 0.25, 0.25, 0.0)},
     "car": {"resize": [256, 256], "ratio": (1.0, 1.0), "jitter": (0.3, 0.3, 0.3, 0.1)},
-    "sop": {"resize": [256, 256], "ratio": (0.75, 1.33), "jitter": None},
-    "isc": {"resize": [0], "ratio": (0.75, 1.33), "jitter": None},
+    "sop": {"resize": [256, 256], "ratio": (0.75, 1.33333), "jitter": None},
+    "isc": {"resize": [0], "ratio": (0.75, 1.33333), "jitter": None},
 }
 
 
@@ -123,7 +123,7 @@ def fastretri_transform(
     crop_size: int = 224,
     crop: bool = True,
     scale: Tuple[float, float] = (0.16, 1.0),
-    ratio: Tuple[float, float] = (0.75, 1.33),
+    ratio: Tuple[float, float] = (0.75, 1.33333),
     flip_prob: float = 0.5,
     jitter: Optional[Sequence[float]] = None,
     jitter_prob: float = 0.5,

@@ -18,13 +18,18 @@ from common.cli import check_value, non_negative_float, non_negative_int, positi
 from common.engine import RunFiles
 from common.errors import UserError
 from common.runio import plain_config, results_dir, run_name
+from fastretri.losses import LOSS_NAMES
+from fastretri.model import BACKBONE_NORMS, CLS_LAYERS, POOL_LAYERS
+from fastretri.solver import CLIP_TYPES, SCHEDULERS, WARMUP_METHODS, optimizer_class
 
 __all__ = [
     "DEFAULTS",
     "DATASET_NAMES",
     "MODEL_KEYS",
     "RESUME_FREE",
+    "TRAIN_SAMPLERS",
     "load_config",
+    "check_config",
     "merge_opts",
     "flatten",
     "get",
@@ -35,8 +40,11 @@ __all__ = [
     "config_dict",
     "run_files",
     "unflatten",
+    "fastreid_run_config",
 ]
 
+# FastRetri's base values (fast-reid's _C as projects/FastRetri/configs/base-image_retri.yml sets it); keys the
+# base file leaves alone keep fast-reid's _C defaults (CE.ALPHA, TRI.*, CIRCLE.*, COSFACE.*, STEPS, GAMMA ...)
 DEFAULTS: Dict[str, Any] = {
     "MODEL": {
         "WEIGHTS": "",
@@ -48,18 +56,25 @@ DEFAULTS: Dict[str, Any] = {
             "NECK_FEAT": "after",
             "CLS_LAYER": "Linear",
             "SCALE": 1.0,
+            "MARGIN": 0.0,
         },
-        "LOSSES": {"NAME": ["CrossEntropyLoss"], "CE": {"EPSILON": 0.1, "SCALE": 1.0}},
+        "LOSSES": {
+            "NAME": ["CrossEntropyLoss"],
+            "CE": {"EPSILON": 0.1, "ALPHA": 0.2, "SCALE": 1.0},
+            "TRI": {"MARGIN": 0.3, "NORM_FEAT": False, "HARD_MINING": False, "SCALE": 1.0},
+            "CIRCLE": {"MARGIN": 0.25, "GAMMA": 128.0, "SCALE": 1.0},
+            "COSFACE": {"MARGIN": 0.25, "GAMMA": 128.0, "SCALE": 1.0},
+        },
     },
     "INPUT": {
         "SIZE_TRAIN": [256, 256],
         "SIZE_TEST": [256, 256],
-        "CROP": {"ENABLED": True, "SIZE": [224], "SCALE": [0.16, 1.0], "RATIO": [0.75, 1.33]},
+        "CROP": {"ENABLED": True, "SIZE": [224], "SCALE": [0.16, 1.0], "RATIO": [0.75, 1.33333]},
         "FLIP": {"ENABLED": True, "PROB": 0.5},
         "CJ": {"ENABLED": False, "PROB": 0.5, "BRIGHTNESS": 0.15, "CONTRAST": 0.15, "SATURATION": 0.1, "HUE": 0.1},
     },
     "DATASETS": {"NAMES": ["cub"], "ROOT": "data", "CROP_TYPE": "uncropped"},
-    "DATALOADER": {"SAMPLER_TRAIN": "TrainingSampler", "NUM_WORKERS": 8},
+    "DATALOADER": {"SAMPLER_TRAIN": "TrainingSampler", "NUM_INSTANCE": 4, "NUM_WORKERS": 8},
     "SOLVER": {
         "AMP": {"ENABLED": True, "DTYPE": "bfloat16"},
         "OPT": "SGD",
@@ -72,6 +87,9 @@ DEFAULTS: Dict[str, Any] = {
         "WEIGHT_DECAY_NORM": 0.0005,
         "BIAS_LR_FACTOR": 1.0,
         "SCHED": "CosineAnnealingLR",
+        "DELAY_EPOCHS": 0,
+        "STEPS": [30, 55],
+        "GAMMA": 0.1,
         "ETA_MIN_LR": 3e-5,
         "WARMUP_FACTOR": 0.1,
         "WARMUP_ITERS": 1000,
@@ -243,6 +261,7 @@ MODEL_KEYS = (
     "MODEL.BACKBONE.NAME",
     "MODEL.BACKBONE.LAST_STRIDE",
     "MODEL.BACKBONE.NORM",
+    "MODEL.HEADS.POOL_LAYER",
     "MODEL.HEADS.GEM_P",
     "MODEL.HEADS.WITH_BNNECK",
     "MODEL.HEADS.SCALE",
@@ -275,6 +294,67 @@ _CLI_KEYS = {
 }
 
 
+TRAIN_SAMPLERS = ("TrainingSampler", "NaiveIdentitySampler", "BalancedIdentitySampler")
+# values of fast-reid's that this toolkit refuses, and why (every other value outside the supported ones is
+# refused with the list of those)
+_REFUSED = {
+    ("MODEL.BACKBONE.NORM", "GhostBN"): "ghost batch norm is not implemented",
+    ("MODEL.BACKBONE.NORM", "GN"): "GroupNorm layers cannot take the ImageNet BatchNorm weights",
+    ("MODEL.HEADS.POOL_LAYER", "Identity"): "it keeps the feature map, and the head would classify one corner pixel",
+    ("MODEL.HEADS.POOL_LAYER", "Flatten"): "its C x H x W vector does not fit the classifier's width",
+    ("DATALOADER.SAMPLER_TRAIN", "SetReWeightSampler"): "it needs camera sets (DATALOADER.SET_WEIGHT)",
+    ("DATALOADER.SAMPLER_TRAIN", "ImbalancedDatasetSampler"): "it is not implemented",
+    ("MODEL.LOSSES.NAME", "FocalLoss"): "fast-reid's Baseline never computes it either",
+}
+
+
+def _one_of(cfg: Dict, key: str, allowed: Sequence[str], value: Any = None) -> None:
+    value = get(cfg, key) if value is None else value
+    if value in allowed:
+        return
+    why = _REFUSED.get((key, value))
+    raise UserError(
+        f"{key} {value} is not supported" + (f": {why}" if why else "") + f" (choose from {', '.join(allowed)})"
+    )
+
+
+def check_config(cfg: Dict) -> None:
+    """Refuse, in one line, every value this toolkit would otherwise not honour (nothing is silently ignored)."""
+    _one_of(cfg, "MODEL.BACKBONE.NORM", BACKBONE_NORMS)
+    _one_of(cfg, "MODEL.HEADS.POOL_LAYER", tuple(POOL_LAYERS))
+    _one_of(cfg, "MODEL.HEADS.NECK_FEAT", ("before", "after"))
+    _one_of(cfg, "MODEL.HEADS.CLS_LAYER", CLS_LAYERS)
+    names = get(cfg, "MODEL.LOSSES.NAME")
+    if not names:
+        raise UserError(f"MODEL.LOSSES.NAME is empty (choose from {', '.join(LOSS_NAMES)})")
+    for name in names:
+        _one_of(cfg, "MODEL.LOSSES.NAME", LOSS_NAMES, name)
+    if get(cfg, "MODEL.LOSSES.CE.EPSILON") >= 1:
+        raise UserError("MODEL.LOSSES.CE.EPSILON must be below 1 (0 = no smoothing, < 0 = adaptive smoothing)")
+    _one_of(cfg, "DATALOADER.SAMPLER_TRAIN", TRAIN_SAMPLERS)
+    batch, k = get(cfg, "SOLVER.IMS_PER_BATCH"), get(cfg, "DATALOADER.NUM_INSTANCE")
+    if get(cfg, "DATALOADER.SAMPLER_TRAIN") != "TrainingSampler" and (k < 1 or batch % k):
+        raise UserError(
+            f"SOLVER.IMS_PER_BATCH {batch} must be a multiple of DATALOADER.NUM_INSTANCE {k} for "
+            f"{get(cfg, 'DATALOADER.SAMPLER_TRAIN')} (fast-reid never completes such a batch)"
+        )
+    if optimizer_class(get(cfg, "SOLVER.OPT")) is None:
+        raise UserError(f"SOLVER.OPT {get(cfg, 'SOLVER.OPT')} is not a torch.optim optimizer (e.g. SGD, Adam, AdamW)")
+    _one_of(cfg, "SOLVER.SCHED", SCHEDULERS)
+    _one_of(cfg, "SOLVER.WARMUP_METHOD", WARMUP_METHODS)
+    if get(cfg, "SOLVER.SCHED") == "MultiStepLR" and any(step < 1 for step in get(cfg, "SOLVER.STEPS")):
+        raise UserError(f"SOLVER.STEPS {get(cfg, 'SOLVER.STEPS')} must count scheduler steps (epochs) from 1")
+    _one_of(cfg, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", CLIP_TYPES)
+    if get(cfg, "SOLVER.CLIP_GRADIENTS.NORM_TYPE") <= 0:
+        raise UserError("SOLVER.CLIP_GRADIENTS.NORM_TYPE must be positive (2.0 = L2, .inf = largest element)")
+    _one_of(cfg, "SOLVER.AMP.DTYPE", ("bfloat16", "float16"))
+    if get(cfg, "TEST.METRIC") != "cosine":
+        raise UserError(
+            f"TEST.METRIC {get(cfg, 'TEST.METRIC')} is not supported: FastRetri ranks by cosine similarity "
+            "(fast-reid's RetriEvaluator ignores TEST.METRIC too)"
+        )
+
+
 def resolve_config(args: argparse.Namespace) -> Dict:
     """YAML (+ _BASE_) -> ``opts`` overrides -> the shared flags that were given (--batch_size, --data_name ...)."""
     resume = getattr(args, "resume", None)
@@ -297,6 +377,7 @@ def resolve_config(args: argparse.Namespace) -> Dict:
         cfg["MODEL"]["BACKBONE"]["PRETRAIN"] = not none
         cfg["MODEL"]["BACKBONE"]["PRETRAIN_PATH"] = "" if none or args.pretrained == "imagenet" else args.pretrained
     data_name(cfg)
+    check_config(cfg)
     return cfg
 
 
@@ -333,3 +414,73 @@ def unflatten(flat: Dict[str, Any]) -> Dict[str, Any]:
     for key, value in flat.items():
         set_value(cfg, key, value, "stored configuration")
     return cfg
+
+
+# ---- the configuration beside a fast-reid model file (fast-reid writes OUTPUT_DIR/config.yaml) ----
+
+# fast-reid keys that change the model or its evaluation and that this toolkit has no key for: their value must
+# be the one FastRetri's model has
+_FASTREID_FIXED = {
+    "MODEL.META_ARCHITECTURE": "Baseline",
+    "MODEL.BACKBONE.WITH_IBN": False,
+    "MODEL.BACKBONE.WITH_SE": False,
+    "MODEL.BACKBONE.WITH_NL": False,
+    "MODEL.HEADS.NAME": "EmbeddingHead",
+    "MODEL.HEADS.EMBEDDING_DIM": 0,
+    "TEST.FLIP.ENABLED": False,  # test.py's --flip applies fast-reid's flip test
+}
+_FASTREID_PIXELS = {"MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53], "MODEL.PIXEL_STD": [58.395, 57.12, 57.375]}
+_RESNET_DEPTHS = {"18x": "resnet18", "34x": "resnet34", "50x": "resnet50", "101x": "resnet101", "152x": "resnet152"}
+
+
+def _flat_yaml(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flat_yaml(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def fastreid_run_config(path: Path) -> Dict[str, Any]:
+    """The FastRetri config of a fast-reid run from the YAML beside its model: fast-reid's own dump
+    (``config.yaml``, every fast-reid key) or a config of this toolkit.
+
+    Keys this toolkit has are read as they are (``DATASETS.TESTS``, the evaluated dataset, becomes
+    ``DATASETS.NAMES``); fast-reid's ``BACKBONE.NAME build_resnet_backbone`` + ``DEPTH 50x`` becomes ``resnet50``;
+    fast-reid keys that would change the model or its evaluation without a key here must keep FastRetri's values
+    (refused in one line otherwise); the rest (training-only settings) do not change an evaluation."""
+    merged: Dict[str, Any] = {}
+    for _, data in _read_yaml(Path(path)):
+        merged.update(_flat_yaml(data))
+    cfg = copy.deepcopy(DEFAULTS)
+    ours = flatten(DEFAULTS)
+    where = f"in {path}"
+    name = merged.pop("MODEL.BACKBONE.NAME", "build_resnet_backbone")
+    depth = merged.pop("MODEL.BACKBONE.DEPTH", "50x")
+    if name == "build_resnet_backbone":
+        if depth not in _RESNET_DEPTHS:
+            raise UserError(f"MODEL.BACKBONE.DEPTH {depth} ({where}) is not a ResNet depth this toolkit builds")
+        name = _RESNET_DEPTHS[depth]
+    set_value(cfg, "MODEL.BACKBONE.NAME", name, where)
+    tests = merged.pop("DATASETS.TESTS", None)
+    if tests is not None:
+        merged["DATASETS.NAMES"] = tests
+    for key, expected in {**_FASTREID_FIXED, **_FASTREID_PIXELS}.items():
+        if key in merged:
+            value = merged.pop(key)
+            same = value == expected if key not in _FASTREID_PIXELS else _close(value, expected)
+            if not same:
+                raise UserError(f"{key} {value} ({where}) is not supported: a FastRetri model has {expected}")
+    for key, value in merged.items():
+        if key in ours:
+            set_value(cfg, key, value, where)
+    data_name(cfg)
+    check_config(cfg)
+    return cfg
+
+
+def _close(value: Any, expected: Sequence[float]) -> bool:
+    values = list(value) if isinstance(value, (list, tuple)) else []
+    return len(values) == len(expected) and all(abs(float(a) - b) < 1e-3 for a, b in zip(values, expected))

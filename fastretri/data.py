@@ -1,7 +1,10 @@
-"""FastRetri data: transforms from the config, the datasets and the global-batch sampler."""
+"""FastRetri data: transforms from the config, the datasets and fast-reid's training samplers."""
 
-from typing import Dict, Tuple
+import collections
+import itertools
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from common.datasets import RetrievalDataset, eval_splits, label_space, load_index
@@ -9,13 +12,23 @@ from common.preprocess import ensure_dataset
 from common.presets import fastretri_transform
 from fastretri.config import data_name
 
-__all__ = ["build_transforms", "build_datasets", "GlobalBatchSampler"]
+__all__ = [
+    "SAMPLERS",
+    "build_transforms",
+    "build_datasets",
+    "training_stream",
+    "naive_identity_stream",
+    "balanced_identity_stream",
+    "StreamBatchSampler",
+    "build_train_sampler",
+]
 
 
 def build_transforms(cfg: Dict) -> Tuple:
     i = cfg["INPUT"]
     cj = i["CJ"]
-    common = dict(crop_size=i["CROP"]["SIZE"][0], crop=i["CROP"]["ENABLED"])
+    size = i["CROP"]["SIZE"]  # fast-reid: [s] a square, [h, w] a rectangle
+    common = dict(crop_size=size[0] if len(size) == 1 else tuple(size), crop=i["CROP"]["ENABLED"])
     train = fastretri_transform(
         True,
         i["SIZE_TRAIN"],
@@ -41,22 +54,137 @@ def build_datasets(cfg: Dict) -> Dict[str, RetrievalDataset]:
     return out
 
 
-class GlobalBatchSampler(torch.utils.data.Sampler):
-    """fast-reid ``TrainingSampler`` per epoch: one seeded shuffle shared by all ranks, cut into global batches
-    (drop_last); rank r takes slice r of every global batch, so N processes see exactly the 1-process batches."""
+def training_stream(num_samples: int, seed: int) -> Iterator[int]:
+    """fast-reid ``TrainingSampler``'s index stream: ``shuffle(range(N)) + shuffle(range(N)) + ...`` from one
+    seeded generator (``np.random.seed(seed)`` then ``np.random.permutation(N)`` forever); nothing is dropped."""
+    rng = np.random.RandomState(seed)
+    while True:
+        yield from rng.permutation(num_samples).tolist()
 
-    def __init__(self, num_samples: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0):
-        self.n, self.global_batch, self.rank, self.world, self.seed = num_samples, global_batch, rank, world_size, seed
-        self.per_rank, self.epoch = global_batch // world_size, 0
+
+def _by_label(labels: Sequence[int]) -> Tuple[List[int], Dict[int, List[int]]]:
+    index: Dict[int, List[int]] = {}
+    for i, label in enumerate(labels):
+        index.setdefault(int(label), []).append(i)
+    return sorted(index), index
+
+
+def naive_identity_stream(labels: Sequence[int], batch_size: int, num_instances: int, seed: int) -> Iterator[int]:
+    """fast-reid ``NaiveIdentitySampler``: each pass over the identities draws ``batch_size / K`` identities at a
+    time among those with at least K unused images left, K images each (classes with fewer than K images are
+    topped up by drawing with replacement), until fewer identities than a batch needs remain; then a new pass."""
+    pids, index = _by_label(labels)
+    per_batch = batch_size // num_instances
+    rng = np.random.RandomState(seed)
+    while True:
+        available, queues, batch = list(pids), {}, []
+        while len(available) >= per_batch:
+            for pid in rng.choice(available, per_batch, replace=False).tolist():
+                if pid not in queues:
+                    images = list(index[pid])
+                    if len(images) < num_instances:
+                        images = rng.choice(images, size=num_instances, replace=True).tolist()
+                    rng.shuffle(images)
+                    queues[pid] = images
+                queue = queues[pid]
+                batch += queue[:num_instances]
+                del queue[:num_instances]
+                if len(queue) < num_instances:
+                    available.remove(pid)
+            if len(batch) == batch_size:
+                yield from batch
+                batch = []
+
+
+def balanced_identity_stream(labels: Sequence[int], batch_size: int, num_instances: int, seed: int) -> Iterator[int]:
+    """fast-reid ``BalancedIdentitySampler`` with one camera (FastRetri's datasets give every image camera '0'):
+    each pass shuffles the identities, drops the last ``#ids mod (batch_size / K)``, and takes one random image of
+    each identity plus K - 1 of its other images (without replacement when it has at least K others, with
+    replacement otherwise; an identity with a single image repeats it)."""
+    pids, index = _by_label(labels)
+    per_batch = batch_size // num_instances
+    rng = np.random.RandomState(seed)
+    while True:
+        order = rng.permutation(len(pids))
+        drop = len(pids) % per_batch
+        batch: List[int] = []
+        for k in order[: len(order) - drop] if drop else order:
+            images = index[pids[k]]
+            first = int(rng.choice(images))
+            batch.append(first)
+            others = [j for j, image in enumerate(images) if image != first]
+            if not others:
+                batch += [images[0]] * (num_instances - 1)
+            else:
+                picks = rng.choice(others, size=num_instances - 1, replace=len(others) < num_instances)
+                batch += [images[j] for j in picks]
+            if len(batch) == batch_size:
+                yield from batch
+                batch = []
+
+
+SAMPLERS = ("TrainingSampler", "NaiveIdentitySampler", "BalancedIdentitySampler")
+
+
+class StreamBatchSampler(torch.utils.data.Sampler):
+    """Epochs of ``iters_per_epoch`` global batches cut from one endless index stream (fast-reid trains on an
+    infinite sampler and counts ``len(dataset) // IMS_PER_BATCH`` iterations as an epoch, so an epoch's batches
+    continue where the last epoch's stopped and no image is dropped).
+
+    Rank r of W takes fast-reid's share of each global batch: every W-th index from r for ``TrainingSampler``
+    (``islice(stream, r, None, W)``), the r-th contiguous block for the identity samplers (whose ``reorder_index``
+    keeps each identity on one rank). ``set_epoch(e)`` positions the stream at epoch ``e``'s first batch (1-based),
+    so a resumed run draws what an uninterrupted one would have.
+    """
+
+    def __init__(
+        self,
+        make_stream: Callable[[], Iterator[int]],
+        global_batch: int,
+        iters_per_epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        interleave: bool = True,
+    ):
+        self.make_stream, self.global_batch, self.iters = make_stream, global_batch, iters_per_epoch
+        self.rank, self.world, self.interleave = rank, world_size, interleave
+        self.per_rank = global_batch // world_size
+        self.epoch, self._stream, self._position = 1, None, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n // self.global_batch
+        return self.iters
 
-    def __iter__(self):
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000003 + self.epoch))
-        for b in range(len(self)):
-            start = b * self.global_batch + self.rank * self.per_rank
-            yield perm[start : start + self.per_rank].tolist()
+    def __iter__(self) -> Iterator[List[int]]:
+        target = (self.epoch - 1) * self.iters * self.global_batch
+        if self._stream is None or self._position > target:
+            self._stream, self._position = self.make_stream(), 0
+        collections.deque(itertools.islice(self._stream, target - self._position), maxlen=0)  # skip ahead
+        self._position = target
+        for _ in range(self.iters):
+            batch = list(itertools.islice(self._stream, self.global_batch))
+            self._position += self.global_batch
+            if self.interleave:
+                yield batch[self.rank :: self.world]
+            else:
+                yield batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+
+
+def build_train_sampler(cfg: Dict, labels: Sequence[int], rank: int = 0, world_size: int = 1) -> StreamBatchSampler:
+    """``DATALOADER.SAMPLER_TRAIN`` over the training labels, seeded with ``SEED``; an epoch is
+    ``len(labels) // SOLVER.IMS_PER_BATCH`` global batches, as fast-reid's ``iters_per_epoch``.
+
+    The identity samplers draw each global batch as one process would (``IMS_PER_BATCH / NUM_INSTANCE``
+    identities), whatever the number of processes, so N processes see the batches of one."""
+    name, k = cfg["DATALOADER"]["SAMPLER_TRAIN"], cfg["DATALOADER"]["NUM_INSTANCE"]
+    batch, seed = cfg["SOLVER"]["IMS_PER_BATCH"], cfg["SEED"]
+    streams = {
+        "TrainingSampler": lambda: training_stream(len(labels), seed),
+        "NaiveIdentitySampler": lambda: naive_identity_stream(labels, batch, k, seed),
+        "BalancedIdentitySampler": lambda: balanced_identity_stream(labels, batch, k, seed),
+    }
+    return StreamBatchSampler(
+        streams[name], batch, len(labels) // batch, rank, world_size, interleave=name == "TrainingSampler"
+    )

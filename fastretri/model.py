@@ -1,7 +1,10 @@
 """FastRetri model (fast-reid ``Baseline`` + ``EmbeddingHead`` as configured by projects/FastRetri).
 
 ResNet (last stride 1, every BatchNorm frozen: statistics and affine) -> GeM (p=3) -> BNNeck (BatchNorm1d whose
-bias is frozen; its output is the embedding) -> bias-free linear classifier initialised N(0, 0.01).
+bias is frozen; its output is the embedding) -> bias-free linear classifier initialised N(0, 0.01). fast-reid's
+other heads are options: ``MODEL.BACKBONE.NORM`` (FrozenBN, BN, syncBN), ``MODEL.HEADS.POOL_LAYER`` (its pooling
+layers) and ``MODEL.HEADS.CLS_LAYER`` (Linear, or cosine logits for CosSoftmax / ArcSoftmax / CircleSoftmax, whose
+margins the loss applies: they need the labels).
 
 The stem max-pool is fastreid's ``MaxPool2d(3, stride=2, padding=0, ceil_mode=True)``, not torchvision's
 ``padding=1``: the same 56 x 56 map at 224 px, but on a grid shifted by one pixel (and other sizes at some odd
@@ -14,20 +17,24 @@ process group: a single process is a plain BatchNorm1d (the original crashed the
 
 import os
 import re
-from typing import Any, Dict, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from common.backbones import build_resnet
-from common.distributed import GlobalBatchNorm
+from common.distributed import GlobalBatchNorm, convert_global_batchnorm
 from common.errors import UserError
 from common.pooling import GeM
 from common.presets import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "GlobalBatchNorm1d",
+    "POOL_LAYERS",
+    "BACKBONE_NORMS",
+    "CLS_LAYERS",
+    "TrainOutput",
     "FastRetri",
     "freeze_batchnorm",
     "fastreid_stem_pool",
@@ -63,8 +70,59 @@ def fastreid_stem_pool() -> nn.MaxPool2d:
     return nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
 
 
+class _Pool(nn.Module):
+    """A global pooling ``[N, C, H, W] -> [N, C]`` given as a function (fastreid.layers.pooling, flattened)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], name: str):
+        super().__init__()
+        self.fn, self.name = fn, name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def _avg(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=(-2, -1))
+
+
+def _max(x: torch.Tensor) -> torch.Tensor:
+    return x.amax(dim=(-2, -1))
+
+
+# MODEL.HEADS.POOL_LAYER -> pooling (gem_p: MODEL.HEADS.GEM_P, this toolkit's; fast-reid's GeM always has p = 3).
+# fastreid's Identity and Flatten are refused by the config check: they keep the spatial map, and the head would
+# then classify one corner pixel (Identity) or a C*H*W vector the classifier's width does not fit (Flatten).
+POOL_LAYERS: Dict[str, Callable[[float], nn.Module]] = {
+    "GeneralizedMeanPooling": lambda p: GeM(p=p, eps=1e-6),
+    "GeneralizedMeanPoolingP": lambda p: GeM(p=p, eps=1e-6, learnable=True),
+    "GlobalAvgPool": lambda p: _Pool(_avg, "GlobalAvgPool"),
+    "FastGlobalAvgPool": lambda p: _Pool(_avg, "FastGlobalAvgPool"),
+    "GlobalMaxPool": lambda p: _Pool(_max, "GlobalMaxPool"),
+    "AdaptiveAvgMaxPool": lambda p: _Pool(lambda x: _avg(x) + _max(x), "AdaptiveAvgMaxPool"),
+    "ClipGlobalAvgPool": lambda p: _Pool(lambda x: _avg(x).clamp(0.0, 1.0), "ClipGlobalAvgPool"),
+}
+# MODEL.BACKBONE.NORM: fastreid get_norm's BN / syncBN / FrozenBN (GhostBN and GN are refused by the config check:
+# torchvision's ImageNet weights are BatchNorm weights)
+BACKBONE_NORMS = ("FrozenBN", "BN", "syncBN")
+# MODEL.HEADS.CLS_LAYER: fastreid.layers.any_softmax; all but Linear classify cosine similarities
+CLS_LAYERS = ("Linear", "CosSoftmax", "ArcSoftmax", "CircleSoftmax")
+
+
+class TrainOutput(NamedTuple):
+    """What the model returns in training: the embedding (BNNeck output), the classifier's logits before
+    CLS_LAYER's margin and scale (``embedding @ W.T``, or cosine similarities for the margin layers) and the pooled
+    feature before the neck (fast-reid ``NECK_FEAT before``)."""
+
+    embedding: torch.Tensor
+    logits: torch.Tensor
+    pooled: torch.Tensor
+
+
 class FastRetri(nn.Module):
-    """``forward`` returns the BNNeck embedding ``[N, D]`` in eval mode and ``(embedding, logits)`` in training.
+    """``forward`` returns the BNNeck embedding ``[N, D]`` in eval mode and a :class:`TrainOutput` in training.
 
     The logits come from the same forward so that DistributedDataParallel sees every parameter used.
     """
@@ -78,18 +136,23 @@ class FastRetri(nn.Module):
         norm: str = "FrozenBN",
         gem_p: float = 3.0,
         with_bnneck: bool = True,
-        scale: float = 1.0,
+        pool_layer: str = "GeneralizedMeanPooling",
+        cls_layer: str = "Linear",
     ):
         super().__init__()
+        if norm not in BACKBONE_NORMS or pool_layer not in POOL_LAYERS or cls_layer not in CLS_LAYERS:
+            raise ValueError(f"unsupported norm {norm!r}, pooling {pool_layer!r} or classifier {cls_layer!r}")
         net = build_resnet(backbone, pretrained)
         if last_stride == 1:
             _last_stride_one(net.layer4)
         self.backbone = nn.Sequential(
             net.conv1, net.bn1, net.relu, fastreid_stem_pool(), net.layer1, net.layer2, net.layer3, net.layer4
         )
+        if norm == "syncBN":  # the statistics of the global batch when several processes train
+            convert_global_batchnorm(self.backbone)
         self.feat_dim = net.fc.in_features
         self.frozen_bn = norm == "FrozenBN"
-        self.pool = GeM(p=gem_p, eps=1e-6)
+        self.pool = POOL_LAYERS[pool_layer](gem_p)
         self.bottleneck = GlobalBatchNorm1d(self.feat_dim) if with_bnneck else nn.Identity()
         if with_bnneck:
             nn.init.ones_(self.bottleneck.weight)
@@ -97,7 +160,7 @@ class FastRetri(nn.Module):
             self.bottleneck.bias.requires_grad_(False)  # fast-reid bias_freeze=True
         self.classifier = nn.Linear(self.feat_dim, num_classes, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.01)
-        self.scale = scale
+        self.cosine = cls_layer != "Linear"
         if self.frozen_bn:
             freeze_batchnorm(self.backbone)
 
@@ -111,11 +174,18 @@ class FastRetri(nn.Module):
         """Backbone feature map ``[N, C, H/16, W/16]`` (last stride 1)."""
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        embedding = self.bottleneck(self.pool(self.forward_features(x)))
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, TrainOutput]:
+        pooled = self.pool(self.forward_features(x))
+        embedding = self.bottleneck(pooled)
         if not self.training:
             return embedding
-        return embedding, F.linear(embedding, self.classifier.weight) * self.scale
+        if not self.cosine:
+            return TrainOutput(embedding, F.linear(embedding, self.classifier.weight), pooled)
+        # cosine logits in float32 even under AMP: ArcSoftmax takes their arccos, which half precision can push
+        # past 1 (NaN); fast-reid computed them in the autocast precision
+        with torch.autocast(x.device.type, enabled=False):
+            cos = F.linear(F.normalize(embedding.float()), F.normalize(self.classifier.weight.float()))
+        return TrainOutput(embedding, cos, pooled)
 
 
 def build_model(cfg: dict, num_classes: int, pretrained: str) -> FastRetri:
@@ -129,7 +199,8 @@ def build_model(cfg: dict, num_classes: int, pretrained: str) -> FastRetri:
         norm=backbone["NORM"],
         gem_p=heads["GEM_P"],
         with_bnneck=heads["WITH_BNNECK"],
-        scale=heads["SCALE"],
+        pool_layer=heads["POOL_LAYER"],
+        cls_layer=heads["CLS_LAYER"],
     )
 
 
@@ -155,7 +226,8 @@ def fastreid_to_fastretri(state: Mapping[str, torch.Tensor], model: FastRetri) -
     """fast-reid ``Baseline`` state dict -> ``model``'s key names (raises UserError naming what does not fit).
 
     Backbone ``backbone.<stage>.*`` -> ``backbone.<index>.*``; BNNeck ``heads.bottleneck.0.*`` -> ``bottleneck.*``;
-    classifier ``heads.weight`` (fast-reid >= v1.2) or ``heads.classifier.weight`` (v1.0) -> ``classifier.weight``.
+    classifier ``heads.weight`` (fast-reid >= v1.2) or ``heads.classifier.weight`` (v1.0) -> ``classifier.weight``;
+    GeneralizedMeanPoolingP's ``heads.pool_layer.p`` -> ``pool.p``.
     FrozenBN has no ``num_batches_tracked`` (taken from ``model``); the ``pixel_mean``/``pixel_std`` buffers of
     v1.0 files are dropped when they are fast-reid's ImageNet defaults, which our transform applies.
     """
@@ -178,6 +250,8 @@ def fastreid_to_fastretri(state: Mapping[str, torch.Tensor], model: FastRetri) -
             out["bottleneck." + key[len("heads.bottleneck.0.") :]] = value
         elif key in ("heads.weight", "heads.classifier.weight"):
             out["classifier.weight"] = value
+        elif key == "heads.pool_layer.p":  # GeneralizedMeanPoolingP's trainable p, a 1-element tensor there
+            out["pool.p"] = value.reshape(())
         else:
             out[key] = value  # left as is: reported as unexpected below
     if odd:
@@ -234,7 +308,7 @@ def load_fastreid_model(cfg: Dict, path: Union[str, os.PathLike]) -> FastRetri:
     except UserError as e:
         raise UserError(
             f"{path} {e} (a {cfg['MODEL']['BACKBONE']['NAME']} FastRetri with "
-            f"WITH_BNNECK={cfg['MODEL']['HEADS']['WITH_BNNECK']})"
+            f"WITH_BNNECK={cfg['MODEL']['HEADS']['WITH_BNNECK']}, POOL_LAYER={cfg['MODEL']['HEADS']['POOL_LAYER']})"
         ) from None
     model.load_state_dict(mapped, strict=True)
     return model.eval()

@@ -1,6 +1,7 @@
 """FastRetri as the shared test / inference / ablation / export code sees it (configs stored flat:
 ``{"MODEL.BACKBONE.NAME": ..., "DATASETS.NAMES": [...], "num_classes": C}``)."""
 
+from pathlib import Path
 from typing import Any, Mapping, Tuple
 
 import torch
@@ -9,20 +10,17 @@ from torch import nn
 
 from common.errors import UserError
 from common.spec import MethodSpec
-from fastretri.config import MODEL_KEYS, config_dict, data_name, run_files, unflatten
+from fastretri.config import DEFAULTS, MODEL_KEYS, config_dict, data_name, fastreid_run_config, run_files, unflatten
 from fastretri.data import build_transforms
 from fastretri.model import build_model, load_fastreid_model
 
 __all__ = ["SPEC", "embed"]
 
 
-# keys this toolkit stores beside fast-reid's flattened config
-_EXTRA_KEYS = ("num_classes", "method", "float64", "augment")
-
-
 def fastreid_cfg(config: Mapping[str, Any]) -> dict:
-    """The nested fast-reid config of a stored (flat) run configuration."""
-    return unflatten({k: v for k, v in config.items() if k not in _EXTRA_KEYS})
+    """The nested fast-reid config of a stored (flat) run configuration; the lower-case keys this toolkit stores
+    beside it (num_classes, method, model_file, original_file ...) are not config keys."""
+    return unflatten({k: v for k, v in config.items() if k.split(".")[0] in DEFAULTS})
 
 
 def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -34,17 +32,33 @@ def _model(config: Mapping[str, Any]) -> nn.Module:
     return build_model(fastreid_cfg(config), int(config["num_classes"]), "none")
 
 
+FASTREID_CONFIG = "config.yaml"  # what fast-reid's default_setup writes into OUTPUT_DIR, beside model_final.pth
+
+
 def import_fastreid(path, args) -> Tuple[dict, nn.Module]:
-    """A fast-reid ``model_final.pth`` (no stored configuration): the model comes from the YAML config that
-    fast-reid's ``--eval-only`` passes along (``args.fastreid_cfg``)."""
+    """A fast-reid ``model_final.pth`` (no stored configuration) for test.py, inference.py, export.py and the
+    databases ablation.py compares. Its FastRetri config is the one ``--eval-only`` passes along
+    (``args.fastreid_cfg``), else the ``config.yaml`` fast-reid wrote beside the model file (fast-reid's full dump,
+    or a config of this toolkit put there); the stored configuration records the file (``original_file``), so a
+    database embedded with it finds it again."""
+    path = Path(path)
     cfg = getattr(args, "fastreid_cfg", None)
     if cfg is None:
-        raise UserError(
-            f"{path} has no stored configuration (a fast-reid file?); evaluate it with "
-            f"python fastretri/train.py --config-file CONFIG --eval-only MODEL.WEIGHTS {path}"
-        )
+        beside = path.parent / FASTREID_CONFIG
+        if not beside.is_file():
+            raise UserError(
+                f"{path} has no stored configuration (a fast-reid file?) and no fast-reid {FASTREID_CONFIG} "
+                f"beside it: copy the run's OUTPUT_DIR/{FASTREID_CONFIG} there, or evaluate it with "
+                f"python fastretri/train.py --config-file CONFIG --eval-only MODEL.WEIGHTS {path}"
+            )
+        cfg = fastreid_run_config(beside)
     model = load_fastreid_model(cfg, str(path))
-    config = {**config_dict(cfg), "num_classes": model.classifier.weight.shape[0], "method": "fastretri"}
+    config = {
+        **config_dict(cfg),
+        "num_classes": model.classifier.weight.shape[0],
+        "method": "fastretri",
+        "original_file": str(path.resolve()),
+    }
     return config, model
 
 

@@ -5,13 +5,15 @@
     python fastretri/train.py --config-file fastretri/configs/cub.yml --eval-only MODEL.WEIGHTS path/to/model.pth
 
 ResNet-50 with frozen BN and last stride 1, GeM, BNNeck and a bias-free classifier, trained with label-smoothed
-cross-entropy (SGD, 1k-iteration warm-up, per-epoch cosine, global-norm gradient clipping, AMP). One process per
-GPU with DistributedDataParallel, or CPU processes with gloo; the global batch stays SOLVER.IMS_PER_BATCH.
+cross-entropy (SGD, 1k-iteration warm-up, per-epoch cosine, global-norm gradient clipping, AMP) on fast-reid's
+endless shuffled stream of training images. One process per GPU with DistributedDataParallel, or CPU processes
+with gloo; the global batch stays SOLVER.IMS_PER_BATCH. Evaluation always runs in float32.
 """
 
 import argparse
 import os
-from typing import Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.multiprocessing as mp
@@ -24,11 +26,11 @@ from common.cli import common_parser, non_negative_int, positive_int, validate_a
 from common.contract import run_test
 from common.database import Split
 from common.datasets import RetrievalDataset, eval_splits
-from common.device import autocast, channels_last, parse_gpu_ids, upcast
+from common.device import autocast, channels_last, parse_gpu_ids
 from common.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, launch, launched_by_torchrun
 from common.engine import Evaluation, Run, check_finite, embed_dataset, eval_recalls
 from common.errors import UserError, run_cli
-from common.runio import set_seed
+from common.runio import atomic_save, set_seed
 from fastretri.config import (
     MODEL_KEYS,
     RESUME_FREE,
@@ -38,10 +40,10 @@ from fastretri.config import (
     resolve_config,
     run_files,
 )
-from fastretri.data import GlobalBatchSampler, build_datasets, build_transforms
-from fastretri.losses import LabelSmoothingCrossEntropy
+from fastretri.data import build_datasets, build_train_sampler, build_transforms
+from fastretri.losses import FastRetriLoss
 from fastretri.model import build_model
-from fastretri.solver import build_optimizer, clip_grad_norm_groups, lr_at, set_lr
+from fastretri.solver import build_optimizer, clipper_from_config, schedule_from_config, set_lr
 from fastretri.spec import SPEC, embed
 
 
@@ -57,11 +59,12 @@ def train_one_epoch(
     scaler=None,
     amp: bool = False,
     amp_dtype: torch.dtype = torch.bfloat16,
-    clip: Optional[float] = None,
+    clip: Optional[Callable[[torch.optim.Optimizer], None]] = None,
     main: bool = True,
     dtype: torch.dtype = torch.float32,
 ) -> Dict[str, float]:
-    """One epoch; ``schedule(global_iteration)`` sets the learning rate before every step."""
+    """One epoch; ``schedule(global_iteration)`` sets the learning rate before every step, ``clip(optimizer)``
+    clips the (unscaled) gradients before it."""
     model.train()
     loader.batch_sampler.set_epoch(epoch)
     totals, n = torch.zeros(3), 0
@@ -73,8 +76,8 @@ def train_one_epoch(
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp, amp_dtype):
-            _, logits = model(images)
-        loss = criterion(upcast(logits), labels)
+            out = model(images)
+        loss, _ = criterion(out, labels)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -82,11 +85,11 @@ def train_one_epoch(
         else:
             loss.backward()
         if clip is not None:
-            clip_grad_norm_groups(optimizer, clip)
+            clip(optimizer)
         scaler.step(optimizer) if scaler is not None else optimizer.step()
         if scaler is not None:
             scaler.update()
-        acc = (logits.argmax(1) == labels).float().mean()
+        acc = (out.logits.argmax(1) == labels).float().mean()
         stats = all_reduce_mean(torch.stack([loss.detach(), acc]).float().cpu())
         check_finite(stats[0])
         totals += torch.cat([stats, torch.tensor([lr])])
@@ -104,9 +107,11 @@ def evaluate(
     recalls: List[int],
     batch_size: int = 256,
     workers: int = 0,
-    amp: bool = False,
 ) -> Evaluation:
-    """Recall@K (cosine of L2-normalised BNNeck features, self excluded by index); every rank embeds its share."""
+    """Recall@K (cosine of L2-normalised BNNeck features, self excluded by index); every rank embeds its share.
+
+    Always in float32, also when training uses AMP: like fast-reid's evaluator and this toolkit's test.py, so the
+    statistics, the model selection and the saved database hold what test.py recomputes."""
     q_name, g_name = splits_of
     splits = {}
     for name in dict.fromkeys((q_name, g_name)):
@@ -118,7 +123,6 @@ def evaluate(
             num_workers=workers,
             device=device,
             embed=embed,
-            amp=amp,
             desc=f"{name} features",
         )
         splits[name] = Split(ds.images, ds.labels, features)
@@ -138,16 +142,14 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
     if not args.augment:
         datasets["train"].transform = build_transforms(cfg)[1]
     # ---- model, DDP ----
-    model = build_model(cfg, datasets["train"].num_classes, pretrained_source(cfg)).to(info.device, dtype)
+    model = training_model(cfg, datasets["train"].num_classes).to(info.device, dtype)
     model = channels_last(model, info.device)
     model_without_ddp = model
     if info.distributed:
         model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     # ---- data ----
     per_rank = solver["IMS_PER_BATCH"] // info.world_size
-    sampler = GlobalBatchSampler(
-        len(datasets["train"]), solver["IMS_PER_BATCH"], info.rank, info.world_size, cfg["SEED"]
-    )
+    sampler = build_train_sampler(cfg, datasets["train"].labels, info.rank, info.world_size)
     workers = cfg["DATALOADER"]["NUM_WORKERS"]
     loader = DataLoader(
         datasets["train"],
@@ -158,28 +160,14 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
     )
     # ---- optimisation ----
     optimizer = build_optimizer(model_without_ddp, cfg)
-    ce = cfg["MODEL"]["LOSSES"]["CE"]
-    criterion = LabelSmoothingCrossEntropy(ce["EPSILON"], ce["SCALE"])
-    amp = solver["AMP"]["ENABLED"] and info.device.type == "cuda"
-    amp_dtype = torch.float16 if solver["AMP"]["DTYPE"] == "float16" else torch.bfloat16
+    criterion = FastRetriLoss(cfg)
+    amp, amp_dtype = amp_settings(cfg, info.device)
     scaler = torch.amp.GradScaler("cuda") if amp and amp_dtype == torch.float16 else None
     ipe = len(sampler)
-
-    def schedule(iteration: int) -> float:
-        return lr_at(
-            iteration,
-            base_lr=solver["BASE_LR"],
-            iters_per_epoch=ipe,
-            max_epoch=solver["MAX_EPOCH"],
-            warmup_iters=solver["WARMUP_ITERS"],
-            warmup_factor=solver["WARMUP_FACTOR"],
-            eta_min=solver["ETA_MIN_LR"],
-        )
-
-    clip = solver["CLIP_GRADIENTS"]["CLIP_VALUE"] if solver["CLIP_GRADIENTS"]["ENABLED"] else None
+    schedule, clip = schedule_from_config(cfg, ipe), clipper_from_config(cfg)
 
     def evaluate_now(epoch: int) -> Evaluation:
-        if epoch not in (0, solver["MAX_EPOCH"]) and epoch % cfg["TEST"]["EVAL_PERIOD"]:
+        if not evaluates(cfg, epoch):
             return Evaluation({})
         return evaluate(
             model,
@@ -189,7 +177,6 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
             cfg["TEST"]["RECALLS"],
             cfg["TEST"]["IMS_PER_BATCH"],
             workers,
-            amp,
         )
 
     # ---- epochs: the same loop on every rank; Run writes on rank 0 only ----
@@ -237,8 +224,44 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
             dtype=dtype,
         )
         run.log(epoch, train_stats, evaluate_now(epoch), model)
+        if main_rank and snapshots(cfg, epoch):
+            state = {"model": model_without_ddp.state_dict(), "config": config, "epoch": epoch}
+            atomic_save(state, snapshot(cfg, epoch))
         run.checkpoint(epoch, model, optimizer, scaler=scaler)
     run.finish()
+
+
+def training_model(cfg: Dict, num_classes: int) -> nn.Module:
+    """The model to train; without CrossEntropyLoss no loss reads the classifier, which is then frozen (fast-reid's
+    SGD skips its None gradient; frozen, DistributedDataParallel does not wait for one)."""
+    model = build_model(cfg, num_classes, pretrained_source(cfg))
+    if "CrossEntropyLoss" not in cfg["MODEL"]["LOSSES"]["NAME"]:
+        model.classifier.weight.requires_grad_(False)
+    return model
+
+
+def amp_settings(cfg: Dict, device: torch.device) -> Tuple[bool, torch.dtype]:
+    """(autocast on, its dtype): SOLVER.AMP applies on CUDA (as fast-reid's AMPTrainer); CPU trains in full
+    precision."""
+    dtype = torch.float16 if cfg["SOLVER"]["AMP"]["DTYPE"] == "float16" else torch.bfloat16
+    return cfg["SOLVER"]["AMP"]["ENABLED"] and device.type == "cuda", dtype
+
+
+def evaluates(cfg: Dict, epoch: int) -> bool:
+    """Whether ``epoch`` is evaluated: the untrained model (0), every ``TEST.EVAL_PERIOD`` epochs and the last."""
+    return epoch in (0, cfg["SOLVER"]["MAX_EPOCH"]) or epoch % cfg["TEST"]["EVAL_PERIOD"] == 0
+
+
+def snapshots(cfg: Dict, epoch: int) -> bool:
+    """fast-reid's ``PeriodicCheckpointer``: a model every ``SOLVER.CHECKPOINT_PERIOD`` epochs before the last (the
+    last epoch's is ``model.pth``, fast-reid's ``model_final``)."""
+    return 0 < epoch < cfg["SOLVER"]["MAX_EPOCH"] and epoch % cfg["SOLVER"]["CHECKPOINT_PERIOD"] == 0
+
+
+def snapshot(cfg: Dict, epoch: int) -> Path:
+    """``<run>_model_<epoch>.pth`` after 1-based ``epoch`` (fast-reid's ``model_<epoch - 1>.pth``); test.py,
+    export.py and ``--eval-only MODEL.WEIGHTS`` take it like ``model.pth``."""
+    return run_files(cfg).path(f"model_{epoch:04d}.pth")
 
 
 def plan_processes(args: argparse.Namespace) -> Tuple[int, bool, Optional[List[int]]]:
@@ -258,11 +281,23 @@ def check_setup(cfg: Dict, world_size: int) -> None:
     batch = cfg["SOLVER"]["IMS_PER_BATCH"]
     if batch % world_size:
         raise UserError(f"SOLVER.IMS_PER_BATCH {batch} is not divisible by the {world_size} processes")
+    if cfg["MODEL"]["WEIGHTS"]:
+        raise UserError(
+            "MODEL.WEIGHTS is read by --eval-only only: training starts from MODEL.BACKBONE.PRETRAIN_PATH "
+            "(or --resume continues a run); fine-tuning a whole model is not supported"
+        )
     datasets = build_datasets(cfg)
     if len(datasets["train"]) < batch:
         raise UserError(
             f"the training split has {len(datasets['train'])} images, fewer than one global batch "
             f"(SOLVER.IMS_PER_BATCH {batch})"
+        )
+    sampler, k = cfg["DATALOADER"]["SAMPLER_TRAIN"], cfg["DATALOADER"]["NUM_INSTANCE"]
+    identities = len(set(datasets["train"].labels))
+    if sampler != "TrainingSampler" and identities < batch // k:
+        raise UserError(
+            f"{sampler} needs SOLVER.IMS_PER_BATCH / DATALOADER.NUM_INSTANCE = {batch // k} classes per batch; "
+            f"the training split has {identities}"
         )
     q, g = eval_splits(data_name(cfg), cfg["DATASETS"]["ROOT"])
     ns = argparse.Namespace(

@@ -1,11 +1,16 @@
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
 
 from common.errors import UserError
 from fastretri.config import flatten, load_config
+from fastretri.data import build_transforms
 
 CONFIGS = Path(__file__).resolve().parents[2] / "fastretri" / "configs"
 
@@ -13,10 +18,10 @@ CONFIGS = Path(__file__).resolve().parents[2] / "fastretri" / "configs"
 @pytest.mark.parametrize(
     "name, epochs, lr, eta, momentum, nesterov, eps, size, ratio, cj, recalls",
     [
-        ("cub", 30, 0.02, 2e-5, 0.0, False, 0.3, [256], [0.75, 1.33], [0.25, 0.25, 0.25, 0.0], [1, 2, 4, 8, 16, 32]),
+        ("cub", 30, 0.02, 2e-5, 0.0, False, 0.3, [256], [0.75, 1.33333], [0.25, 0.25, 0.25, 0.0], [1, 2, 4, 8, 16, 32]),
         ("cars", 100, 0.05, 5e-4, 0.0, False, 0.4, [256, 256], [1.0, 1.0], [0.3, 0.3, 0.3, 0.1], [1, 2, 4, 8, 16, 32]),
-        ("sop", 100, 0.003, 3e-5, 0.99, True, 0.1, [256, 256], [0.75, 1.33], None, [1, 10, 100, 1000]),
-        ("inshop", 100, 0.003, 3e-5, 0.99, True, 0.1, [0], [0.75, 1.33], None, [1, 10, 20, 30, 40, 50]),
+        ("sop", 100, 0.003, 3e-5, 0.99, True, 0.1, [256, 256], [0.75, 1.33333], None, [1, 10, 100, 1000]),
+        ("inshop", 100, 0.003, 3e-5, 0.99, True, 0.1, [0], [0.75, 1.33333], None, [1, 10, 20, 30, 40, 50]),
     ],
 )
 def test_dataset_configs_match_fastretri(name, epochs, lr, eta, momentum, nesterov, eps, size, ratio, cj, recalls):
@@ -137,3 +142,49 @@ def test_demo_config_values():
         32,
         "BN",
     )
+
+
+# ---- RandomResizedCrop with fast-reid's ratio ----
+
+FASTREID_RATIO = (0.75, 1.33333)  # projects/FastRetri/configs/base-image_retri.yml INPUT.CROP.RATIO
+
+
+def _restated_crop(height, width, scale, ratio):
+    """torchvision ``RandomResizedCrop.get_params`` (fast-reid's crop), re-stated: up to 10 draws of an area
+    fraction and a log-uniform aspect ratio until the box fits, then a uniform position; else a centre crop."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = torch.randint(0, height - h + 1, size=(1,)).item()
+            j = torch.randint(0, width - w + 1, size=(1,)).item()
+            return i, j, h, w
+    w, h = width, height
+    if width / height < min(ratio):
+        h = int(round(w / min(ratio)))
+    elif width / height > max(ratio):
+        w = int(round(h * max(ratio)))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@pytest.mark.parametrize("name, size", [("base", (256, 256)), ("cub", (256, 341)), ("sop", (256, 256))])
+def test_crop_draws_equal_fastreids(name, size):
+    """Under the same seed, every training crop box equals the one fast-reid's ratio [0.75, 1.33333] gives."""
+    crop = next(
+        op
+        for op in build_transforms(load_config(CONFIGS / f"{name}.yml"))[0].transforms
+        if isinstance(op, T.RandomResizedCrop)
+    )
+    image = Image.new("RGB", (size[1], size[0]))
+    differ_old = 0
+    for seed in range(300):
+        torch.manual_seed(seed)
+        ours = crop.get_params(image, crop.scale, crop.ratio)
+        torch.manual_seed(seed)
+        assert ours == _restated_crop(*size, (0.16, 1.0), FASTREID_RATIO), seed
+        torch.manual_seed(seed)
+        differ_old += ours != _restated_crop(*size, (0.16, 1.0), (0.75, 1.33))
+    assert differ_old > 0  # the comparison sees the ratio: [0.75, 1.33] draws other boxes

@@ -1,7 +1,6 @@
 import torch
 
 from common.distributed import all_gather_by_index, get_rank, get_world_size, is_main_process
-from fastretri.data import GlobalBatchSampler
 from fastretri.model import FastRetri
 from fastretri.train import get_args_parser, main
 from tests.ddp import compare_runs, run_script
@@ -15,13 +14,6 @@ def test_all_gather_by_index_single_process_reorders():
     feats = torch.arange(6.0).reshape(3, 2)
     out = all_gather_by_index(feats, torch.tensor([2, 0, 1]), 3)
     assert torch.equal(out, torch.tensor([[2.0, 3.0], [4.0, 5.0], [0.0, 1.0]]))
-
-
-def test_global_batches_are_split_across_ranks():
-    one = list(GlobalBatchSampler(50, 8, seed=3))
-    two = [list(GlobalBatchSampler(50, 8, r, 2, seed=3)) for r in range(2)]
-    assert len(one) == 6 and all(len(b) == 8 for b in one)
-    assert [a + b for a, b in zip(*two)] == one  # rank 0 then rank 1 = the global batch
 
 
 def test_two_gloo_processes_equal_one(tiny_config, tiny_data, tmp_path):

@@ -30,7 +30,7 @@ def test_frozen_batchnorm_survives_an_optimizer_step(model):
     assert all(not p.requires_grad for bn in bns for p in bn.parameters())
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
     for _ in range(2):
-        _, logits = model(torch.randn(4, 3, 32, 32))
+        logits = model(torch.randn(4, 3, 32, 32)).logits
         F.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
         opt.step()
     after = model.backbone.state_dict()
@@ -55,8 +55,10 @@ def test_bnneck_and_classifier(model):
     w = FastRetri(num_classes=2000, backbone="resnet18").classifier.weight
     assert abs(w.std().item() - 0.01) < 5e-4 and abs(w.mean().item()) < 5e-4
     model.train()
-    emb, logits = model(torch.randn(3, 3, 32, 32))
+    emb, logits, pooled = model(torch.randn(3, 3, 32, 32))
     assert torch.allclose(logits, emb @ model.classifier.weight.t(), atol=1e-6)
+    mean, var = pooled.mean(0), pooled.var(0, unbiased=False)  # BNNeck: batch statistics, weight 1, bias 0
+    assert torch.allclose(emb, (pooled - mean) / torch.sqrt(var + 1e-5), atol=1e-4)
 
 
 def test_gem_against_formula():
@@ -65,6 +67,70 @@ def test_gem_against_formula():
     assert torch.allclose(GeM(p=3)(x), expected, atol=1e-6)
     assert torch.allclose(GeM(p=1)(x.abs()), x.abs().mean(dim=(2, 3)), atol=1e-6)
     assert not list(GeM(p=3).parameters()) and len(list(GeM(p=3, learnable=True).parameters())) == 1
+
+
+@pytest.mark.parametrize(
+    "name, formula",
+    [
+        ("GeneralizedMeanPooling", lambda x: x.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3)),
+        ("GeneralizedMeanPoolingP", lambda x: x.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3)),
+        ("GlobalAvgPool", lambda x: x.mean(dim=(2, 3))),
+        ("FastGlobalAvgPool", lambda x: x.flatten(2).mean(-1)),
+        ("GlobalMaxPool", lambda x: x.flatten(2).max(-1)[0]),
+        ("AdaptiveAvgMaxPool", lambda x: x.flatten(2).mean(-1) + x.flatten(2).max(-1)[0]),
+        ("ClipGlobalAvgPool", lambda x: x.flatten(2).mean(-1).clamp(0, 1)),
+    ],
+)
+def test_pool_layers_match_fastreids(name, formula):
+    """MODEL.HEADS.POOL_LAYER: fastreid.layers.pooling's layers (1 x 1 output, flattened)."""
+    from fastretri.config import load_config
+    from fastretri.model import build_model
+
+    model = build_model(
+        load_config(None, ["MODEL.BACKBONE.NAME", "resnet18", "MODEL.HEADS.POOL_LAYER", name]), 3, "none"
+    )
+    x = torch.rand(2, 4, 5, 3) * 1.5 - 0.2  # some negatives, some above 1
+    assert torch.allclose(model.pool(x), formula(x), atol=1e-6)
+    learnable = [n for n, p in model.named_parameters() if n.startswith("pool.")]
+    assert learnable == (["pool.p"] if name.endswith("P") else [])  # GeM-P's p is trained (weight decay group)
+    model.eval()
+    img = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(model(img), model.bottleneck(formula(model.forward_features(img))), atol=1e-5)
+
+
+def test_margin_classifiers_see_cosine_logits():
+    from fastretri.config import load_config
+    from fastretri.model import build_model
+
+    cfg = load_config(None, ["MODEL.BACKBONE.NAME", "resnet18", "MODEL.HEADS.CLS_LAYER", "ArcSoftmax"])
+    torch.manual_seed(0)
+    model = build_model(cfg, 3, "none").train()
+    torch.manual_seed(1)
+    out = model(torch.randn(4, 3, 32, 32))
+    expected = F.normalize(out.embedding) @ F.normalize(model.classifier.weight).t()
+    assert torch.allclose(out.logits, expected, atol=1e-6) and out.logits.abs().max() <= 1
+
+
+def test_backbone_norms():
+    """FrozenBN: fixed statistics and affine; BN: trained, per process; syncBN: the global-batch BatchNorm (the
+    same as BN in one process)."""
+    from common.distributed import GlobalBatchNorm
+    from fastretri.config import load_config
+    from fastretri.model import build_model
+
+    def model(norm):
+        torch.manual_seed(0)
+        return build_model(
+            load_config(None, ["MODEL.BACKBONE.NAME", "resnet18", "MODEL.BACKBONE.NORM", norm]), 3, "none"
+        )
+
+    frozen, bn, sync = model("FrozenBN").train(), model("BN").train(), model("syncBN").train()
+    assert not frozen.backbone[1].training and not frozen.backbone[1].weight.requires_grad
+    assert bn.backbone[1].training and bn.backbone[1].weight.requires_grad and type(bn.backbone[1]) is nn.BatchNorm2d
+    assert isinstance(sync.backbone[1], GlobalBatchNorm) and sync.backbone[1].training
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.allclose(bn(x).embedding, sync(x).embedding, atol=1e-5)
+    assert not torch.allclose(bn(x).embedding, frozen(x).embedding, atol=1e-3)
 
 
 # ---- stem max-pool: fastreid's MaxPool2d(3, stride 2, padding 0, ceil_mode) ----

@@ -28,36 +28,59 @@ def test_schedule_values(iteration, expected):
 
 
 class _FastReidWarmupLR(torch.optim.lr_scheduler.LRScheduler):
-    """fast-reid ``WarmupLR`` (solver/lr_scheduler.py), linear method, re-stated."""
+    """fast-reid ``WarmupLR`` (solver/lr_scheduler.py) and ``_get_warmup_factor_at_epoch``, re-stated."""
 
-    def __init__(self, optimizer, factor: float, iters: int):
-        self.factor, self.iters = factor, iters
+    def __init__(self, optimizer, factor: float, iters: int, method: str = "linear"):
+        self.factor, self.iters, self.method = factor, iters, method
         super().__init__(optimizer)
 
     def get_lr(self):
         it = self.last_epoch
-        f = 1.0 if it >= self.iters else self.factor * (1 - it / self.iters) + it / self.iters
+        if it >= self.iters:
+            f = 1.0
+        elif self.method == "constant":
+            f = self.factor
+        elif self.method == "linear":
+            f = self.factor * (1 - it / self.iters) + it / self.iters
+        else:  # exp
+            f = self.factor ** (1 - it / self.iters)
         return [b * f for b in self.base_lrs]
 
 
-def fastreid_lrs(base_lr, iters_per_epoch, max_epoch, warmup_iters, warmup_factor, eta_min):
+def fastreid_lrs(
+    base_lr,
+    iters_per_epoch,
+    max_epoch,
+    warmup_iters,
+    warmup_factor,
+    eta_min,
+    warmup_method="linear",
+    sched="CosineAnnealingLR",
+    steps=(30, 55),
+    gamma=0.1,
+    delay_epochs=0,
+):
     """The learning rate of every iteration as fast-reid's trainer produces it: build_lr_scheduler (cosine with
-    T_max = MAX_EPOCH - ceil(WARMUP_ITERS / iters), then WarmupLR on the same optimizer), TrainerBase.train's loop
-    and the LRScheduler hook (warm-up stepped in after_step while iter + 1 <= WARMUP_ITERS, cosine stepped in
-    after_epoch once iter + 1 > WARMUP_ITERS, iter being the count of iterations done)."""
+    T_max = MAX_EPOCH - max(ceil(WARMUP_ITERS / iters), DELAY_EPOCHS), or MultiStepLR(STEPS, GAMMA); then WarmupLR
+    on the same optimizer), TrainerBase.train's loop and the LRScheduler hook (warm-up stepped in after_step while
+    iter + 1 <= WARMUP_ITERS; the scheduler stepped in after_epoch once iter + 1 > WARMUP_ITERS and epoch + 1 >
+    DELAY_EPOCHS, iter being the count of iterations done)."""
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base_lr)
-    t_max = max_epoch - max(math.ceil(warmup_iters / iters_per_epoch), 0)
-    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max, eta_min=eta_min)
-    warmup_sched = _FastReidWarmupLR(opt, warmup_factor, warmup_iters) if warmup_iters > 0 else None
+    if sched == "MultiStepLR":
+        lr_sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(steps), gamma=gamma)
+    else:
+        t_max = max_epoch - max(math.ceil(warmup_iters / iters_per_epoch), delay_epochs)
+        lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max, eta_min=eta_min)
+    warmup_sched = _FastReidWarmupLR(opt, warmup_factor, warmup_iters, warmup_method) if warmup_iters > 0 else None
     lrs, it = [], 0
-    for _epoch in range(max_epoch):
+    for epoch in range(max_epoch):
         for _ in range(iters_per_epoch):
             lrs.append(opt.param_groups[0]["lr"])  # the step runs with this lr
             opt.step()
             if it + 1 <= warmup_iters:  # after_step
                 warmup_sched.step()
             it += 1
-        if it + 1 > warmup_iters:  # after_epoch
+        if it + 1 > warmup_iters and epoch + 1 > delay_epochs:  # after_epoch
             lr_sched.step()
     return lrs
 
@@ -66,7 +89,7 @@ def fastreid_lrs(base_lr, iters_per_epoch, max_epoch, warmup_iters, warmup_facto
 TRAIN_IMAGES = {"cub": 5864, "car": 8054, "sop": 59551, "isc": 25882, "demo": 960}
 
 
-def _check_against_fastreid(base_lr, iters_per_epoch, max_epoch, warmup_iters, warmup_factor, eta_min):
+def _check_against_fastreid(base_lr, iters_per_epoch, max_epoch, warmup_iters, warmup_factor, eta_min, **more):
     args = dict(
         base_lr=base_lr,
         iters_per_epoch=iters_per_epoch,
@@ -74,13 +97,19 @@ def _check_against_fastreid(base_lr, iters_per_epoch, max_epoch, warmup_iters, w
         warmup_iters=warmup_iters,
         warmup_factor=warmup_factor,
         eta_min=eta_min,
+        **more,
     )
     expected = fastreid_lrs(**args)
     ours = [lr_at(i, **args) for i in range(len(expected))]
     bad = [i for i, (a, b) in enumerate(zip(ours, expected)) if not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15)]
     assert not bad, f"{len(bad)}/{len(expected)} iterations differ; first {bad[0]}: {ours[bad[0]]}, {expected[bad[0]]}"
-    if warmup_iters > 0:  # the last epoch runs at eta_min (without warm-up fast-reid's T_max is one epoch longer)
-        assert ours[-1] == pytest.approx(eta_min, rel=1e-9)
+    if (
+        warmup_iters > 0
+        and more.get("sched", "CosineAnnealingLR") == "CosineAnnealingLR"
+        and not more.get("delay_epochs")
+    ):
+        assert ours[-1] == pytest.approx(eta_min, rel=1e-9)  # the last epoch runs at eta_min
+    return ours
 
 
 @pytest.mark.parametrize("config", ["cub", "cars", "sop", "inshop", "demo", "base"])
@@ -109,6 +138,30 @@ def test_schedule_multiple_of_epoch_values():
     assert lr_at(89, **args) == pytest.approx(0.02 * (0.1 / 90 + 89 / 90), rel=1e-12)
     assert lr_at(90, **args) == pytest.approx(2e-5 + (0.02 - 2e-5) * (1 + math.cos(math.pi / 28)) / 2, rel=1e-12)
     assert lr_at(29 * 45, **args) == pytest.approx(2e-5, rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["linear", "constant", "exp"])
+@pytest.mark.parametrize(
+    "sched, steps", [("CosineAnnealingLR", ()), ("MultiStepLR", (3, 7, 7)), ("MultiStepLR", (9, 2))]
+)
+@pytest.mark.parametrize("delay", [0, 2, 6])
+def test_schedulers_warmups_and_delay_match_fastreid(method, sched, steps, delay):
+    """SOLVER.SCHED, WARMUP_METHOD and DELAY_EPOCHS against torch's schedulers driven by fast-reid's hooks."""
+    lrs = _check_against_fastreid(
+        0.02, 7, 15, 20, 0.1, 2e-5, warmup_method=method, sched=sched, steps=steps, gamma=0.5, delay_epochs=delay
+    )
+    assert len(set(lrs)) >= 3  # the schedule moves
+
+
+def test_schedule_from_config_reads_every_solver_key():
+    from fastretri.config import load_config
+    from fastretri.solver import schedule_from_config
+
+    opts = ["SOLVER.SCHED", "MultiStepLR", "SOLVER.STEPS", "[2, 4]", "SOLVER.GAMMA", "0.5", "SOLVER.WARMUP_METHOD"]
+    opts += ["exp", "SOLVER.WARMUP_ITERS", "10", "SOLVER.DELAY_EPOCHS", "3", "SOLVER.MAX_EPOCH", "9"]
+    schedule = schedule_from_config(load_config(None, opts + ["SOLVER.BASE_LR", "0.1"]), 4)
+    expected = fastreid_lrs(0.1, 4, 9, 10, 0.1, 3e-5, "exp", "MultiStepLR", (2, 4), 0.5, 3)
+    assert [schedule(i) for i in range(36)] == pytest.approx(expected, rel=1e-12)
 
 
 def _grads(params):
@@ -140,7 +193,7 @@ def test_clipping_groups_follow_contiguous_params_on_a_model():
     torch.manual_seed(0)
     model = FastRetri(5, "resnet18", norm="BN")
     opt = build_optimizer(model, load_config(None))
-    _, logits = model.train()(torch.randn(4, 3, 32, 32))
+    logits = model.train()(torch.randn(4, 3, 32, 32)).logits
     (1e3 * F.cross_entropy(logits, torch.tensor([0, 1, 2, 3]))).backward()  # large enough to clip
     named = dict(model.named_parameters())
     groups = {}
@@ -157,6 +210,44 @@ def test_clipping_groups_follow_contiguous_params_on_a_model():
         for g0, p in zip(before[k], params):
             assert torch.allclose(p.grad.double(), g0 * coef, rtol=1e-5, atol=1e-12)
         assert torch.cat([p.grad.double().flatten() for p in params]).norm().item() == pytest.approx(5.0, rel=1e-5)
+
+
+def test_clip_by_value_and_norm_type_follow_the_config():
+    """CLIP_TYPE value: torch's clip_grad_value_ on every gradient (fast-reid's per-parameter clipper);
+    NORM_TYPE: the p of the clipped group norm."""
+    from fastretri.config import load_config
+    from fastretri.solver import clipper_from_config
+
+    def clipped(opts):
+        a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+        a.grad, b.grad = torch.tensor([30.0, -40.0, 0.5]), torch.tensor([0.3, -8.0])
+        opt = torch.optim.SGD([{"params": [a], "weight_decay": 5e-4}, {"params": [b], "weight_decay": 5e-4}], lr=0.1)
+        clipper_from_config(load_config(None, opts))(opt)
+        return torch.cat([a.grad, b.grad]).tolist()
+
+    assert clipped(["SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "value"]) == pytest.approx([5.0, -5.0, 0.5, 0.3, -5.0])
+    g = [30.0, -40.0, 0.5, 0.3, -8.0]
+    l1 = sum(abs(v) for v in g)
+    assert clipped(["SOLVER.CLIP_GRADIENTS.NORM_TYPE", "1.0"]) == pytest.approx([v * 5 / (l1 + 1e-6) for v in g])
+    l2 = math.sqrt(sum(v * v for v in g))
+    assert clipped([]) == pytest.approx([v * 5 / (l2 + 1e-6) for v in g])
+    assert clipper_from_config(load_config(None, ["SOLVER.CLIP_GRADIENTS.ENABLED", "False"])) is None
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
+def test_other_optimizers_as_fastreid_builds_them(name):
+    """fast-reid: getattr(torch.optim, OPT)(param groups) with the optimizer's own defaults besides lr and decay."""
+    from fastretri.config import load_config
+    from fastretri.model import FastRetri
+
+    opt = build_optimizer(FastRetri(4, "resnet18"), load_config(None, ["SOLVER.OPT", name, "SOLVER.BASE_LR", "0.01"]))
+    reference = getattr(torch.optim, name)([nn.Parameter(torch.zeros(1))], lr=0.01)
+    assert type(opt) is type(reference)
+    keep = {"params", "lr", "weight_decay", "lr_factor", "name", "initial_lr"}
+    for group in opt.param_groups:
+        assert {k: v for k, v in group.items() if k not in keep} == {
+            k: v for k, v in reference.param_groups[0].items() if k not in keep
+        }
 
 
 def test_clipping_leaves_small_gradients_alone():
