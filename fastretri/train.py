@@ -156,7 +156,9 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
         batch_sampler=sampler,
         num_workers=workers,
         pin_memory=info.device.type == "cuda",
-        persistent_workers=workers > 0,
+        # workers restart each epoch and draw their seeds from the main process's RNG, which the checkpoint
+        # restores: persistent workers would carry a state no checkpoint holds, and --resume would not be exact
+        persistent_workers=False,
     )
     # ---- optimisation ----
     optimizer = build_optimizer(model_without_ddp, cfg)

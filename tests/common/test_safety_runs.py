@@ -134,7 +134,8 @@ def test_checkpoint_of_one_process_resumes_without_note(tmp_path, capsys):
 
 
 KILL_AFTER = '''
-"""Run a training script, SIGKILLing rank 1 right after the checkpoint of epoch $KILL_AFTER (a simulated kill)."""
+"""Run a training script, SIGKILLing rank $KILL_RANK (default 1) right after the checkpoint of epoch $KILL_AFTER
+(a simulated kill)."""
 import os, runpy, signal, sys
 from common.engine import Run
 
@@ -143,7 +144,7 @@ real, kill = Run.checkpoint, int(os.environ["KILL_AFTER"])
 
 def checkpoint(self, epoch, *args, **kwargs):
     real(self, epoch, *args, **kwargs)
-    if epoch == kill and int(os.environ.get("RANK", 0)) == 1:
+    if epoch == kill and os.environ.get("RANK", "0") == os.environ.get("KILL_RANK", "1"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -153,9 +154,11 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 
 
-def test_fastretri_two_processes_killed_and_resumed_equal_uninterrupted(tmp_path):
-    """FastRetri seeds rank r with SEED + r and augments (random crop, flip): 2 gloo processes in float64, killed
-    after epoch 1 and resumed, end with the weights and CSV of the uninterrupted 2-process run."""
+@pytest.mark.parametrize("nproc,workers", [(2, 0), (1, 2)])
+def test_fastretri_killed_and_resumed_equals_uninterrupted(tmp_path, nproc, workers):
+    """FastRetri seeds rank r with SEED + r and augments (random crop, flip): 2 gloo processes in float64 (or one
+    process with 2 loader workers), killed after epoch 1 and resumed, end with the weights and CSV of the
+    uninterrupted run."""
     from tests.fastretri.conftest import CONFIGS, TINY_YML
 
     data = make_tiny_processed(tmp_path / "data", "cub", num_classes=8, per_class=6, size=32)
@@ -165,14 +168,14 @@ def test_fastretri_two_processes_killed_and_resumed_equal_uninterrupted(tmp_path
     wrapper.write_text(KILL_AFTER)
     args = [str(REPO / "fastretri" / "train.py"), "--config-file", str(config), "--data_path", str(data)]
     args += ["--num-gpus", "0", "--float64"]
-    opts = ["SOLVER.MAX_EPOCH", "2", "SOLVER.BASE_LR", "0.05"]  # KEY VALUE overrides come last
+    opts = ["SOLVER.MAX_EPOCH", "2", "SOLVER.BASE_LR", "0.05", "DATALOADER.NUM_WORKERS", str(workers)]  # overrides last
 
     def launch(results: Path, *extra: str, kill: int = 0) -> subprocess.CompletedProcess:
-        os.environ.update(RETRIEVAL_RESULTS=str(results), KILL_AFTER=str(kill))
+        os.environ.update(RETRIEVAL_RESULTS=str(results), KILL_AFTER=str(kill), KILL_RANK=str(nproc - 1))
         try:
-            return _torchrun(wrapper, [*args, *extra, *opts])
+            return _torchrun(wrapper, [*args, *extra, *opts], nproc=nproc)
         finally:
-            del os.environ["RETRIEVAL_RESULTS"], os.environ["KILL_AFTER"]
+            del os.environ["RETRIEVAL_RESULTS"], os.environ["KILL_AFTER"], os.environ["KILL_RANK"]
 
     done = launch(tmp_path / "a")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
