@@ -12,9 +12,9 @@ when the server's anonymous memory grows by more than ``--max_growth_mb`` betwee
 the run and its end. ``--add N`` then measures adding N new JPEGs to the database (``inference.py --add``'s
 update: embedding, index update, atomic rewrite), per gallery size.
 
-    python benchmarks/serve_benchmark.py                                   # 100,000 and 1,000,000 x 512
-    python benchmarks/serve_benchmark.py --gallery_sizes 1000000 --indexes ivf --minutes 10   # soak
-    python benchmarks/serve_benchmark.py --gallery_sizes 2000 --seconds 5 --quick              # smoke, seconds
+    python -m benchmarks.serve_benchmark                                   # 100,000 and 1,000,000 x 512
+    python -m benchmarks.serve_benchmark --gallery_sizes 1000000 --indexes ivf --minutes 10   # soak
+    python -m benchmarks.serve_benchmark --gallery_sizes 2000 --seconds 5 --quick              # smoke, seconds
 
 Writes ``results/benchmarks/serve_benchmark.csv`` (load) and ``serve_benchmark_add.csv`` (additions); only
 loopback addresses are used.
@@ -38,7 +38,6 @@ from typing import Dict, List
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 PACKAGES = ["common", "cgd", "reir", "sreml", "irt", "fastretri"]
 # import name -> distribution name, where they differ
-DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "faiss": "faiss-cpu", "multipart": "python-multipart"}
+DISTRIBUTION = {
+    "PIL": "pillow",
+    "yaml": "pyyaml",
+    "faiss": "faiss-cpu",
+    "multipart": "python-multipart",
+    "python_multipart": "python-multipart",
+}
 
 
 def _requirement_name(req: str) -> str:

@@ -1,4 +1,4 @@
-"""benchmarks/serve_benchmark.py's smoke setting: a server process on 127.0.0.1 under concurrent JPEG queries
+"""``python -m benchmarks.serve_benchmark``'s smoke setting: a server process on 127.0.0.1 under concurrent JPEG queries
 (soak checks on), then an --add of new images; both CSVs written with their rows."""
 
 import csv
@@ -21,7 +21,7 @@ def test_smoke_run_answers_every_query_and_adds_images(tmp_path):
     argv = ["--gallery_sizes", "600", "--indexes", "ivf", "--minutes", "0.05", "--max_growth_mb", "1e6"]
     argv += ["--clients", "3", "--quick", "--add", "6", "--output", str(out), "--work_dir", str(tmp_path / "work")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_benchmark.py"), *argv], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.serve_benchmark", *argv], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (row,) = list(csv.DictReader(open(out)))

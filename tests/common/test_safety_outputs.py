@@ -156,7 +156,8 @@ def _ablation_dbs(tmp_path: Path, folder: Path):
         ("worse", [[1, 0], [0, 1], [0.9, 0.1], [0.1, 0.9]]),
     ):
         split = Split(images, [0, 0, 1, 1], torch.tensor(features, dtype=torch.float32))
-        save_database(folder / f"{name}_data_base.pth", config=CGD_CONFIG, method="cgd", splits={"test": split})
+        config = {**CGD_CONFIG, "feature_dim": 2}  # the database's width, as checked at load
+        save_database(folder / f"{name}_data_base.pth", config=config, method="cgd", splits={"test": split})
     return rel
 
 
