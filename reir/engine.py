@@ -42,7 +42,7 @@ from common.preprocess import ensure_dataset_main_first
 from common.presets import build_transform
 from common.runio import plain_config, results_dir, set_seed
 from reir.meta_classes import LABEL_TYPES, meta_class_ids
-from reir.model import IMPLS, MODEL_TYPES, SHARE_TYPES, TIMM_SHARE_TYPE, Model, ensemble_embed
+from reir.model import IMPLS, MODEL_TYPES, SHARE_TYPES, TIMM_SHARE_TYPE, Model, check_share_type, ensemble_embed
 from reir.spec import MODEL_KEYS, Setting
 
 __all__ = [
@@ -273,9 +273,11 @@ def build_data(args: argparse.Namespace, info: DistInfo, setting: Setting):
 
 def resolve_share_type(args: argparse.Namespace, setting: Setting) -> None:
     """A timm backbone is shared whole (``reir.model.TIMM_SHARE_TYPE``). A setting that fixes its share type for
-    ResNets (SREML: layer1) gets that rule for a timm backbone, with a note; REIR's ``--share_type`` is checked by
-    the model (one ``error:`` line naming the flag to give)."""
-    if is_timm(args.model_type) and "share_type" in setting.fixed and args.share_type != TIMM_SHARE_TYPE:
+    ResNets (SREML: layer1) gets that rule for a timm backbone, with a note; a ``--share_type`` flag is checked
+    before any data is read (one ``error:`` line naming the flag to give)."""
+    if "share_type" not in setting.fixed:
+        check_share_type(args.model_type, args.share_type)
+    elif is_timm(args.model_type) and args.share_type != TIMM_SHARE_TYPE:
         if is_main_process():
             print(
                 f"note: {setting.display} shares {args.share_type} of a ResNet; a timm backbone is shared whole "

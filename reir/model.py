@@ -40,6 +40,7 @@ __all__ = [
     "SHARE_TYPES",
     "TIMM_SHARE_TYPE",
     "IMPLS",
+    "check_share_type",
     "Model",
     "count_parameters",
     "resolve_impl",
@@ -263,6 +264,15 @@ def _init_private(branches: EnsembleBranches) -> None:
                 nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
 
 
+def check_share_type(model_type: str, share_type: str) -> None:
+    """A timm backbone has no ResNet stages to give each learner: it is shared whole (``TIMM_SHARE_TYPE``)."""
+    if is_timm(model_type) and share_type != TIMM_SHARE_TYPE:
+        raise UserError(
+            f"--model_type {model_type}: a timm backbone is shared whole by the learners (private stages are "
+            f"built from ResNet stages only); use --share_type {TIMM_SHARE_TYPE}"
+        )
+
+
 class Model(nn.Module):
     """Shared trunk + E private learners; ``forward`` returns raw meta-class logits [B, E, M].
 
@@ -286,11 +296,7 @@ class Model(nn.Module):
             raise UserError(f"unknown --model_type {model_type!r} (choose from {', '.join(MODEL_TYPES)}, or timm:NAME)")
         if share_type not in SHARE_TYPES:
             raise UserError(f"unknown --share_type {share_type!r} (choose from {', '.join(SHARE_TYPES)})")
-        if is_timm(model_type) and share_type != TIMM_SHARE_TYPE:
-            raise UserError(
-                f"--model_type {model_type}: a timm backbone is shared whole by the learners (private stages are "
-                f"built from ResNet stages only); use --share_type {TIMM_SHARE_TYPE}"
-            )
+        check_share_type(model_type, share_type)
         if ensemble_size < 1 or meta_class_size < 2:
             raise UserError("--ensemble_size must be >= 1 and --meta_class_size >= 2")
         self.ensemble_size, self.meta_class_size, self.with_random = ensemble_size, meta_class_size, with_random

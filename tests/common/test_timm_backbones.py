@@ -195,3 +195,16 @@ def test_fixed_input_size_for_export_keeps_outputs_and_the_model():
         assert torch.allclose(fixed(x)[0], model(x)[0], atol=1e-5)
     resnet = Model("resnet18", "SG", 16, 3)
     assert fixed_input_size(resnet, (48, 32)) is resnet
+
+
+def test_irt_reads_safetensors_through_the_shared_loader(tmp_path):
+    from irt.model import build_model
+
+    tiny = {"depth": 2, "embed_dim": 64, "num_heads": 2, "patch_size": 8}
+    torch.manual_seed(0)
+    source = build_model("vit_tiny_patch16_224", "none", 32, drop_path=0.0, model_kwargs=tiny)
+    save_file(source.backbone.state_dict(), str(tmp_path / "w.safetensors"))
+    loaded = build_model("vit_tiny_patch16_224", str(tmp_path / "w.safetensors"), 32, drop_path=0.0, model_kwargs=tiny)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(x), source.eval()(x), atol=1e-6)
