@@ -1,6 +1,7 @@
 """CGD: Combination of multiple Global Descriptors (Jun et al., arXiv 1903.10663).
 
-A ResNet whose ``layer3`` keeps its input resolution (14x14 map at 224 px, as in leftthomas/CGD), followed by
+A ResNet whose ``layer3`` keeps its input resolution (14x14 map at 224 px, as in leftthomas/CGD), or any timm
+model's feature map (``--backbone_type timm:NAME``; a ViT's patch tokens on their grid), followed by
 ``n`` global descriptors (SPoC / MAC / GeM). Each descriptor goes through its own bias-free FC to
 ``feature_dim / n`` dimensions and is L2-normalised; the concatenation is L2-normalised again and is the
 retrieval embedding. An auxiliary classifier (BatchNorm1d -> Linear) on the FIRST descriptor, taken before its
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.backbones import build_resnet
+from common.backbones import build_backbone, is_timm
 from common.device import unwrap
 from common.errors import UserError
 from common.pooling import GeM  # p = 3 fixed, clamp(eps) before the power: no NaN gradient on all-zero channels
@@ -67,22 +68,24 @@ class L2Norm(nn.Module):
         return F.normalize(x, p=2, dim=-1)
 
 
-def build_features(backbone_type: str, pretrained: str = "none") -> Tuple[nn.Sequential, int]:
-    """ResNet trunk (conv1 ... layer4, no pooling/fc) with layer3's down-sampling removed; returns (trunk, C).
+def build_features(backbone_type: str, pretrained: str = "none") -> Tuple[nn.Module, int]:
+    """The backbone's feature map and its channels C.
 
-    Only strides change, so every weight keeps its torchvision shape and ImageNet weights load strictly.
-    Bottleneck blocks stride on conv2 (ResNet v1.5), BasicBlocks on conv1; both also on the shortcut conv.
+    ResNets: conv1 ... layer4 (no pooling/fc) with layer3's down-sampling removed. Only strides change, so every
+    weight keeps its torchvision shape and ImageNet weights load strictly. Bottleneck blocks stride on conv2
+    (ResNet v1.5), BasicBlocks on conv1; both also on the shortcut conv. ``timm:NAME``: the timm model's own map
+    (a ViT's patch tokens on their grid, ``common.backbones``), strides as timm built them.
     """
-    name = "resnext50_32x4d" if backbone_type == "resnext50" else backbone_type
-    if backbone_type not in BACKBONE_TYPES:
-        raise UserError(f"unknown backbone_type {backbone_type!r} (choose from {', '.join(BACKBONE_TYPES)})")
-    net = build_resnet(name, pretrained)
-    block = net.layer3[0]
-    strided = block.conv2 if hasattr(block, "conv3") else block.conv1
-    strided.stride = (1, 1)
-    block.downsample[0].stride = (1, 1)
-    channels = net.fc.in_features
-    trunk = nn.Sequential(*[m for m in net.children() if not isinstance(m, (nn.AdaptiveAvgPool2d, nn.Linear))])
+    if not is_timm(backbone_type) and backbone_type not in BACKBONE_TYPES:
+        raise UserError(
+            f"unknown backbone_type {backbone_type!r} (choose from {', '.join(BACKBONE_TYPES)}, or timm:NAME)"
+        )
+    trunk, channels = build_backbone(backbone_type, pretrained)
+    if not is_timm(backbone_type):
+        block = trunk[6][0]  # layer3's first block
+        strided = block.conv2 if hasattr(block, "conv3") else block.conv1
+        strided.stride = (1, 1)
+        block.downsample[0].stride = (1, 1)
     return trunk, channels
 
 
@@ -111,7 +114,7 @@ class Model(nn.Module):
         self.l2 = L2Norm()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone feature map (B, C, H/16, W/16)."""
+        """Backbone feature map (B, C, H/16, W/16 for ResNets and ViT/16s)."""
         return self.features(x)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

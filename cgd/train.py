@@ -21,6 +21,7 @@ from tqdm import tqdm
 from cgd.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropyLoss
 from cgd.model import BACKBONE_TYPES, GD_CONFIGS, MODEL_KEYS, Model, count_flops, embed, freeze_bn
 from cgd.spec import cgd_run_name
+from common.backbones import backbone_choice
 from common.cli import bool_pair, common_parser, non_negative_float, positive_float, positive_int, validate_args
 from common.database import Split
 from common.datasets import eval_splits, load_splits
@@ -264,9 +265,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument(
         "--backbone_type",
         default="resnet50",
-        type=str,
-        choices=BACKBONE_TYPES,
-        help="backbone network type (default: resnet50; resnet18/34 are additions for small runs)",
+        type=backbone_choice(BACKBONE_TYPES),
+        metavar="{" + ",".join(BACKBONE_TYPES) + ",timm:NAME}",
+        help="backbone network type: a ResNet, or any timm model as timm:NAME, e.g. timm:vit_small_patch16_224.dino "
+        "(default: resnet50; resnet18/34 are additions for small runs)",
     )
     g.add_argument(
         "--gd_config",

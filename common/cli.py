@@ -142,7 +142,8 @@ def common_parser(
     g.add_argument(
         "--pretrained",
         default="imagenet",
-        help="backbone weights: imagenet (torchvision cache/download), none, or a state-dict PATH",
+        help="backbone weights: imagenet (torchvision's for a ResNet, timm's for timm:NAME; from the local cache, "
+        "downloaded where online), none, or a PATH to a state-dict .pth or .safetensors file",
     )
     g = p.add_argument_group("evaluation")
     g.add_argument(

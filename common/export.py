@@ -32,6 +32,7 @@ from torch import nn
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from common.backbones import fixed_input_size
 from common.contract import add_flag, add_run_flags, load_for_test
 from common.decode import TensorPipeline, ToNormalizedTensor
 from common.errors import UserError
@@ -308,7 +309,7 @@ def export_model(
     if callable(getattr(model, "set_impl", None)):
         model.set_impl("loop")  # REIR: learner by learner, faster than grouped in onnxruntime on CPU too
     scale = float(spec.scale(config))
-    graph = EmbeddingGraph(model, spec.embed, mean, std, scale).eval()
+    graph = EmbeddingGraph(fixed_input_size(model, size), spec.embed, mean, std, scale).eval()  # ViTs: no resize
 
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.rand(n, 3, *size, generator=generator) for n in (2, 1, 3)]  # traced at 2, checked at 1 and 3

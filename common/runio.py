@@ -57,8 +57,9 @@ def results_dir(method: str) -> Path:
 
 
 def run_name(*parts: Any) -> str:
-    """Join the values with '_' as the originals did (``car_uncropped_resnet50_SG_1536_0.1_0.5_0.1_128``)."""
-    return "_".join(str(p) for p in parts)
+    """Join the values with '_' as the originals did (``car_uncropped_resnet50_SG_1536_0.1_0.5_0.1_128``); ':' and
+    path separators become '-' so the name stays one file name (``timm:convnext_tiny`` -> ``timm-convnext_tiny``)."""
+    return "_".join(re.sub(r"[:/\\]", "-", str(p)) for p in parts)
 
 
 def plain_config(args: Any, keys: Optional[Iterable[str]] = None) -> Dict[str, Any]:

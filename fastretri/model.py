@@ -10,6 +10,10 @@ The stem max-pool is fastreid's ``MaxPool2d(3, stride=2, padding=0, ceil_mode=Tr
 ``padding=1``: the same 56 x 56 map at 224 px, but on a grid shifted by one pixel (and other sizes at some odd
 inputs). Weights do not depend on it, so torchvision's ImageNet weights load unchanged.
 
+``MODEL.BACKBONE.NAME: timm:NAME`` puts the same head on any timm model's feature map (a ViT's patch tokens on their
+grid, ``common.backbones``); ``LAST_STRIDE`` and the stem pool are ResNet settings and leave it as timm built it,
+and ``NORM: FrozenBN`` freezes whatever BatchNorm it has (none in a ViT or ConvNeXt).
+
 The neck's BatchNorm is fast-reid's SyncBN in spirit: with several processes it normalises with the statistics of
 the *global* batch (so 4 x 32 images behave like 1 x 128), but unlike ``nn.SyncBatchNorm`` it needs no GPU and no
 process group: a single process is a plain BatchNorm1d (the original crashed there, fast-reid #667).
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.backbones import build_resnet
+from common.backbones import build_backbone, is_timm
 from common.distributed import GlobalBatchNorm, convert_global_batchnorm
 from common.errors import UserError
 from common.pooling import GeM
@@ -142,15 +146,13 @@ class FastRetri(nn.Module):
         super().__init__()
         if norm not in BACKBONE_NORMS or pool_layer not in POOL_LAYERS or cls_layer not in CLS_LAYERS:
             raise ValueError(f"unsupported norm {norm!r}, pooling {pool_layer!r} or classifier {cls_layer!r}")
-        net = build_resnet(backbone, pretrained)
-        if last_stride == 1:
-            _last_stride_one(net.layer4)
-        self.backbone = nn.Sequential(
-            net.conv1, net.bn1, net.relu, fastreid_stem_pool(), net.layer1, net.layer2, net.layer3, net.layer4
-        )
+        self.backbone, self.feat_dim = build_backbone(backbone, pretrained)
+        if not is_timm(backbone):  # fast-reid's ResNet: its stem pool, and layer4 at stride 1
+            self.backbone[3] = fastreid_stem_pool()
+            if last_stride == 1:
+                _last_stride_one(self.backbone[7])
         if norm == "syncBN":  # the statistics of the global batch when several processes train
             convert_global_batchnorm(self.backbone)
-        self.feat_dim = net.fc.in_features
         self.frozen_bn = norm == "FrozenBN"
         self.pool = POOL_LAYERS[pool_layer](gem_p)
         self.bottleneck = GlobalBatchNorm1d(self.feat_dim) if with_bnneck else nn.Identity()
@@ -171,7 +173,7 @@ class FastRetri(nn.Module):
         return self
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone feature map ``[N, C, H/16, W/16]`` (last stride 1)."""
+        """Backbone feature map ``[N, C, H/16, W/16]`` (ResNet with last stride 1; a timm model's own map)."""
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, TrainOutput]:

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
+from common.backbones import backbone_choice, is_timm
 from common.cli import bool_pair, common_parser, non_negative_float, positive_int, validate_args
 from common.database import Split
 from common.datasets import RetrievalDataset, eval_splits, load_splits
@@ -41,7 +42,7 @@ from common.preprocess import ensure_dataset_main_first
 from common.presets import build_transform
 from common.runio import plain_config, results_dir, set_seed
 from reir.meta_classes import LABEL_TYPES, meta_class_ids
-from reir.model import IMPLS, MODEL_TYPES, SHARE_TYPES, Model, ensemble_embed
+from reir.model import IMPLS, MODEL_TYPES, SHARE_TYPES, TIMM_SHARE_TYPE, Model, check_share_type, ensemble_embed
 from reir.spec import MODEL_KEYS, Setting
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "evaluate",
     "build_data",
     "train",
+    "resolve_share_type",
     "add_model_args",
     "get_args_parser",
 ]
@@ -269,6 +271,22 @@ def build_data(args: argparse.Namespace, info: DistInfo, setting: Setting):
     return loader, datasets, query, gallery, ids, num_classes
 
 
+def resolve_share_type(args: argparse.Namespace, setting: Setting) -> None:
+    """A timm backbone is shared whole (``reir.model.TIMM_SHARE_TYPE``). A setting that fixes its share type for
+    ResNets (SREML: layer1) gets that rule for a timm backbone, with a note; a ``--share_type`` flag is checked
+    before any data is read (one ``error:`` line naming the flag to give)."""
+    if "share_type" not in setting.fixed:
+        check_share_type(args.model_type, args.share_type)
+    elif is_timm(args.model_type) and args.share_type != TIMM_SHARE_TYPE:
+        if is_main_process():
+            print(
+                f"note: {setting.display} shares {args.share_type} of a ResNet; a timm backbone is shared whole "
+                f"(share_type {TIMM_SHARE_TYPE}: the learners are heads on its pooled features)",
+                flush=True,
+            )
+        args.share_type = TIMM_SHARE_TYPE
+
+
 def train(args: argparse.Namespace, setting: Setting) -> None:
     """The whole run of one setting: data, model, optimisation, then the epochs (the loop below)."""
     info = init_distributed(use_cuda=torch.cuda.is_available() and args.gpu_ids != "")
@@ -276,6 +294,7 @@ def train(args: argparse.Namespace, setting: Setting) -> None:
         raise UserError(
             f"--batch_size {args.batch_size} (the global batch) is smaller than the {info.world_size} processes"
         )
+    resolve_share_type(args, setting)
     if info.rank == 0:
         print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())), flush=True)
     set_seed(args.seed)
@@ -368,7 +387,14 @@ def train(args: argparse.Namespace, setting: Setting) -> None:
 def add_model_args(parser: argparse.ArgumentParser, setting: Setting) -> None:
     """Ensemble and optimiser flags; a setting's ``fixed`` flags are not offered and keep their fixed values."""
     g = parser.add_argument_group(f"{setting.display} model")
-    g.add_argument("--model_type", default="resnet18", choices=MODEL_TYPES, help="backbone type (default: resnet18)")
+    g.add_argument(
+        "--model_type",
+        default="resnet18",
+        type=backbone_choice(MODEL_TYPES),
+        metavar="{" + ",".join(MODEL_TYPES) + ",timm:NAME}",
+        help="backbone type: a ResNet, or any timm model as timm:NAME, shared whole by the learners "
+        f"(share_type {TIMM_SHARE_TYPE}) (default: resnet18)",
+    )
     g.add_argument("--ensemble_size", default=48, type=positive_int, help="ensemble model size E (default: 48)")
     g.add_argument("--meta_class_size", default=12, type=positive_int, help="meta class size M (default: 12)")
     g.add_argument(
@@ -387,7 +413,10 @@ def add_model_args(parser: argparse.ArgumentParser, setting: Setting) -> None:
         )
     if "share_type" not in setting.fixed:
         g.add_argument(
-            "--share_type", default="layer1", choices=SHARE_TYPES, help="shared module type (default: layer1)"
+            "--share_type",
+            default="layer1",
+            choices=SHARE_TYPES,
+            help=f"shared module type; {TIMM_SHARE_TYPE} with a timm backbone (default: layer1)",
         )
     if "with_random" not in setting.fixed:
         bool_pair(g, "with_random", False, "with branch random weight")

@@ -16,6 +16,10 @@ training forward; without it w_i = 1). The first private convolution is linear a
 once as a dense convolution with E·C outputs and scaled per learner afterwards: no E-fold copy of x.
 Evaluation with ``with_random`` uses the expectation E[w_i] = 1/E (deterministic embeddings; the original drew
 new weights for every test batch).
+
+A timm backbone (``--model_type timm:NAME``) has no ResNet stages to copy per learner, so it is shared whole
+(``--share_type layer4``, the rule for every timm model): the learners are E private heads on its pooled features
+(timm's ``forward_head(pre_logits=True)``: the class token or the average pool, as its own classifier would see).
 """
 
 import math
@@ -26,16 +30,27 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
-from common.backbones import build_resnet
+from common.backbones import build_backbone, build_resnet, is_timm
 from common.device import upcast
 from common.distributed import GlobalBatchNorm, get_world_size
 from common.errors import UserError
 
-__all__ = ["MODEL_TYPES", "SHARE_TYPES", "IMPLS", "Model", "count_parameters", "resolve_impl", "ensemble_embed"]
+__all__ = [
+    "MODEL_TYPES",
+    "SHARE_TYPES",
+    "TIMM_SHARE_TYPE",
+    "IMPLS",
+    "check_share_type",
+    "Model",
+    "count_parameters",
+    "resolve_impl",
+    "ensemble_embed",
+]
 
 MODEL_TYPES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")
 STAGES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 SHARE_TYPES = ("none", "maxpool", "layer1", "layer2", "layer3", "layer4")
+TIMM_SHARE_TYPE = "layer4"  # the only share type of a timm backbone: all of it shared, the learners' heads private
 IMPLS = ("auto", "loop", "grouped")
 
 
@@ -202,13 +217,11 @@ class EnsembleBlock(nn.Module):
 class EnsembleBranches(nn.Module):
     """The private part of E learners: stem/layers after the shared stage, global average pool, Linear(d, M)."""
 
-    def __init__(self, backbone: nn.Module, share_type: str, e: int, m: int, feat_dim: int):
+    def __init__(self, private: Sequence[nn.Module], e: int, m: int, feat_dim: int, device: torch.device):
         super().__init__()
         self.e, self.m = e, m
-        private = STAGES[STAGES.index(share_type) + 1 :] if share_type != "none" else STAGES
         layers: List[nn.Module] = []
-        for name in private:
-            module = getattr(backbone, name)
+        for module in private:
             if isinstance(module, nn.Conv2d):
                 layers.append(EnsembleConv(module, e))
             elif isinstance(module, nn.BatchNorm2d):
@@ -219,9 +232,8 @@ class EnsembleBranches(nn.Module):
                 layers.append(module)  # ReLU / MaxPool: parameter-free, applied per element
         self.features = nn.Sequential(*layers)
         bound = 1.0 / math.sqrt(feat_dim)  # nn.Linear's default initialisation, per learner
-        dev = backbone.conv1.weight.device
-        self.weight = nn.Parameter(torch.empty(e, m, feat_dim, device=dev).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(e, m, device=dev).uniform_(-bound, bound))
+        self.weight = nn.Parameter(torch.empty(e, m, feat_dim, device=device).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(e, m, device=device).uniform_(-bound, bound))
 
     def forward(self, x: Shared) -> torch.Tensor:
         """[B, E, M] logits of these learners."""
@@ -230,8 +242,8 @@ class EnsembleBranches(nn.Module):
                 x = Shared(layer(x.x), x.scale) if isinstance(x, Shared) else _map(layer, x)
             else:
                 x = layer(x)
-        if isinstance(x, Shared):  # share_type layer4: only the heads are private
-            f = x.x.mean(dim=(2, 3))
+        if isinstance(x, Shared):  # share_type layer4 (a ResNet's map) or a timm backbone (pooled): only heads private
+            f = x.x.mean(dim=(2, 3)) if x.x.dim() == 4 else x.x
             logits = torch.einsum("bd,emd->bem", f, self.weight)
             if x.scale is not None:
                 logits = logits * x.scale.to(logits.dtype)[None, :, None]
@@ -250,6 +262,15 @@ def _init_private(branches: EnsembleBranches) -> None:
         if isinstance(module, EnsembleConv):
             for w in module.weights:
                 nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
+
+
+def check_share_type(model_type: str, share_type: str) -> None:
+    """A timm backbone has no ResNet stages to give each learner: it is shared whole (``TIMM_SHARE_TYPE``)."""
+    if is_timm(model_type) and share_type != TIMM_SHARE_TYPE:
+        raise UserError(
+            f"--model_type {model_type}: a timm backbone is shared whole by the learners (private stages are "
+            f"built from ResNet stages only); use --share_type {TIMM_SHARE_TYPE}"
+        )
 
 
 class Model(nn.Module):
@@ -271,24 +292,32 @@ class Model(nn.Module):
         impl: str = "auto",
     ):
         super().__init__()
-        if model_type not in MODEL_TYPES:
-            raise UserError(f"unknown --model_type {model_type!r} (choose from {', '.join(MODEL_TYPES)})")
+        if model_type not in MODEL_TYPES and not is_timm(model_type):
+            raise UserError(f"unknown --model_type {model_type!r} (choose from {', '.join(MODEL_TYPES)}, or timm:NAME)")
         if share_type not in SHARE_TYPES:
             raise UserError(f"unknown --share_type {share_type!r} (choose from {', '.join(SHARE_TYPES)})")
+        check_share_type(model_type, share_type)
         if ensemble_size < 1 or meta_class_size < 2:
             raise UserError("--ensemble_size must be >= 1 and --meta_class_size >= 2")
         self.ensemble_size, self.meta_class_size, self.with_random = ensemble_size, meta_class_size, with_random
         self.model_type, self.share_type = model_type, share_type
-        backbone = build_resnet(model_type, pretrained)
-        feat_dim = backbone.fc.in_features
-        shared = STAGES[: STAGES.index(share_type) + 1] if share_type != "none" else ()
-        self.common_extractor = nn.Sequential(*[getattr(backbone, n) for n in shared])
-        self.devices = list(devices) if devices else [backbone.conv1.weight.device]
+        if is_timm(model_type):  # the timm model's pooled features, shared; the learners are E heads on them
+            self.common_extractor, feat_dim = build_backbone(model_type, pretrained, pooled=True)
+            private: List[nn.Module] = []
+            home = next(self.common_extractor.parameters()).device
+        else:
+            backbone = build_resnet(model_type, pretrained)
+            feat_dim = backbone.fc.in_features
+            cut = STAGES.index(share_type) + 1 if share_type != "none" else 0
+            self.common_extractor = nn.Sequential(*[getattr(backbone, n) for n in STAGES[:cut]])
+            private = [getattr(backbone, n) for n in STAGES[cut:]]
+            home = backbone.conv1.weight.device
+        self.devices = list(devices) if devices else [home]
         base, extra = divmod(ensemble_size, len(self.devices))  # common.device.spread_groups' blocks
         self.sizes = [s for s in (base + (d < extra) for d in range(len(self.devices))) if s > 0]
         self.branches = nn.ModuleList()
         for size in self.sizes:
-            block = EnsembleBranches(backbone, share_type, size, meta_class_size, feat_dim)
+            block = EnsembleBranches(private, size, meta_class_size, feat_dim, home)
             if pretrained in (None, "none"):
                 _init_private(block)
             self.branches.append(block)

@@ -42,24 +42,25 @@ IRT_RUN = {
 }
 
 
-def _cgd(gd: str) -> dict:
+def _cgd(gd: str, backbone: str = "resnet18", image_size: int = 32) -> dict:
     return {
         "method": "cgd",
         "data_name": "demo",
         "crop_type": "cropped",
-        "backbone_type": "resnet18",
+        "backbone_type": backbone,
         "gd_config": gd,
         "feature_dim": 48,
         "num_classes": 5,
-        "image_size": 32,
+        "image_size": image_size,
         **RUN_KEYS,
     }
 
 
-def _fastretri() -> dict:
+def _fastretri(*opts: str) -> dict:
     from fastretri.config import config_dict, load_config
 
-    return {**config_dict(load_config("fastretri/configs/demo.yml")), "num_classes": 5, "method": "fastretri"}
+    cfg = load_config("fastretri/configs/demo.yml", opts)
+    return {**config_dict(cfg), "num_classes": 5, "method": "fastretri"}
 
 
 CASES = {
@@ -67,6 +68,8 @@ CASES = {
     "cgd-M": ("cgd", lambda: _cgd("M")),
     "cgd-G": ("cgd", lambda: _cgd("G")),
     "cgd-SMG": ("cgd", lambda: _cgd("SMG")),
+    "cgd-timm-vit": ("cgd", lambda: _cgd("SMG", "timm:vit_tiny_patch16_224", 48)),
+    "cgd-timm-convnext": ("cgd", lambda: _cgd("SG", "timm:convnext_atto", 64)),
     "reir": (
         "reir",
         lambda: {
@@ -117,7 +120,23 @@ CASES = {
             "distilled_embedding": "mean",
         },
     ),
+    "reir-timm": (
+        "reir",
+        lambda: {
+            "method": "reir",
+            "data_name": "demo",
+            "crop_type": "uncropped",
+            "label_type": "fixed",
+            "with_random": True,
+            "share_type": "layer4",
+            "model_type": "timm:resnet10t",
+            "ensemble_size": 3,
+            "meta_class_size": 4,
+            "image_size": 32,
+        },
+    ),
     "fastretri": ("fastretri", _fastretri),
+    "fastretri-timm-vit": ("fastretri", lambda: _fastretri("MODEL.BACKBONE.NAME", "timm:vit_tiny_patch16_224")),
 }
 
 
