@@ -4,8 +4,9 @@ from typing import Dict, Tuple
 
 import torch
 
-from common.datasets import RetrievalDataset, eval_splits, label_space, load_index
-from common.preprocess import ensure_dataset
+from common.data.datasets import RetrievalDataset, eval_splits, label_space
+from common.data.index import load_index
+from common.data.prepare import ensure_dataset
 from common.presets import fastretri_transform
 from fastretri.config import data_name
 
