@@ -143,8 +143,9 @@ def is_plain(fp) -> bool:
 def open_image(path, draft: Optional[Tuple[int, int]] = None) -> Image.Image:
     """8-bit RGB of any image file (see the module docstring); raises :class:`ImageError` when it cannot be used.
 
-    An upright RGB file is returned as decoded (no converted copy). ``draft`` = (w, h) lets libjpeg decode a JPEG
-    at 1/2, 1/4 or 1/8 scale while both displayed sides stay >= (w, h)."""
+    An upright RGB file is returned as decoded (no converted copy). ``draft`` = (w, h), opt-in, lets libjpeg decode
+    a JPEG at 1/2, 1/4 or 1/8 scale while both displayed sides stay >= (w, h): faster, but the pixels differ from a
+    full decode, so the methods never ask for it (``benchmarks.loader_benchmark`` measures it)."""
     limit = max_image_pixels()
     try:
         with _open(path, limit) as img:
