@@ -6,7 +6,7 @@
    already on the GPU (the model's ceiling): fp32 (PyTorch defaults: cuDNN convolutions in TF32), fp32
    channels-last, bf16 autocast, fp16 autocast + GradScaler (channels-last for the CNNs).
 2. ``loader``: the same step (bf16) fed by a real DataLoader over realistic fake JPEGs (500x375, made on the fly)
-   with every host core, per input pipeline (the preset as written, ``fast``, ``tensor``, ``gpu`` decode, see
+   with every host core, per input pipeline (``original``, ``fast``, ``tensor``, ``gpu`` decode, see
    ``benchmarks.loader_benchmark.data_loader``), and the loader alone: does the host keep the GPU fed?
 3. ``ensemble``: REIR/SREML E = 48 ResNet-18, the originals' loop of 48 learners (a ModuleList) and
    ``reir.model.Model``'s loop vs its grouped form: ms/step and outputs (``benchmarks.ensemble_benchmark``).
@@ -337,9 +337,9 @@ def section_loader(
         ],
         note=f"Training preset of each method at the setting above, {len(paths)} distinct JPEGs (page cache), "
         "random sampling with replacement; the training step uses the fastest synthetic mode (bf16, "
-        "channels-last for CNNs; fp32 on CPU). Pipelines: original = the preset as written (PIL); fast = "
-        "bit-identical fused ToTensor/Normalize; tensor = decode_jpeg + transforms.v2 in the workers; gpu = "
-        "workers read bytes, nvJPEG decode + augment on the device (common/decode.py).",
+        "channels-last for CNNs; fp32 on CPU). Pipelines: original = ToTensor and Normalize as two ops (PIL); "
+        "fast = the presets as the methods run them (fused, bit-identical); tensor = decode_jpeg + transforms.v2 "
+        "in the workers; gpu = workers read bytes, nvJPEG decode + augment on the device (benchmarks/gpu_decode.py).",
     )
     for method in args.methods:
         s = settings(args.quick)[method]

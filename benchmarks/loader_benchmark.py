@@ -4,8 +4,9 @@ Realistic fake JPEGs (CUB-like 500x375 "photos": smooth colour gradients, shapes
 made on the fly in a temp folder. One process, one thread (``torch.set_num_threads(1)``): img/s **per core**, the
 median over interleaved rounds (each round runs every row once, which evens out other jobs' load). Rows:
 
-* ``original``: ``Image.open(p).convert('RGB')`` + the preset as written (the reference, before this work);
-* ``fast``: ``open_image`` (no converted copy) + the preset with ToTensor/Normalize fused: bit-identical;
+* ``original``: ``Image.open(p).convert('RGB')`` + the preset with ToTensor -> Normalize as two ops (the reference);
+* ``fast``: ``open_image`` (no converted copy) + the preset as the methods run it (ToTensor/Normalize fused):
+  bit-identical;
 * ``tensor``: ``open_image`` + the preset on uint8 tensors (``transforms.v2`` kernels, same random draws);
 * ``decode_jpeg``: ``torchvision.io.decode_jpeg`` (libjpeg-turbo) straight to a tensor + the tensor preset;
 * ``tensor+draft``: ``open_image(draft=draft_size(preset))`` + the tensor preset (only differs from ``tensor``
@@ -17,7 +18,8 @@ For each it prints the speed-up over ``original`` and the pixel difference from 
     python -m benchmarks.loader_benchmark                          # 500x375, all methods
     python -m benchmarks.loader_benchmark --size 1000x750 --methods cgd irt --rounds 5 --json out.json
 
-``data_loader`` and ``loader_rate`` time the same pipelines inside a real DataLoader (``benchmarks.gpu_check``).
+``data_loader`` and ``loader_rate`` time the same pipelines inside a real DataLoader (``benchmarks.gpu_check``);
+the tensor and GPU paths are in ``benchmarks.gpu_decode``.
 """
 
 import argparse
@@ -33,10 +35,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
+from torchvision import transforms as T
 
+from benchmarks.gpu_decode import EncodedImages, GpuAugment, TensorPipeline, collate_encoded, draft_size
 from benchmarks.meter import cpu_model, sync
-from common.datasets import RetrievalDataset, open_image
-from common.decode import EncodedImages, GpuAugment, TensorPipeline, accelerate, collate_encoded, draft_size
+from common.data.datasets import RetrievalDataset
+from common.data.images import open_image
+from common.data.normalize import split_preset
 from common.presets import build_transform
 
 METHODS = ("cgd", "reir", "sreml", "irt", "fastretri")
@@ -93,7 +98,7 @@ def make_jpegs(
 
 
 def original_open(path: str) -> Image.Image:
-    """The decoding step as it was before this work (always a converted copy), for the reference rows."""
+    """The plain decoding step (always a converted copy), for the reference rows."""
     with Image.open(path) as img:
         return img.convert("RGB")
 
@@ -104,12 +109,18 @@ def decode_jpeg_file(path: str) -> torch.Tensor:
     return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)
 
 
+def as_written(preset: Callable) -> T.Compose:
+    """The preset with ToTensor -> Normalize as two torchvision ops (before the fused pass), for the reference rows."""
+    ops, mean, std = split_preset(preset)
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
+
+
 def pipelines(preset: Callable) -> Dict[str, Callable[[str], torch.Tensor]]:
     """mode -> (path -> normalised tensor)."""
-    fast, tensor, draft = accelerate(preset, "fast"), TensorPipeline(preset), draft_size(preset)
+    original, tensor, draft = as_written(preset), TensorPipeline(preset), draft_size(preset)
     return {
-        "original": lambda p: preset(original_open(p)),
-        "fast": lambda p: fast(open_image(p)),
+        "original": lambda p: original(original_open(p)),
+        "fast": lambda p: preset(open_image(p)),
         "tensor": lambda p: tensor(open_image(p)),
         "decode_jpeg": lambda p: tensor(decode_jpeg_file(p)),
         "tensor+draft": lambda p: tensor(open_image(p, draft=draft)),
@@ -174,9 +185,9 @@ def data_loader(
     labels = {str(i): i for i in range(100)}
     collate, post = None, None
     if pipeline == "original":
-        dataset = RetrievalDataset(items, labels, preset)
+        dataset = RetrievalDataset(items, labels, as_written(preset))
     elif pipeline == "fast":
-        dataset = RetrievalDataset(items, labels, accelerate(preset, "fast"))
+        dataset = RetrievalDataset(items, labels, preset)
     elif pipeline == "tensor":
         dataset = EncodedImages(RetrievalDataset(items, labels), transform=TensorPipeline(preset))
     else:

@@ -85,7 +85,7 @@ def jpegs(folder: Path, count: int, size: int, seed: int) -> List[Path]:
     """``count`` demo-like photos (a shape with a fill pattern on a gradient) saved as JPEG."""
     from PIL import Image
 
-    from common.demo import demo_classes, render
+    from common.data.demo import demo_classes, render
 
     folder.mkdir(parents=True, exist_ok=True)
     classes = demo_classes()

@@ -23,8 +23,9 @@ from cgd.model import BACKBONE_TYPES, GD_CONFIGS, MODEL_KEYS, Model, count_flops
 from cgd.spec import cgd_run_name
 from common.backbones import backbone_choice
 from common.cli import bool_pair, common_parser, non_negative_float, positive_float, positive_int, validate_args
+from common.data.datasets import eval_splits, load_splits
+from common.data.prepare import ensure_dataset_main_first
 from common.database import Split
-from common.datasets import eval_splits, load_splits
 from common.device import autocast, channels_last, data_parallel, first_device, main_device, upcast
 from common.distributed import (
     DistInfo,
@@ -38,7 +39,6 @@ from common.distributed import (
 )
 from common.engine import Evaluation, Run, RunFiles, check_finite, embed_dataset, eval_recalls
 from common.errors import UserError, run_cli
-from common.preprocess import ensure_dataset_main_first
 from common.presets import build_transform
 from common.runio import plain_config, results_dir, set_seed
 from common.samplers import MPerClassSampler

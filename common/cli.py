@@ -6,9 +6,11 @@ Each method's ``get_args_parser`` starts from :func:`common_parser` and only set
 
 import argparse
 import math
-import re
 from typing import Any, Callable, List, Optional, Sequence, Union
 
+from common.data.registry import CROPPABLE
+from common.data.registry import DATASET_NAMES as DATASETS
+from common.data.registry import OWN_NAME as _DATA_NAME
 from common.errors import UserError
 
 __all__ = [
@@ -26,14 +28,10 @@ __all__ = [
     "check_value",
 ]
 
-DATASETS = ("car", "cub", "sop", "isc", "demo")  # the benchmarks; any dataset processed by data_utils.py also works
-CROPPABLE = ("car", "cub", "demo")
-_DATA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
-
 
 def dataset_name(text: str) -> str:
     """A benchmark name or a plain folder name; whether ``<data_path>/<name>/`` holds an index is checked when the
-    data is loaded (common.preprocess.ensure_dataset), where --data_path is known."""
+    data is loaded (common.data.prepare.ensure_dataset), where --data_path is known."""
     if text not in DATASETS and not _DATA_NAME.match(text):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a dataset name: {', '.join(DATASETS)} or a dataset "

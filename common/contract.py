@@ -30,8 +30,11 @@ from tqdm import tqdm
 
 from common.cli import parse_recalls
 from common.compare import compare_runs, query_and_gallery
+from common.data.datasets import eval_splits, load_splits
+from common.data.files import read_text_file
+from common.data.images import IMAGE_EXTENSIONS as IMAGE_SUFFIXES
+from common.data.images import open_image
 from common.database import Database, Split, find_query, save_database
-from common.datasets import eval_splits, load_splits, open_image
 from common.device import main_device, parse_gpu_ids
 from common.distributed import is_main_process
 from common.engine import embed_dataset
@@ -39,7 +42,6 @@ from common.errors import UserError
 from common.metrics import retrieval_metrics
 from common.outputs import building, flat_name, new_folder, output_folder, safe_name
 from common.postprocess import alpha_query_expansion, flip_embed, metrics_from_ranking, postprocess_rank, required_topk
-from common.preprocess import read_text_file
 from common.render import query_page, save_retrieval, summary_page
 from common.retrieval import DB_SUFFIX, database_path, embed_file, model_path, open_database, run_prefix, search
 from common.runio import load_model_file, results_dir, safe_load
@@ -60,8 +62,6 @@ __all__ = [
     "stored_or_new",
     "IMAGE_SUFFIXES",
 ]
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def add_flag(group, name: str, **kwargs) -> None:

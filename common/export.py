@@ -34,7 +34,7 @@ from torchvision.transforms import functional as TF
 
 from common.backbones import fixed_input_size
 from common.contract import add_flag, add_run_flags, load_for_test
-from common.decode import TensorPipeline, ToNormalizedTensor
+from common.data.normalize import split_preset
 from common.errors import UserError
 from common.runio import results_dir
 from common.spec import MethodSpec
@@ -86,15 +86,13 @@ class EmbeddingGraph(nn.Module):
 
 
 def _image_ops(transform: Callable) -> Tuple[list, Tuple[float, ...], Tuple[float, ...]]:
-    """(PIL ops, mean, std) of an evaluation preset in any ``common.decode`` mode (Compose or TensorPipeline)."""
-    if isinstance(transform, TensorPipeline):
-        return [op.op for op in transform.ops], transform.normalize.mean, transform.normalize.std
-    ops = list(getattr(transform, "transforms", []))
-    if ops and isinstance(ops[-1], ToNormalizedTensor):
-        return ops[:-1], ops[-1].mean, ops[-1].std
-    if len(ops) >= 2 and isinstance(ops[-2], T.ToTensor) and isinstance(ops[-1], T.Normalize):
-        return ops[:-2], tuple(ops[-1].mean), tuple(ops[-1].std)
-    raise UserError(f"cannot export: the evaluation transform does not end with ToTensor -> Normalize ({transform!r})")
+    """(PIL ops, mean, std) of an evaluation preset."""
+    try:
+        return split_preset(transform)
+    except ValueError:
+        raise UserError(
+            f"cannot export: the evaluation transform does not end with ToTensor -> Normalize ({transform!r})"
+        ) from None
 
 
 def _pair(size: Any) -> List[int]:

@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Tuple
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from common.decode import from_env
+from common.data.normalize import ToNormalizedTensor
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -37,9 +37,9 @@ def _scaled(size: int, base: int, image_size: Optional[int]) -> int:
 
 
 def _finish(ops: list, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
-    """The preset; ``RETRIEVAL_PIPELINE=fast|tensor`` (opt-in, unset = this Compose) runs it faster, see
-    ``common.decode``."""
-    return from_env(T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)]))
+    """The preset: ``ops``, then ToTensor + Normalize(mean, std) fused into one bit-identical pass
+    (``common.data.normalize``)."""
+    return T.Compose(ops + [ToNormalizedTensor(mean, std)])
 
 
 def cgd_transform(train: bool, image_size: Optional[int] = None) -> T.Compose:
@@ -92,11 +92,6 @@ def build_transform(
     if method == "fastretri":
         return fastretri_transform(train, **fastretri_preset(data_name, image_size))
     raise ValueError(f"no transform preset for method {method!r}")
-
-
-def eval_size(method: str, image_size: Optional[int] = None) -> Tuple[int, int]:
-    """Size at which rendered retrieval images are shown (the originals: 224 for CGD, 256 for REIR)."""
-    return (256, 256) if method in ("reir", "sreml") else (224, 224)
 
 
 # FastRetri per-dataset inputs (fast-reid projects/FastRetri/configs, anchors.md A): resize ([s] = shorter side,

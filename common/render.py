@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 from PIL import Image, ImageDraw
 
-from common.datasets import open_image
+from common.data.images import open_image
 
 __all__ = [
     "GREEN",

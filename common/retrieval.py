@@ -12,8 +12,8 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from common.data.images import open_image
 from common.database import Database, Split, load_database
-from common.datasets import open_image
 from common.engine import RunFiles
 from common.errors import UserError
 from common.metrics import search_topk

@@ -44,9 +44,9 @@ from PIL import Image
 
 from common.ann import Index, build_index, load_index
 from common.catalogue import Report, listed, update
-from common.contract import IMAGE_SUFFIXES, _model_beside, add_flag
+from common.contract import _model_beside, add_flag
+from common.data.images import IMAGE_EXTENSIONS, open_image
 from common.database import Database, Split, load_database
-from common.datasets import open_image
 from common.device import main_device, parse_gpu_ids
 from common.errors import UserError
 from common.metrics import prepare_gallery
@@ -444,7 +444,7 @@ def create_app(
             data, _ = image_of(upload)
             with Image.open(io.BytesIO(data)) as probe:
                 suffix = _SUFFIX.get(probe.format or "", Path(upload.filename or "").suffix.lower())
-            name = hashlib.sha256(data).hexdigest()[:24] + (suffix if suffix in IMAGE_SUFFIXES else ".png")
+            name = hashlib.sha256(data).hexdigest()[:24] + (suffix if suffix in IMAGE_EXTENSIONS else ".png")
             target = uploads / name
             if not target.is_file():  # same bytes, same file: a repeated upload is skipped as present
                 uploads.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from common.cli import check_value, non_negative_float, non_negative_int, positive_int
+from common.data.registry import benchmark_name
 from common.engine import RunFiles
 from common.errors import UserError
 from common.runio import plain_config, results_dir, run_name
@@ -24,7 +25,6 @@ from fastretri.solver import CLIP_TYPES, SCHEDULERS, WARMUP_METHODS, optimizer_c
 
 __all__ = [
     "DEFAULTS",
-    "DATASET_NAMES",
     "MODEL_KEYS",
     "RESUME_FREE",
     "TRAIN_SAMPLERS",
@@ -244,18 +244,6 @@ def flatten(cfg: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-# DATASETS.NAMES (case-insensitive) -> this repository's processed datasets: the names fast-reid's FastRetri
-# registers (projects/FastRetri/fastretri/datasets.py: Cars196, CUB, SOP, InShop) and this repository's own
-DATASET_NAMES = {
-    "cub": "cub",
-    "cars196": "car",
-    "cars": "car",
-    "car": "car",
-    "sop": "sop",
-    "inshop": "isc",
-    "isc": "isc",
-    "demo": "demo",
-}
 # keys that must match to load a model or database; everything but these bookkeeping keys must match to resume
 MODEL_KEYS = (
     "MODEL.BACKBONE.NAME",
@@ -389,7 +377,7 @@ def data_name(cfg: Dict) -> str:
         raise UserError(
             f"DATASETS.NAMES must name one dataset (CUB, Cars196, SOP, InShop, demo or your own), got {names}"
         )
-    return DATASET_NAMES.get(str(names[0]).lower(), str(names[0]))
+    return benchmark_name(str(names[0])) or str(names[0])  # fast-reid's names, e.g. Cars196, InShop
 
 
 def pretrained_source(cfg: Dict) -> str:

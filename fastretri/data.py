@@ -7,8 +7,9 @@ from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from common.datasets import RetrievalDataset, eval_splits, label_space, load_index
-from common.preprocess import ensure_dataset
+from common.data.datasets import RetrievalDataset, eval_splits, label_space
+from common.data.index import load_index
+from common.data.prepare import ensure_dataset
 from common.presets import fastretri_transform
 from fastretri.config import data_name
 

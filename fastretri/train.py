@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from common.cli import common_parser, non_negative_int, positive_int, validate_args
 from common.contract import run_test
+from common.data.datasets import RetrievalDataset, eval_splits
 from common.database import Split
-from common.datasets import RetrievalDataset, eval_splits
 from common.device import autocast, channels_last, parse_gpu_ids
 from common.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, launch, launched_by_torchrun
 from common.engine import Evaluation, Run, check_finite, embed_dataset, eval_recalls

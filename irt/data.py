@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from common.datasets import RetrievalDataset, eval_splits, load_index, load_splits
+from common.data.datasets import RetrievalDataset, eval_splits, load_splits
+from common.data.index import load_index
+from common.data.registry import ALIASES, DATASET_NAMES
 from common.distributed import RankBatchSampler
 from common.errors import UserError
-from common.preprocess import ensure_dataset
 from common.presets import build_transform
 
 __all__ = [
@@ -31,17 +32,8 @@ __all__ = [
 ]
 
 # the original's names -> the common processed-data names, and back (the original's ``--output-dir`` sub-folder)
-DATASET_ALIASES = {
-    "cub200": "cub",
-    "cub": "cub",
-    "sop": "sop",
-    "inshop": "isc",
-    "isc": "isc",
-    "car": "car",
-    "cars196": "car",
-    "demo": "demo",
-}
-ORIGINAL_NAMES = {"cub": "cub200", "sop": "sop", "isc": "inshop", "car": "car", "demo": "demo"}
+DATASET_ALIASES = ALIASES
+ORIGINAL_NAMES = {name: {"cub": "cub200", "isc": "inshop"}.get(name, name) for name in DATASET_NAMES}
 
 
 class RandomBatchSampler(Sampler[List[int]]):
@@ -151,8 +143,8 @@ class SeededAugment(Dataset):
 def build_datasets(
     data_path: str, data_name: str, crop_type: str, input_size: int, train: bool = True
 ) -> Dict[str, RetrievalDataset]:
-    """train (random crops) and the evaluation splits (centre crops) of the processed dataset."""
-    ensure_dataset(data_path, data_name, crop_type)
+    """train (random crops) and the evaluation splits (centre crops) of the processed dataset (made sure of with
+    ``ensure_dataset_main_first`` by the caller)."""
     index = load_index(data_path, data_name, crop_type)
     evaluation = tuple(dict.fromkeys(eval_splits(data_name, data_path)))
     transforms = {s: build_transform("irt", False, data_name, crop_type, input_size) for s in evaluation}

@@ -26,8 +26,9 @@ from common.cli import (
     parse_recalls,
     positive_int,
 )
+from common.data.datasets import eval_splits
+from common.data.prepare import ensure_dataset_main_first
 from common.database import Split
-from common.datasets import eval_splits
 from common.device import autocast, upcast
 from common.distributed import (
     DistInfo,
@@ -40,7 +41,6 @@ from common.distributed import (
 )
 from common.engine import Evaluation, Run, RunFiles, check_finite, embed_dataset, eval_recalls
 from common.errors import UserError, run_cli
-from common.preprocess import ensure_dataset_main_first
 from common.runio import plain_config, results_dir, set_seed
 from irt.data import DATASET_ALIASES, ORIGINAL_NAMES, build_datasets, train_loader
 from irt.losses import REDUCTIONS, ContrastiveLoss, KoLeo

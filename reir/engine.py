@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from common.backbones import backbone_choice, is_timm
 from common.cli import bool_pair, common_parser, non_negative_float, positive_int, validate_args
+from common.data.datasets import RetrievalDataset, eval_splits, load_splits
+from common.data.prepare import ensure_dataset_main_first
 from common.database import Split
-from common.datasets import RetrievalDataset, eval_splits, load_splits
 from common.device import autocast, get_devices, parse_gpu_ids, unwrap, upcast
 from common.distributed import (
     DistInfo,
@@ -38,7 +39,6 @@ from common.distributed import (
 )
 from common.engine import Evaluation, Run, RunFiles, check_finite, embed_dataset, eval_recalls
 from common.errors import UserError
-from common.preprocess import ensure_dataset_main_first
 from common.presets import build_transform
 from common.runio import plain_config, results_dir, set_seed
 from reir.meta_classes import LABEL_TYPES, meta_class_ids

@@ -190,13 +190,13 @@ def make_fake_dataset(root: Path, name: str, process: bool = False, num_workers:
     with ``process=True`` also build its indexes. Returns ``root/<name>``."""
     root = Path(root)
     if name == "demo":
-        from common.demo import generate_demo
+        from common.data.demo import generate_demo
 
         generate_demo(root / "demo", images_per_class=2)
     else:
         WRITERS[name](root / name)
     if process:
-        from common.preprocess import prepare
+        from common.data.prepare import prepare
 
         prepare(root, [name], num_workers=num_workers)
     return root / name

@@ -7,7 +7,7 @@ from typing import List
 import numpy as np
 from PIL import Image
 
-from common.demo import demo_classes, render
+from common.data.demo import demo_classes, render
 from tests.tiny import CGD_RUN, make_untrained_cgd_run
 
 RUN = CGD_RUN

@@ -18,9 +18,10 @@ from PIL import Image
 import data_utils
 from common import errors
 from common.cli import common_parser, validate_args
-from common.datasets import eval_splits, load_index, load_splits
+from common.data.datasets import eval_splits, load_splits
+from common.data.index import load_index
+from common.data.prepare import ensure_dataset
 from common.errors import UserError
-from common.preprocess import ensure_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,34 +1,29 @@
-"""The synthetic demo dataset: speed, raw CUB layout, disjoint classes, determinism, ensure_demo."""
+"""The synthetic demo dataset: raw CUB layout, disjoint classes, determinism, ensure_demo (its build time is a
+speed goal, measured by benchmarks, not asserted here)."""
 
 import json
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import data_utils
-from common.demo import IMAGE_SIZE, PATTERNS, SHAPES, demo_classes, ensure_demo, generate_demo, render
-from common.preprocess import ensure_dataset
+from common.data.demo import IMAGE_SIZE, PATTERNS, SHAPES, demo_classes, generate_demo, render
+from common.data.prepare import ensure_dataset, ensure_demo
 from tests.fakes import make_fake_dataset
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The full demo built through the CLI entry point once, with the wall time it took."""
+    """The full demo built through the CLI entry point once."""
     data_path = tmp_path_factory.mktemp("demo_data")
     args = data_utils.get_args_parser().parse_args(["--data_path", str(data_path), "--data_name", "demo"])
-    start = time.perf_counter()
     data_utils.main(args)
-    return data_path, time.perf_counter() - start
-
-
-def test_demo_builds_in_under_30_seconds(demo):
-    assert demo[1] < 30
+    return data_path
 
 
 def test_demo_raw_layout_is_cub(demo):
-    root = demo[0] / "demo"
+    root = demo / "demo"
     for name in (
         "README",
         "images.txt",
@@ -54,7 +49,7 @@ def test_demo_raw_layout_is_cub(demo):
 
 def test_demo_train_and_test_classes_are_disjoint(demo):
     for crop_type in ("uncropped", "cropped"):
-        index = json.loads((demo[0] / "demo" / f"{crop_type}_index.json").read_text())
+        index = json.loads((demo / "demo" / f"{crop_type}_index.json").read_text())
         assert index["dataset"] == "demo" and index["crop_type"] == crop_type
         train = {label for _, label in index["splits"]["train"]}
         test = {label for _, label in index["splits"]["test"]}
@@ -87,10 +82,10 @@ def test_generation_is_deterministic(tmp_path):
 
 
 def test_ensure_demo_only_builds_when_missing(demo, capsys):
-    index = demo[0] / "demo" / "cropped_index.json"
+    index = demo / "demo" / "cropped_index.json"
     stamp = index.stat().st_mtime_ns
-    ensure_demo(demo[0])
-    assert ensure_dataset(demo[0], "demo", "cropped") == index and index.stat().st_mtime_ns == stamp
+    ensure_demo(demo)
+    assert ensure_dataset(demo, "demo", "cropped") == index and index.stat().st_mtime_ns == stamp
     assert capsys.readouterr().out == ""
 
 

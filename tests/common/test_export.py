@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torchvision import transforms as T
 
+from common.data.demo import render
+from common.data.normalize import split_preset
 from common.database import Split, save_database
-from common.demo import render
 from common.errors import UserError, run_cli
 from common.export import FILES, METADATA, export_model, preprocessing
 from common.presets import fastretri_transform, irt_transform
@@ -219,7 +221,6 @@ def test_export_round_trip(case, tmp_path, monkeypatch):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path))
-    monkeypatch.delenv("RETRIEVAL_PIPELINE", raising=False)
     method, make_config = CASES[case]
     spec, config = _spec(method), make_config()
     model, run, folder = _save_run(spec, config, tmp_path)
@@ -351,10 +352,13 @@ def test_weights_written_apart_are_gathered_into_one_data_file(cgd_run, tmp_path
     assert np.array_equal(inline.run(None, {"images": x})[0], gathered.run(None, {"images": x})[0])
 
 
-@pytest.mark.parametrize("pipeline", ["", "fast", "tensor"])
-def test_preprocessing_reads_the_eval_transform(pipeline, monkeypatch):
-    monkeypatch.setenv("RETRIEVAL_PIPELINE", pipeline)  # common.decode's faster forms of the same preset
-    steps, size, mean, std = preprocessing(irt_transform(False, 48))
+@pytest.mark.parametrize("ending", ["fused", "two ops"])
+def test_preprocessing_reads_the_eval_transform(ending):
+    transform = irt_transform(False, 48)
+    if ending == "two ops":  # the preset as the papers write it: ToTensor -> Normalize
+        ops, mean, std = split_preset(transform)
+        transform = T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
+    steps, size, mean, std = preprocessing(transform)
     assert steps == [
         {
             "op": "resize",

@@ -9,24 +9,20 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from torchvision.transforms import functional as TF
 
 import data_utils
 from cgd import inference
 from common import errors
+from common.data.datasets import RetrievalDataset
+from common.data.images import ENV_MAX_PIXELS, ImageError, ImageTooLarge, open_image
+from common.data.own import prepare_custom, read_custom_csv, read_custom_folder
+from common.data.prepare import prepare
+from common.data.verify import _check_image
 from common.database import load_database
-from common.datasets import RetrievalDataset
-from common.decode import EncodedImages, GpuAugment, TensorPipeline
 from common.errors import UserError
-from common.images import ENV_MAX_PIXELS, ImageError, ImageTooLarge, open_image
-from common.preprocess import _check_image, prepare, prepare_custom, read_custom_csv, read_custom_folder
-from common.presets import build_transform
 from tests.fakes import make_fake_dataset
 from tests.tiny import CGD_RUN, make_tiny_processed, make_untrained_cgd_run
-
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
 
 def cli(capsys, main, parser, *argv):
@@ -307,35 +303,6 @@ def test_reduced_decode_keeps_the_displayed_sides(tmp_path):
     path = _tagged_jpeg(tmp_path / "wide.jpg", 6, size=(1600, 400))  # displayed 400 x 1600
     out = open_image(str(path), draft=(400, 100))
     assert out.size[0] >= 400 and out.size[1] >= 100
-
-
-# ------------------------------------------------------------------------------- fast decode paths
-
-
-@pytest.fixture
-def mixed(tmp_path):
-    """One image of each kind the fast paths must route: plain JPEGs and everything else."""
-    paths = [_tagged_jpeg(tmp_path / "plain.jpg", 1), _tagged_jpeg(tmp_path / "grey.jpg", 1, mode="L")]
-    paths += [_tagged_jpeg(tmp_path / f"o{k}.jpg", k) for k in (3, 6, 8)]
-    paths.append(_tagged_jpeg(tmp_path / "cmyk.jpg", 1, mode="CMYK"))
-    rgba = RNG.integers(0, 256, (24, 40, 4), dtype=np.uint8)
-    paths.append(Path(_save(tmp_path, Image.fromarray(rgba, "RGBA"), "rgba.png")))
-    paths.append(Path(_save(tmp_path, Image.fromarray(RNG.integers(0, 65536, (24, 40)).astype(np.uint16)), "g.png")))
-    return [str(p) for p in paths]
-
-
-def test_encoded_and_gpu_paths_give_open_image_pixels(mixed):
-    dataset = RetrievalDataset([(p, "0") for p in mixed], {"0": 0})
-    encoded = EncodedImages(dataset)
-    items = [encoded[i][0] for i in range(len(mixed))]
-    assert [x.ndim for x in items] == [1, 1] + [3] * (len(mixed) - 2)  # only the plain JPEGs stay encoded
-    decoded = GpuAugment(build_transform("cgd", False, "cub", "uncropped", 32), "cpu").decode(items)
-    for path, img in zip(mixed, decoded):
-        assert torch.equal(img, TF.pil_to_tensor(open_image(path))), path
-    pipeline = TensorPipeline(build_transform("cgd", False, "cub", "uncropped", 32))
-    encoded = EncodedImages(dataset, transform=pipeline)
-    for i, path in enumerate(mixed):
-        assert torch.equal(encoded[i][0], pipeline(open_image(path))), path
 
 
 # ------------------------------------------------------------------------------------- pixel limit

@@ -202,7 +202,7 @@ def test_server_reloads_when_a_script_changes_the_database(setup):
 def test_concurrent_queries_get_the_answers_of_single_queries(setup):
     tmp_path, db_path, new = setup
     searcher = Searcher(SPEC, db_path, device=torch.device("cpu"), max_batch=8)
-    from common.datasets import open_image
+    from common.data.images import open_image
 
     images = [searcher.transform(open_image(p)) for p in new] * 3
     alone = [searcher.search(5, image=x)[1] for x in images[:4]]

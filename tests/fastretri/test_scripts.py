@@ -100,7 +100,7 @@ def test_in_shop_query_gallery(tiny_config, tiny_data, results):
 def test_evaluation_is_float32_inside_an_autocast_region(tiny_config, tiny_data):
     """Evaluation during AMP training computes what test.py computes: features in float32, even when called
     inside an active autocast region (CPU bfloat16 here; on CUDA the training step's)."""
-    from common.datasets import eval_splits
+    from common.data.datasets import eval_splits
     from fastretri.config import load_config
     from fastretri.data import build_datasets
     from fastretri.model import build_model

@@ -16,6 +16,9 @@
   viewers and shop pages show such images; ``CMYK`` uses Pillow's conversion ``(255 - C)(255 - K) / 255``;
   every other mode goes through Pillow's ``convert('RGB')``.
 
+:data:`IMAGE_EXTENSIONS` are the file names read as images wherever a folder is scanned (own data, galleries,
+queries, uploads).
+
 Every failure is an :class:`ImageError`, an ``OSError``, so the callers' skip-count-and-log paths catch a broken
 file, an unsupported mode and an oversized image alike.
 """
@@ -32,6 +35,7 @@ from PIL import Image, ImageOps
 from common.errors import UserError
 
 __all__ = [
+    "IMAGE_EXTENSIONS",
     "ENV_MAX_PIXELS",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "ImageError",
@@ -43,6 +47,7 @@ __all__ = [
     "open_image",
 ]
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 ENV_MAX_PIXELS = "RETRIEVAL_MAX_IMAGE_PIXELS"
 DEFAULT_MAX_IMAGE_PIXELS = 2**26  # 67.1 MP: every 48-61 MP phone or full-frame photo; 100 MP and up refused
 _ORIENTATION = 0x0112
@@ -138,8 +143,9 @@ def is_plain(fp) -> bool:
 def open_image(path, draft: Optional[Tuple[int, int]] = None) -> Image.Image:
     """8-bit RGB of any image file (see the module docstring); raises :class:`ImageError` when it cannot be used.
 
-    An upright RGB file is returned as decoded (no converted copy). ``draft`` = (w, h) lets libjpeg decode a JPEG
-    at 1/2, 1/4 or 1/8 scale while both displayed sides stay >= (w, h)."""
+    An upright RGB file is returned as decoded (no converted copy). ``draft`` = (w, h), opt-in, lets libjpeg decode
+    a JPEG at 1/2, 1/4 or 1/8 scale while both displayed sides stay >= (w, h): faster, but the pixels differ from a
+    full decode, so the methods never ask for it (``benchmarks.loader_benchmark`` measures it)."""
     limit = max_image_pixels()
     try:
         with _open(path, limit) as img:

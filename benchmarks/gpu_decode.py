@@ -1,81 +1,32 @@
-"""Faster input pipelines for the presets of ``common/presets.py``: per-core speed on the host, or decoding on the GPU.
+"""Decoding and augmenting on the GPU, and the presets on uint8 tensors: the alternatives
+``benchmarks.loader_benchmark`` and ``benchmarks.gpu_check`` measure against the presets as the methods run them.
 
-A preset (``T.Compose`` of PIL ops -> ToTensor -> Normalize) runs in one of three modes, chosen with the
-``RETRIEVAL_PIPELINE`` environment variable (read when a preset is built) or :func:`accelerate`:
-
-* ``pil`` (default): the preset as written, the reference.
-* ``fast``: the same PIL ops with ToTensor + Normalize fused into one pass; bit-identical output (tested).
-* ``tensor``: ``torchvision.transforms.v2`` on uint8 tensors (SIMD antialiased resize, same random draws for the
-  same seed). Resized pixels differ from PIL's by at most one grey level on a few per cent of the pixels, and
-  ColorJitter by more: opt-in.
-
-Independently, reduced-size JPEG decoding (libjpeg's DCT scaling by 1/2, 1/4, 1/8, PIL ``Image.draft``) is opt-in
-through ``open_image(path, draft=(w, h))`` or ``RETRIEVAL_JPEG_DRAFT=N`` (both sides kept >= N px): it only helps
-where the image is at least twice the preset's resize size, and changes pixels (a smaller decode, then the resize).
-:func:`draft_size` gives the safe size of a preset.
-
-When the host cannot keep up with the GPU, :class:`EncodedImages` + :func:`collate_encoded` + :class:`GpuAugment`
-move JPEG decoding (``torchvision.io.decode_jpeg(device='cuda')``, nvJPEG) and the augmentation to the GPU; the
-loader workers then only read files.
+* :class:`TensorPipeline`: a preset's ops as ``torchvision.transforms.v2`` kernels on uint8 tensors (SIMD
+  antialiased resizes, the same random draws for the same seed). Resized pixels differ from PIL's by at most one
+  grey level on a few per cent of the pixels, and ColorJitter by more, so the methods do not use it.
+* :class:`EncodedImages` + :func:`collate_encoded` + :class:`GpuAugment`: the loader workers only read files; JPEG
+  decoding (``torchvision.io.decode_jpeg(device='cuda')``, nvJPEG) and the augmentation run on the GPU, for a
+  host that cannot keep up with it.
+* :func:`draft_size`: the smallest reduced-size JPEG decode (``open_image(path, draft=...)``, libjpeg's DCT
+  scaling by 1/2, 1/4, 1/8) that keeps a preset's first resize a down-scaling; it only helps where the image is at
+  least twice the preset's resize size, and changes pixels.
 """
 
 import io
-import os
-import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from common.errors import UserError
-from common.images import is_plain, max_image_pixels, open_image
+from common.data.images import is_plain, max_image_pixels, open_image
+from common.data.normalize import ToNormalizedTensor, chw_view, split_preset
 
-__all__ = [
-    "MODES",
-    "ENV_MODE",
-    "ENV_DRAFT",
-    "pipeline_mode",
-    "env_draft",
-    "draft_size",
-    "ToNormalizedTensor",
-    "TensorPipeline",
-    "accelerate",
-    "from_env",
-    "EncodedImages",
-    "collate_encoded",
-    "GpuAugment",
-]
+__all__ = ["draft_size", "TensorPipeline", "EncodedImages", "collate_encoded", "GpuAugment"]
 
-MODES = ("pil", "fast", "tensor")
-ENV_MODE = "RETRIEVAL_PIPELINE"
-ENV_DRAFT = "RETRIEVAL_JPEG_DRAFT"
 _JPEG_SOI = (0xFF, 0xD8)
-
-
-def pipeline_mode(mode: Optional[str] = None) -> str:
-    """``mode``, else ``$RETRIEVAL_PIPELINE``, else ``pil``; one ``error:`` line for an unknown value."""
-    value = (mode if mode is not None else os.environ.get(ENV_MODE, "")).strip().lower() or "pil"
-    if value not in MODES:
-        raise UserError(f"{ENV_MODE}={value!r}: choose one of {', '.join(MODES)}")
-    return value
-
-
-def env_draft() -> Optional[Tuple[int, int]]:
-    """(N, N) from ``$RETRIEVAL_JPEG_DRAFT=N`` (a positive integer), None when unset or 0."""
-    text = os.environ.get(ENV_DRAFT, "").strip()
-    if not text:
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        raise UserError(f"{ENV_DRAFT}={text!r} must be a size in pixels (e.g. 256), or 0 for off") from None
-    if n < 0:
-        raise UserError(f"{ENV_DRAFT}={text!r} must be >= 0")
-    return (n, n) if n else None
 
 
 def draft_size(transform: Callable) -> Optional[Tuple[int, int]]:
@@ -89,49 +40,6 @@ def draft_size(transform: Callable) -> Optional[Tuple[int, int]]:
     if len(size) == 1:  # shorter side -> s: both sides >= s keeps it >= s, the longer side follows the aspect
         return size[0], size[0]
     return size[1], size[0]  # (h, w) -> (w, h)
-
-
-class ToNormalizedTensor:
-    """``Normalize(mean, std)(ToTensor()(img))`` in one pass for uint8 RGB/L PIL images or uint8 (C, H, W)
-    tensors: the same float32 operations (x / 255, - mean, / std) elementwise, so the result is bit-identical;
-    other inputs go through the two torchvision ops."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.mean, self.std = tuple(mean), tuple(std)
-        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
-        self._std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
-
-    def __call__(self, pic: Union[Image.Image, torch.Tensor]) -> torch.Tensor:
-        if isinstance(pic, Image.Image) and pic.mode in ("RGB", "L"):
-            chw = _pil_view(pic)
-        elif isinstance(pic, torch.Tensor) and pic.dtype == torch.uint8 and pic.ndim == 3:
-            chw = pic
-        else:
-            return TF.normalize(TF.to_tensor(pic), self.mean, self.std)
-        out = torch.empty(chw.shape, dtype=torch.float32)
-        torch.div(chw, 255, out=out)
-        return out.sub_(self._mean).div_(self._std)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
-
-
-def _pil_view(img: Image.Image) -> torch.Tensor:
-    """uint8 (C, H, W) over the image's bytes without a second copy (channels-last strides). Read-only memory:
-    the pipelines here never write into their input (resizes and flips allocate, crops are read)."""
-    array = np.asarray(img)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": see above
-        tensor = torch.from_numpy(array[:, :, None] if array.ndim == 2 else array)
-    return tensor.permute(2, 0, 1)
-
-
-def _split_preset(transform: Callable) -> Tuple[list, Tuple[float, ...], Tuple[float, ...]]:
-    """(image ops, mean, std) of a preset that ends with ToTensor -> Normalize."""
-    ops = list(getattr(transform, "transforms", []))
-    if len(ops) < 2 or not isinstance(ops[-2], T.ToTensor) or not isinstance(ops[-1], T.Normalize):
-        raise ValueError(f"not a preset ending with ToTensor -> Normalize: {transform!r}")
-    return ops[:-2], tuple(ops[-1].mean), tuple(ops[-1].std)
 
 
 class _TensorOp:
@@ -200,7 +108,7 @@ def _as_uint8_chw(img: Union[Image.Image, torch.Tensor]) -> torch.Tensor:
 
             return decode_jpeg(img, mode=ImageReadMode.RGB)
         return img
-    return _pil_view(img if img.mode in ("RGB", "L") else img.convert("RGB"))
+    return chw_view(img if img.mode in ("RGB", "L") else img.convert("RGB"))
 
 
 class TensorPipeline:
@@ -208,7 +116,7 @@ class TensorPipeline:
     or JPEG file bytes (a uint8 1-D tensor, as :class:`EncodedImages` gives)."""
 
     def __init__(self, transform: Callable):
-        ops, mean, std = _split_preset(transform)
+        ops, mean, std = split_preset(transform)
         self.ops = [_TensorOp(op) for op in ops]
         self.normalize = ToNormalizedTensor(mean, std)
 
@@ -222,42 +130,19 @@ class TensorPipeline:
         return f"{type(self).__name__}({self.ops + [self.normalize]})"
 
 
-def accelerate(transform: Callable, mode: Optional[str] = None) -> Callable:
-    """The preset in ``mode`` (see the module docstring; None reads ``$RETRIEVAL_PIPELINE``); ``pil`` returns
-    ``transform`` itself, and so does ``fast`` for a transform that is not a ToTensor -> Normalize preset."""
-    mode = pipeline_mode(mode)
-    if mode == "pil":
-        return transform
-    if mode == "fast":
-        try:
-            ops, mean, std = _split_preset(transform)
-        except ValueError:
-            return transform
-        return T.Compose(ops + [ToNormalizedTensor(mean, std)])
-    try:
-        return TensorPipeline(transform)
-    except ValueError as e:
-        raise UserError(f"{ENV_MODE}=tensor: {e}") from None
-
-
-def from_env(transform: T.Compose) -> Callable:
-    """What ``common.presets`` returns: the preset itself unless ``$RETRIEVAL_PIPELINE`` asks for another mode."""
-    return transform if not os.environ.get(ENV_MODE) else accelerate(transform)
-
-
 class EncodedImages(Dataset):
     """The images of a ``RetrievalDataset`` read as file bytes (uint8 1-D tensors), decoded later: by ``transform``
     in the loader workers (a :class:`TensorPipeline`: ``torchvision.io.decode_jpeg`` + ``transforms.v2``), or, with
     no transform, on the GPU by :class:`GpuAugment`. Only upright RGB or greyscale JPEGs within the pixel limit
-    (:func:`common.images.is_plain`) are left encoded: anything else (PNG, CMYK, an EXIF orientation, alpha, 16-bit)
-    is decoded here with ``open_image`` and passed on as a uint8 (3, H, W) tensor, so every path gives
+    (:func:`common.data.images.is_plain`) are left encoded: anything else (PNG, CMYK, an EXIF orientation, alpha,
+    16-bit) is decoded here with ``open_image`` and passed on as a uint8 (3, H, W) tensor, so every path gives
     ``open_image``'s pixels."""
 
-    def __init__(self, dataset, transform: Optional[Callable] = None, return_index: bool = False):
+    def __init__(self, dataset, transform: Optional[Callable] = None):
         max_image_pixels()  # a bad RETRIEVAL_MAX_IMAGE_PIXELS is one error line here, not in a worker
         self.images: List[str] = list(dataset.images)
         self.labels: List[int] = list(dataset.labels)
-        self.transform, self.return_index = transform, return_index
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.images)
@@ -275,11 +160,11 @@ class EncodedImages(Dataset):
                 data = TF.pil_to_tensor(open_image(self.images[i]))
         if self.transform is not None:
             data = self.transform(data)
-        return (data, self.labels[i], i) if self.return_index else (data, self.labels[i])
+        return data, self.labels[i]
 
 
 def collate_encoded(batch: Sequence[tuple]) -> tuple:
-    """(list of encoded or decoded images, labels tensor[, indices tensor]): images keep their own sizes."""
+    """(list of encoded or decoded images, labels tensor): images keep their own sizes."""
     columns = list(zip(*batch))
     return (list(columns[0]),) + tuple(torch.as_tensor(c) for c in columns[1:])
 
@@ -293,7 +178,7 @@ class GpuAugment:
     """
 
     def __init__(self, transform: Callable, device: Union[str, torch.device] = "cuda"):
-        ops, mean, std = _split_preset(transform)
+        ops, mean, std = split_preset(transform)
         self.ops = [_TensorOp(op) for op in ops]
         self.device = torch.device(device)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)

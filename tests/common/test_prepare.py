@@ -1,4 +1,4 @@
-"""data_utils.py / common.preprocess on tiny fakes of the four raw datasets."""
+"""data_utils.py / common.data.prepare on tiny fakes of the four raw datasets."""
 
 import json
 import os
@@ -12,8 +12,9 @@ import scipy.io
 from PIL import Image, JpegImagePlugin
 
 import data_utils
+from common.data.prepare import ensure_dataset, prepare
+from common.data.verify import clip_box
 from common.errors import UserError
-from common.preprocess import clip_box, ensure_dataset, prepare
 from tests.fakes import CROPS, CUB_CORRUPT, EXPECTED, SOP_MISSING, make_fake_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -217,3 +218,14 @@ def test_grayscale_and_cmyk_sources_are_kept_as_is(tmp_path):
     src = tmp_path / "cub/images/003.Sooty_Albatross/Sooty_Albatross_0031_1066.jpg"
     assert Image.open(src).mode == "CMYK"
     assert Image.open(tmp_path / "cub/cropped/images/003.Sooty_Albatross/Sooty_Albatross_0031_1066.jpg").mode == "RGB"
+
+
+def test_each_process_makes_sure_of_the_dataset_once(tmp_path, monkeypatch):
+    from common.data import prepare as prepare_module
+
+    make_fake_dataset(tmp_path, "cub", process=True)
+    calls = []
+    real = prepare_module.ensure_dataset
+    monkeypatch.setattr(prepare_module, "ensure_dataset", lambda *a: calls.append(a) or real(*a))
+    path = prepare_module.ensure_dataset_main_first(tmp_path, "cub", "cropped")
+    assert path == tmp_path / "cub" / "cropped_index.json" and calls == [(tmp_path, "cub", "cropped")]
