@@ -10,17 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import UserError
-from common.metrics import retrieval_metrics
+from common.metrics import metrics_from_ranking, required_topk, retrieval_metrics
 from common.postprocess import (
     alpha_query_expansion,
     database_augmentation,
     flip_embed,
     k_reciprocal_rerank,
-    knn,
-    metrics_from_ranking,
     postprocess_rank,
-    required_topk,
 )
+from common.search import search
 
 
 def clustered(n, d=8, per_class=6, noise=0.8, seed=0):
@@ -127,7 +125,7 @@ def test_rerank_tiny_budget_and_items_beyond_the_nearest():
     x, _ = clustered(100, seed=3)
     idx, dist = k_reciprocal_rerank(x, topk=5, memory_budget=1)
     assert_matches_dense(idx, dist, dense_rerank(x), 5)
-    near, _ = knn(x, None, 5)
+    _, near = search(x, x, 5, exclude=torch.arange(len(x)))
     assert any(set(a.tolist()) - set(b.tolist()) for a, b in zip(idx, near))
 
 
@@ -248,19 +246,6 @@ def test_metrics_from_ranking_needs_enough_items_and_counts_by_hand():
     assert required_topk([1], labels) == 2
     with pytest.raises(ValueError, match="rank at least"):
         metrics_from_ranking(idx[:, :1], labels, None, [1])
-
-
-@pytest.mark.parametrize("largest", [True, False])
-def test_topk_with_ties_equals_stable_sort(largest):
-    from common.postprocess import _topk
-
-    s = torch.randint(0, 4, (50, 30)).double()  # many ties, at the boundary too
-    s[0] = 1.0  # a row of one value
-    for k in (1, 5, 29, 30):
-        vals, idx = _topk(s, k, largest)
-        order = torch.sort(-s if largest else s, dim=1, stable=True).indices[:, :k]
-        assert torch.equal(idx, order)
-        assert torch.equal(vals, s.gather(1, order))
 
 
 def test_rerank_benchmark_smoke(tmp_path):
