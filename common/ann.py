@@ -28,7 +28,7 @@ from common.errors import UserError
 from common.runio import atomic_write
 from common.search import Index, check_metric, cpu_features, prepare_gallery, search
 
-__all__ = ["build_index", "recall_at_k_vs_exact", "save_index", "load_index", "KINDS"]
+__all__ = ["build_index", "save_index", "load_index", "KINDS"]
 
 KINDS = ("exact", "ivf", "hnsw")
 
@@ -130,12 +130,6 @@ def _overlap(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean over queries of |found row ∩ truth row| / k (missing results are -1 and never match)."""
     hits = sum(len(np.intersect1d(f[f >= 0], t)) for f, t in zip(found, truth))
     return hits / truth.size
-
-
-def recall_at_k_vs_exact(index: Index, queries: Tensor, gallery_features: Tensor, k: int = 10) -> float:
-    """Recall@k of ``index`` against the exact search of ``gallery_features`` for ``queries`` (not gallery items)."""
-    truth = search(queries, gallery_features, k, index.metric)[1].numpy()
-    return _overlap(search(queries, None, k, index=index)[1].numpy(), truth)
 
 
 def save_index(index: Index, path: os.PathLike) -> None:

@@ -14,7 +14,16 @@ import pytest
 import torch
 
 from common import _bf16, metrics
-from common.metrics import _chunk_rows, _new_scratch, map_at_r, r_precision, recall_at_k, retrieval_metrics
+from common.metrics import (
+    _chunk_rows,
+    _new_scratch,
+    map_at_r,
+    metrics_from_ranking,
+    r_precision,
+    recall_at_k,
+    required_topk,
+    retrieval_metrics,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RANKS = [1, 2, 4, 8]
@@ -175,6 +184,21 @@ def test_query_without_positive():
     assert map_at_r(x, labels) == 1.0  # query 2 skipped
     assert r_precision(x, labels) == 1.0
     assert map_at_r(x, [0, 1, 2]) == 0.0  # nobody has a positive
+
+
+# ---- the definitions on ranked lists ------------------------------------------------------------------------
+def test_metrics_from_ranking_needs_enough_items_and_counts_by_hand():
+    labels = [0, 0, 1, 1, 1]
+    idx = torch.tensor([[1, 2, 3], [2, 0, 3], [0, 3, 4], [4, 2, 0], [0, 1, 2]])
+    out = metrics_from_ranking(idx, labels, None, [1, 2])
+    assert out["recall@1"] == pytest.approx(2 / 5)  # q0, q3
+    assert out["recall@2"] == pytest.approx(4 / 5)  # q0..q3
+    # per-query AP@R: q0 R=1 [1 hit] 1; q1 R=1 [2 miss] 0; q2 R=2 [0 miss, 3 hit] 1/4; q3 R=2 [4, 2] 1; q4 [0, 1] 0
+    assert out["map@r"] == pytest.approx((1 + 0 + 0.25 + 1 + 0) / 5)
+    assert out["r_precision"] == pytest.approx((1 + 0 + 0.5 + 1 + 0) / 5)
+    assert required_topk([1], labels) == 2
+    with pytest.raises(ValueError, match="rank at least"):
+        metrics_from_ranking(idx[:, :1], labels, None, [1])
 
 
 # ---- validation and memory bound -------------------------------------------------------------------------------
