@@ -298,6 +298,8 @@ def search(
         name, (n, dim) = gallery.metric, gallery.features.shape
     elif gallery is None:
         raise ValueError("search needs gallery features or an index")
+    elif gallery.dim() != 2 or gallery.shape[0] == 0:
+        raise ValueError(f"gallery features must be a non-empty (n, d) tensor, got shape {tuple(gallery.shape)}")
     else:
         name, (n, dim) = check_metric(metric or "cosine"), gallery.shape
     if metric is not None and check_metric(metric) != name:

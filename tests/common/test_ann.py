@@ -90,9 +90,6 @@ def test_reported_recall_at_10_is_the_share_of_exact_neighbours_found(kind):
     got = [row[row != i][:10] for row, i in zip(found, self_id)]
     assert index.recall_at_10 == pytest.approx(overlap(got, truth))
     assert "Recall@10" in messages[0] and f"{index.recall_at_10:.4f}" in messages[0]
-    q = clustered(50, seed=3, noise=1.5)
-    want = overlap(search(q, None, 10, index=index)[1].numpy(), brute(q, g, 10, "cosine")[1])
-    assert ann.recall_at_k_vs_exact(index, q, g) == pytest.approx(want)
 
 
 def test_ivf_breadth_is_raised_until_the_target():
@@ -117,25 +114,25 @@ def test_save_and_load_round_trip(tmp_path):
         assert (loaded.kind, loaded.metric, loaded.size, loaded.dim) == (kind, "euclidean", len(g), g.shape[1])
         for a, b in zip(search(q, None, 5, index=loaded), search(q, None, 5, index=index)):
             assert torch.equal(a, b)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="exact index is the gallery features"):
         ann.save_index(ann.build_index(g, "cosine", "exact"), tmp_path / "exact.idx")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="does not exist"):
         ann.load_index(tmp_path / "missing.idx")
     (tmp_path / "junk.idx").write_bytes(b"not an index")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="cannot read index"):
         ann.load_index(tmp_path / "junk.idx")
 
 
 def test_bad_arguments():
     g = clustered(50)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="kind must be one of"):
         ann.build_index(g, "cosine", "lsh")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="metric must be one of"):
         ann.build_index(g, "manhattan")
     index = ann.build_index(g, "cosine", "ivf", sample=0, log=None)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="queries have 8 dimensions, the gallery 16"):
         search(g[:2, :8], None, 3, index=index)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="between 0 and the gallery size 50"):
         search(g[:2], None, 51, index=index)
 
 

@@ -215,23 +215,23 @@ def test_rank_larger_than_gallery_raises():
 @pytest.mark.parametrize("ranks", [[], [0], [-1], [1.5], [True]])
 def test_bad_ranks_raise(ranks):
     x, labels = make_data("random", n=10)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ranks must be a non-empty list of positive integers"):
         recall_at_k(x, labels, ranks)
 
 
 @pytest.mark.parametrize(
-    "call",
+    "call, message",
     [
-        lambda x, y: recall_at_k(x, y[:-1], [1]),
-        lambda x, y: recall_at_k(x, y, [1], x[:5], y),
-        lambda x, y: recall_at_k(x, y, [1], x, None),
-        lambda x, y: map_at_r(x, y, None, x[:, :3], y),
-        lambda x, y: r_precision(x, np.zeros((10, 2), dtype=int)),
+        (lambda x, y: recall_at_k(x, y[:-1], [1]), r"query_labels has shape \(9,\), expected \(10,\)"),
+        (lambda x, y: recall_at_k(x, y, [1], x[:5], y), r"gallery_labels has shape \(10,\), expected \(5,\)"),
+        (lambda x, y: recall_at_k(x, y, [1], x, None), "must be given together"),
+        (lambda x, y: map_at_r(x, y, None, x[:, :3], y), "equal d"),
+        (lambda x, y: r_precision(x, np.zeros((10, 2), dtype=int)), r"shape \(10, 2\)"),
     ],
 )
-def test_bad_lengths_raise(call):
+def test_bad_lengths_raise(call, message):
     x, labels = make_data("random", n=10)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         call(x, labels)
 
 

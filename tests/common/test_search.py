@@ -23,7 +23,7 @@ def test_exact_topk_matches_stable_sort(k, values):
 
 
 def test_exact_topk_rejects_bad_k():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="k=4 must be an integer between 0 and the row length 3"):
         exact_topk(torch.zeros(2, 3), 4)
 
 
@@ -91,16 +91,16 @@ def test_search_validation():
     g = torch.randn(20, 4)
     assert search(g[:3], g, 0)[1].shape == (3, 0)
     for bad in (-1, 21, 2.0, True):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="k must be an integer between 0 and the gallery size 20"):
             search(g[:3], g, bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="queries have 2 dimensions, the gallery 4"):
         search(g[:3, :2], g, 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="metric must be one of"):
         search(g[:3], g, 1, "manhattan")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="prepared for cosine, not euclidean"):
         search(g[:3], prepare_gallery(g, "cosine"), 1, "euclidean")
     g[0, 0] = float("inf")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="gallery features contain NaN, inf"):
         search(g[1:3], g, 1)
 
 
@@ -168,3 +168,7 @@ def test_search_refuses_bad_exclude_and_accelerate():
         search(g[:3], g, 2, exclude=[0, 1, 20])
     with pytest.raises(ValueError, match="accelerate"):
         search(g[:3], g, 2, accelerate="numpy")
+    with pytest.raises(ValueError, match="gallery features"):
+        search(g[:3], g[0], 2)
+    with pytest.raises(ValueError, match="gallery features or an index"):
+        search(g[:3], None, 2)
