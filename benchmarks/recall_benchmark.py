@@ -5,7 +5,7 @@ against themselves (self excluded). Methods, each in its own subprocess so that 
 the RSS after loading the data, or peak CUDA memory) is measured in isolation:
 
 - ``ours``        ``common.metrics.recall_at_k``: bf16 candidate pass + float64 re-check (exact)
-- ``ours_fp32``   the same function on its fp32 counting path (``metrics.BF16 = False``; the path before)
+- ``ours_fp32``   the same function on its fp32 counting path (``accelerate="numpy"``: no bf16 pass)
 - ``faiss``       faiss-cpu exact ``IndexFlatIP`` search of the top max(K)+1, with its bundled OpenBLAS given the
                   kernel numpy's OpenBLAS detects (``OPENBLAS_CORETYPE``); left alone, faiss-cpu's older OpenBLAS
                   may not know this CPU and fall back to a generic kernel (``--faiss-generic`` adds that run)
@@ -161,15 +161,11 @@ def full_matrix_recall(features: torch.Tensor, labels: torch.Tensor, ranks: Sequ
     return recall_from_neighbours(labels[top], labels, ranks)
 
 
-def run_ours(x, labels, ranks, device, bf16: bool = True):
-    from common import metrics
+def run_ours(x, labels, ranks, device, accelerate: str = "auto"):
+    from common.metrics import recall_at_k
 
     feats, lab = torch.from_numpy(x).to(device), torch.from_numpy(labels).to(device)
-    before, metrics.BF16 = metrics.BF16, bf16
-    try:
-        return metrics.recall_at_k(feats, lab, ranks)
-    finally:
-        metrics.BF16 = before
+    return recall_at_k(feats, lab, ranks, accelerate=accelerate)
 
 
 def full_matrix_bytes(n: int, kmax: int) -> int:
@@ -219,7 +215,7 @@ def run_gemm_bf16(x, labels, ranks, device):
 
 RUNNERS: Dict[str, Callable] = {
     "ours": run_ours,
-    "ours_fp32": lambda *a: run_ours(*a, bf16=False),
+    "ours_fp32": lambda *a: run_ours(*a, accelerate="numpy"),
     "faiss": run_faiss,
     "faiss_generic": run_faiss,
     "full": run_full,

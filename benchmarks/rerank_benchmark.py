@@ -66,7 +66,8 @@ def measure(config: str, x: np.ndarray, labels: np.ndarray, threads: Optional[in
     """Wall and CPU time, peak extra memory (MiB) and metrics of one configuration, in this process."""
     import torch
 
-    from common.postprocess import metrics_from_ranking, postprocess_rank
+    from common.metrics import metrics_from_ranking
+    from common.postprocess import postprocess_rank
 
     if threads:
         torch.set_num_threads(threads)

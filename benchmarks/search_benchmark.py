@@ -4,7 +4,7 @@ The gallery is clustered like learned embeddings (groups of classes of items, L2
 float32 is 2 GB by itself) and the queries are new draws around random centres. Measured in one run, each with its
 peak extra memory (RSS high-water mark above the data):
 
-- ``exact``      ``common.ann`` kind 'exact' (``common.metrics.search_topk``): the gallery is rounded to bf16 once
+- ``exact``      ``common.ann`` kind 'exact' (``common.search.search``): the gallery is rounded to bf16 once
                  (``prepare``), then chunked bf16 GEMM + float64 re-check, identical to a float64 brute force
 - ``faiss_flat`` faiss-cpu ``IndexFlatIP`` / ``IndexFlatL2`` (exact), with its bundled OpenBLAS given the kernel
                  numpy's OpenBLAS detects (``OPENBLAS_CORETYPE``; left alone it may fall back to a generic kernel)
@@ -117,7 +117,7 @@ def main(args) -> List[dict]:
     import torch
 
     from common import ann
-    from common.metrics import search_topk
+    from common.search import search
 
     if args.quick:
         args.num_gallery, args.num_queries, args.dim = 20_000, 100, 64
@@ -158,7 +158,7 @@ def main(args) -> List[dict]:
     index, prep_s, prep_mib = measured(lambda: ann.build_index(g, args.metric, "exact"))
     row("exact", "prepare", prep_s, prep_mib)
     (scores, truth), search_s, search_mib = measured(
-        lambda: search_topk(q, index.exact, args.k, memory_budget=args.memory_budget, progress=True)
+        lambda: search(q, None, args.k, index=index, memory_budget=args.memory_budget, progress=True)
     )
     row("exact", "search", search_s, search_mib, queries_per_s=round(args.num_queries / search_s, 1))
     truth = truth.numpy()
@@ -176,7 +176,7 @@ def main(args) -> List[dict]:
             lambda: ann.build_index(g, args.metric, args.ann, target_recall=args.target_recall, log=None)
         )
         setting = built.describe()
-        (_, found), ann_s, ann_mib = measured(lambda: ann.search(built, q, args.k))
+        (_, found), ann_s, ann_mib = measured(lambda: search(q, None, args.k, index=built))
         hits = sum(len(np.intersect1d(f, t)) for f, t in zip(found.numpy(), truth)) / truth.size
         row(
             args.ann,

@@ -1,14 +1,15 @@
-"""Search a large gallery: exact, or through an approximate faiss index whose Recall@10 is measured when built.
+"""Approximate faiss indexes for collections too large to scan per query, with their Recall@10 measured at build.
 
-``kind='exact'`` is :func:`common.metrics.search_topk` (chunked and memory-bounded: a bf16 pass and a float64
-re-check, identical to a float64 brute force). ``'ivf'`` (faiss IndexIVFFlat) and ``'hnsw'`` (IndexHNSWFlat) trade
-exactness for speed on collections too large to scan per query; their search breadth (IVF ``nprobe``, HNSW
-``efSearch``) is raised at build time until Recall@10 against the exact search reaches ``target_recall`` on a
-sample of the gallery, and both figures are printed. Recall@10 here is the fraction of each query's exact 10 nearest
-neighbours that the index returns among its 10 (the usual ANN definition), averaged over the sample.
+``kind='exact'`` is the exact search of :mod:`common.search` (chunked and memory-bounded: a bf16 pass and a float64
+re-check, identical to a float64 brute force) on a gallery prepared once. ``'ivf'`` (faiss IndexIVFFlat) and
+``'hnsw'`` (IndexHNSWFlat) trade exactness for speed; their search breadth (IVF ``nprobe``, HNSW ``efSearch``) is
+raised at build time until Recall@10 against the exact search reaches ``target_recall`` on a sample of the gallery,
+and both figures are printed. Recall@10 here is the fraction of each query's exact 10 nearest neighbours that the
+index returns among its 10 (the usual ANN definition), averaged over the sample. Searching an index is
+:func:`common.search.search` with ``index=``.
 
     index = build_index(features, "cosine", kind="ivf")   # prints build time, nprobe and Recall@10
-    scores, ids = search(index, queries, k=10)
+    scores, ids = search(queries, None, k=10, index=index)
     save_index(index, "run_data_base.ivf")                 # next to the database; atomic
 """
 
@@ -16,48 +17,20 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from common.errors import UserError
-from common.metrics import PreparedGallery, _check_metric, _cpu_features, prepare_gallery, search_topk
 from common.runio import atomic_write
+from common.search import Index, check_metric, cpu_features, prepare_gallery, search
 
-__all__ = ["Index", "build_index", "search", "recall_at_k_vs_exact", "save_index", "load_index", "KINDS"]
+__all__ = ["build_index", "save_index", "load_index", "KINDS"]
 
 KINDS = ("exact", "ivf", "hnsw")
-
-
-@dataclass
-class Index:
-    kind: str  # 'exact' | 'ivf' | 'hnsw'
-    metric: str  # 'cosine' (inner product, larger first) | 'euclidean'
-    size: int
-    dim: int
-    exact: Optional[PreparedGallery] = None  # kind 'exact'
-    faiss_index: Any = None  # kinds 'ivf' / 'hnsw'
-    build_seconds: Optional[float] = None  # training + adding (None when loaded from a file)
-    tune_seconds: Optional[float] = None  # measuring Recall@10 and widening the search to reach the target
-    recall_at_10: Optional[float] = None  # measured at build time against the exact search
-
-    def describe(self) -> str:
-        setting = {
-            "ivf": lambda: f"nlist={self.faiss_index.nlist}, nprobe={self.faiss_index.nprobe}",
-            "hnsw": lambda: f"M={self.faiss_index.hnsw.nb_neighbors(1)}, efSearch={self.faiss_index.hnsw.efSearch}",
-        }.get(self.kind, lambda: "")()
-        text = f"{self.kind} index ({self.metric}{', ' + setting if setting else ''}) over {self.size} x {self.dim}"
-        if self.kind != "exact" and self.build_seconds is not None:
-            text += f", built in {self.build_seconds:.1f} s"
-        if self.tune_seconds is not None:
-            text += f" + {self.tune_seconds:.1f} s tuning"
-        if self.recall_at_10 is not None:
-            text += f", Recall@10 vs exact search {self.recall_at_10:.4f}"
-        return text
 
 
 def _faiss():
@@ -69,7 +42,7 @@ def _faiss():
 
 
 def _numpy32(features: Tensor) -> np.ndarray:
-    return np.ascontiguousarray(_cpu_features(features, "features").numpy(), dtype=np.float32)
+    return np.ascontiguousarray(cpu_features(features, "features").numpy(), dtype=np.float32)
 
 
 def default_nlist(n: int) -> int:
@@ -93,7 +66,7 @@ def build_index(
     """Index gallery ``features`` (N, d) for top-k search with ``metric`` ('cosine' = inner product of the given
     vectors, normalise them first; or 'euclidean'). ANN kinds: see the module docstring; ``sample`` gallery items
     (searched for their 10 nearest others) measure Recall@10, 0 skips that and the tuning."""
-    metric = _check_metric(metric)
+    metric = check_metric(metric)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     start = time.perf_counter()
@@ -135,14 +108,14 @@ def _tune(index: Index, features: Tensor, target: float, sample: int, seed: int)
     """Widen the ANN search (double nprobe / efSearch) until Recall@10 on gallery items reaches ``target``."""
     n = index.size
     pick = np.sort(np.random.default_rng(seed + 1).choice(n, min(n, sample), replace=False))
-    queries = _cpu_features(features, "features")[torch.from_numpy(pick)]
+    queries = cpu_features(features, "features")[torch.from_numpy(pick)]
     k = min(10, n - 1)
     if k < 1:
         return
-    truth = _drop_self(search_topk(queries, features, k + 1, index.metric)[1].numpy(), pick, k)
+    truth = search(queries, features, k, index.metric, exclude=torch.from_numpy(pick))[1].numpy()
     ann = index.faiss_index
     while True:
-        found = _drop_self(search(index, queries, k + 1)[1].numpy(), pick, k)
+        found = search(queries, None, k, exclude=torch.from_numpy(pick), index=index)[1].numpy()
         index.recall_at_10 = _overlap(found, truth)
         widest = ann.nprobe >= ann.nlist if index.kind == "ivf" else ann.hnsw.efSearch >= n
         if index.recall_at_10 >= target or widest:
@@ -153,41 +126,10 @@ def _tune(index: Index, features: Tensor, target: float, sample: int, seed: int)
             ann.hnsw.efSearch = 2 * ann.hnsw.efSearch
 
 
-def _drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
-    """Each row's first k results other than the query's own gallery index."""
-    keep = ids != self_ids[:, None]
-    rows = [row[m][:k] for row, m in zip(ids, keep)]
-    return np.stack([np.pad(r, (0, k - len(r)), constant_values=-1) for r in rows])
-
-
 def _overlap(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean over queries of |found row ∩ truth row| / k (missing results are -1 and never match)."""
     hits = sum(len(np.intersect1d(f[f >= 0], t)) for f, t in zip(found, truth))
     return hits / truth.size
-
-
-def recall_at_k_vs_exact(index: Index, queries: Tensor, gallery_features: Tensor, k: int = 10) -> float:
-    """Recall@k of ``index`` against the exact search of ``gallery_features`` for ``queries`` (not gallery items)."""
-    truth = search_topk(queries, gallery_features, k, index.metric)[1].numpy()
-    return _overlap(search(index, queries, k)[1].numpy(), truth)
-
-
-def search(index: Index, queries: Tensor, k: int, *, progress: bool = False) -> Tuple[Tensor, Tensor]:
-    """Top-``k`` of each query: (scores (Q, k) float32, indices (Q, k) int64), best first. Scores are inner
-    products ('cosine') or distances ('euclidean'). An ANN index may find fewer than k: index -1, score NaN."""
-    if index.kind == "exact":
-        return search_topk(queries, index.exact, k, progress=progress)
-    q = _numpy32(queries)
-    if q.shape[1] != index.dim:
-        raise ValueError(f"queries have {q.shape[1]} dimensions, the index {index.dim}")
-    if not 0 <= k <= index.size:
-        raise ValueError(f"k must be between 0 and the index size {index.size}, got {k}")
-    scores, ids = index.faiss_index.search(q, k)
-    scores = scores.astype(np.float32)
-    if index.metric == "euclidean":
-        scores = np.sqrt(np.maximum(scores, 0))  # faiss returns squared distances
-    scores[ids < 0] = np.nan
-    return torch.from_numpy(scores), torch.from_numpy(ids.astype(np.int64))
 
 
 def save_index(index: Index, path: os.PathLike) -> None:

@@ -15,12 +15,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
-from common.database import Database, rank_gallery
+from common.database import Database
 from common.errors import UserError
 from common.outputs import building, flat_name, new_folder, output_folder
 from common.render import save_retrieval
 from common.retrieval import open_database, run_prefix
 from common.runio import results_dir
+from common.search import search
 
 __all__ = ["query_and_gallery", "compare_databases", "compare_runs"]
 
@@ -57,20 +58,18 @@ def compare_databases(
     if k > len(gallery.images) - (1 if same_set else 0):
         raise UserError(f"--retrieval_num {k} is larger than the gallery")
     gallery_labels = torch.as_tensor(gallery.labels)
+    exclude = torch.arange(len(query.images)) if same_set else None
+    found = {
+        key: search(db.split(q_name).features, db.split(g_name).features, k, db.metric, db.scale, exclude)
+        for key, db in (("better", better), ("worse", worse))
+    }
     totals = {"better": [0, 0], "worse": [0, 0]}  # [sum of correct, queries with a hit]
     wins = ties = 0
     drawn = []
     for i in tqdm(range(len(query.images)), desc="comparing", leave=False):
         ranked = {}
-        for key, db in (("better", better), ("worse", worse)):
-            idx, score = rank_gallery(
-                db.split(q_name).features[i],
-                db.split(g_name).features,
-                db.metric,
-                k,
-                db.scale,
-                exclude=i if same_set else None,
-            )
+        for key in ("better", "worse"):
+            score, idx = found[key][0][i], found[key][1][i]
             correct = int((gallery_labels[idx] == query.labels[i]).sum())
             totals[key][0] += correct
             totals[key][1] += correct > 0

@@ -39,12 +39,22 @@ from common.device import main_device, parse_gpu_ids
 from common.distributed import is_main_process
 from common.engine import embed_dataset
 from common.errors import UserError
-from common.metrics import retrieval_metrics
+from common.metrics import metrics_from_ranking, required_topk, retrieval_metrics
 from common.outputs import building, flat_name, new_folder, output_folder, safe_name
-from common.postprocess import alpha_query_expansion, flip_embed, metrics_from_ranking, postprocess_rank, required_topk
+from common.postprocess import alpha_query_expansion, flip_embed, postprocess_rank
 from common.render import query_page, save_retrieval, summary_page
-from common.retrieval import DB_SUFFIX, database_path, embed_file, model_path, open_database, run_prefix, search
+from common.retrieval import (
+    DB_SUFFIX,
+    check_dim,
+    database_path,
+    embed_file,
+    labelled,
+    model_path,
+    open_database,
+    run_prefix,
+)
 from common.runio import load_model_file, results_dir, safe_load
+from common.search import search
 from common.spec import MethodSpec
 
 __all__ = [
@@ -584,7 +594,9 @@ def answer_query(
             )[0]
             * norm
         )
-    results = search(feature, gallery, db.metric, k, db.scale, exclude, _ann_index(db))
+    check_dim(feature[None], gallery)
+    found = search(feature[None], gallery.features, k, db.metric, db.scale, [exclude], _ann_index(db))
+    results = labelled(gallery, *found)[0]
     if out_dir is not None:
         out = _write_query(spec, Path(out_dir), path, label, results, db.metric, title)
     else:

@@ -14,14 +14,14 @@ per-learner cosine). For unit vectors both orders are the same ranking.
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
 from common.errors import UserError
 from common.runio import atomic_save, check_config, safe_load
 
-__all__ = ["Split", "Database", "save_database", "load_database", "check_splits", "rank_gallery", "find_query"]
+__all__ = ["Split", "Database", "save_database", "load_database", "check_splits", "find_query"]
 
 
 @dataclass
@@ -133,26 +133,6 @@ def check_splits(db: Database, path: os.PathLike, dim: Optional[int] = None) -> 
             raise UserError(f"database {path}: features have {dims.pop()} dimensions, {source} {want}")
     for name in (db.query, db.gallery):
         db.split(name)
-
-
-def scores(query: torch.Tensor, gallery: torch.Tensor, metric: str, scale: float = 1.0) -> torch.Tensor:
-    """Score of every gallery row for one query: Euclidean distance or (scaled) inner product."""
-    if metric == "euclidean":
-        return torch.cdist(query[None].float(), gallery.float())[0]
-    return gallery.float() @ query.float() / scale
-
-
-def rank_gallery(
-    query: torch.Tensor, gallery: torch.Tensor, metric: str, k: int, scale: float = 1.0, exclude: Optional[int] = None
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Indices and scores of the ``k`` best gallery items, best first; ``exclude`` drops one index (self)."""
-    s = scores(query, gallery, metric, scale)
-    worst = float("inf") if metric == "euclidean" else float("-inf")
-    if exclude is not None:
-        s[exclude] = worst
-    k = min(k, len(s) - (1 if exclude is not None else 0))
-    order = torch.sort(s if metric == "euclidean" else -s, stable=True).indices[:k]
-    return order, s[order]
 
 
 def find_query(images: Sequence[str], name: str) -> int:

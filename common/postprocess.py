@@ -4,10 +4,12 @@ augmentation and flip test, memory-bounded so that they run at Stanford Online P
 Features are rows of a matrix, ranked by inner product after L2 normalisation (every public function normalises its
 inputs; for REIR's concatenated per-learner unit vectors this divides by sqrt(E) and keeps the ranking). The query
 set is either its own gallery (``gallery=None``: CUB/CARS/SOP protocol, each query's own row excluded *by index*) or
-a separate gallery. Ties are broken by ascending gallery index, as in :mod:`common.metrics`.
+a separate gallery. Rankings and neighbour lists come from :func:`common.search.search` (exact, ties broken by
+ascending gallery index, as in :mod:`common.metrics`); the metrics of the lists from
+:func:`common.metrics.metrics_from_ranking`.
 
-**Memory.** Nothing of size ``N x N`` is built: similarities are computed in blocks of query rows (``memory_budget``
-bytes per block) and reduced at once to neighbour lists of size k (:func:`knn`); re-ranking keeps sparse
+**Memory.** Nothing of size ``N x N`` is built: the search and the re-ranking graph go through blocks of query rows
+(``memory_budget`` bytes per block) reduced at once to neighbour lists of size k; re-ranking keeps sparse
 k-reciprocal encodings (about 100 non-zeros a row with the defaults) and an inverted index of them.
 
 **Re-ranking** (Zhong et al., CVPR 2017, as in fast-reid's ``evaluation/rerank.py``): with ``d`` the squared
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -34,18 +36,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from common.errors import UserError
-from common.metrics import Labels, _as_labels, exact_topk
+from common.search import exact_topk, search
 
-__all__ = [
-    "knn",
-    "alpha_query_expansion",
-    "database_augmentation",
-    "k_reciprocal_rerank",
-    "flip_embed",
-    "postprocess_rank",
-    "required_topk",
-    "metrics_from_ranking",
-]
+__all__ = ["alpha_query_expansion", "database_augmentation", "k_reciprocal_rerank", "flip_embed", "postprocess_rank"]
 
 DEFAULT_BUDGET = 128 * 2**20  # bytes of one block of similarities (and of one batch of Jaccard terms)
 _JACCARD_BYTES_PER_TERM = 64  # temporaries per (query, shared column, gallery item) term of the Jaccard numerator
@@ -86,81 +79,30 @@ def _pair(query: Tensor, gallery: Optional[Tensor], exclude_self: Optional[bool]
 
 
 # ---- nearest neighbours ---------------------------------------------------------------------------------------
-def _block_rows(n: int, element_size: int, budget: int) -> int:
-    """Query rows per similarity block of ``n`` columns that fit in ``budget`` bytes."""
-    return max(1, budget // (n * element_size))
+def _nearest(query: Tensor, gallery: Tensor, k: int, exclude_self: bool, budget: int) -> Tuple[Tensor, Tensor]:
+    """Cosine similarities and gallery indices (Q, k) of each query's k nearest, best first (ties by index), on the
+    query's device and in its dtype; ``exclude_self``: query i never retrieves gallery item i."""
+    exclude = torch.arange(query.shape[0]) if exclude_self else None
+    sims, idx = search(query, gallery, k, "cosine", exclude=exclude, memory_budget=budget)
+    return sims.to(query.device, query.dtype), idx.to(query.device)
 
 
-def _topk(s: Tensor, k: int, largest: bool = True) -> Tuple[Tensor, Tensor]:
-    """``k`` best of each row of ``s``, ties by ascending index: the order of a stable full sort (as
-    :func:`common.metrics.exact_topk`), without its full-width tie count: ``torch.topk`` of k+1 shows whether the
-    k-th value continues past the boundary, and only such rows go through exact_topk. Shapes (B, k), (B, k) int64."""
-    if k >= s.shape[1]:
-        vals, idx = exact_topk(s if largest else -s, k)
-        return (vals if largest else -vals), idx
-    vals, idx = torch.topk(s, k + 1, dim=1, largest=largest)
-    tied = (vals[:, k] == vals[:, k - 1]).nonzero().flatten()
-    idx, perm = idx[:, :k].sort(1)
-    vals = vals[:, :k].gather(1, perm)
-    order = vals.sort(dim=1, descending=largest, stable=True).indices
-    vals, idx = vals.gather(1, order), idx.gather(1, order)
-    if len(tied):
-        v, idx[tied] = exact_topk(s[tied] if largest else -s[tied], k)
-        vals[tied] = v if largest else -v
-    return vals, idx
-
-
-def _knn(
-    query: Tensor, gallery: Tensor, k: int, diagonal: str, budget: int, desc: str = ""
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Top-k of ``query @ gallery.T`` per row (ties: lower index first) and each row's smallest similarity.
-
-    ``diagonal`` treats gallery item i for query i: "keep", "exclude" (never returned) or "first" (returned first;
-    its value is reported as 1, the self-similarity of a unit vector). Shapes (Q, k), (Q, k) int64, (Q,).
-    """
-    q, n = query.shape[0], gallery.shape[0]
-    rows = min(q, _block_rows(n, query.element_size(), budget))
-    vals = query.new_empty(q, k)
-    idx = torch.empty(q, k, dtype=torch.int64, device=query.device)
-    row_min = query.new_empty(q)
-    block = query.new_empty(rows, n)
-    fill = {"exclude": float("-inf"), "first": float("inf")}.get(diagonal)
-    starts = range(0, q, rows)
-    for a in tqdm(starts, desc=desc or "neighbours", leave=False, dynamic_ncols=True, disable=len(starts) < 8):
-        b = min(q, a + rows)
-        s = block[: b - a]
-        torch.mm(query[a:b], gallery.T, out=s)
-        if fill is not None:
-            s.diagonal(offset=a).fill_(fill)
-        if diagonal == "first":
-            row_min[a:b] = s.amin(1)
-        vals[a:b], idx[a:b] = _topk(s, k)
-    if diagonal == "first":
-        vals[:, 0] = 1.0
-    return vals, idx, row_min
-
-
-@torch.inference_mode()
-def knn(
-    query: Tensor,
-    gallery: Optional[Tensor] = None,
-    k: int = 100,
-    *,
-    exclude_self: Optional[bool] = None,
-    memory_budget: int = DEFAULT_BUDGET,
-) -> Tuple[Tensor, Tensor]:
-    """Gallery indices and cosine similarities of each query's ``k`` nearest gallery items, best first.
-
-    ``gallery=None``: the query set is the gallery and query i never retrieves itself; with a gallery,
-    ``exclude_self=True`` excludes gallery item i for query i (same-set evaluation with changed query features).
-    Equal to a stable full sort (ties by index) of the similarities. Shapes (Q, k) int64, (Q, k).
-    """
-    q, g, excl = _pair(query, gallery, exclude_self)
-    k = _positive_int(k, "k")
-    if k > g.shape[0] - int(excl):
-        raise ValueError(f"k={k} exceeds the {g.shape[0] - int(excl)} gallery items a query can retrieve")
-    vals, idx, _ = _knn(q, g, k, "exclude" if excl else "keep", memory_budget)
-    return idx, vals
+def _graph(nodes: Tensor, k: int, budget: int) -> Tuple[Tensor, Tensor]:
+    """The re-ranking graph from one pass of similarity blocks: each node's k nearest nodes, itself first, then the
+    others by similarity (ties by index), and each node's smallest similarity to another. Shapes (N, k), (N,)."""
+    n = nodes.shape[0]
+    rows = min(n, max(1, budget // (n * nodes.element_size())))
+    nbr = torch.empty(n, k, dtype=torch.int64)
+    row_min = nodes.new_empty(n)
+    block = nodes.new_empty(rows, n)
+    starts = range(0, n, rows)
+    for a in tqdm(starts, desc="rerank graph", leave=False, dynamic_ncols=True, disable=len(starts) < 8):
+        s = block[: min(n, a + rows) - a]
+        torch.mm(nodes[a : a + rows], nodes.T, out=s)
+        s.diagonal(offset=a).fill_(float("inf"))  # itself first
+        row_min[a : a + rows] = s.amin(1)
+        nbr[a : a + rows] = exact_topk(s, k)[1]
+    return nbr, row_min
 
 
 # ---- alpha-QE and DBA -----------------------------------------------------------------------------------------
@@ -169,7 +111,7 @@ def _weighted_sum(query: Tensor, gallery: Tensor, k: int, alpha: float, exclude_
     if k == 1:
         return query.clone()
     k = min(k - 1, gallery.shape[0] - int(exclude_self))
-    sims, idx, _ = _knn(query, gallery, k, "exclude" if exclude_self else "keep", budget, "expansion")
+    sims, idx = _nearest(query, gallery, k, exclude_self, budget)
     weights = sims.clamp(min=0).pow(alpha)
     out = query.clone()
     rows = max(1, budget // (k * gallery.shape[1] * gallery.element_size()))
@@ -325,7 +267,7 @@ def _rerank(
     gallery unless ``shared`` (the queries are the gallery)."""
     q, g = nodes[:nq], nodes if shared else nodes[nq:]
     n, ng = nodes.shape[0], g.shape[0]
-    _, nbr, row_min = _knn(nodes, nodes, min(n, max(k1 + 1, k2)), "first", budget, "rerank graph")
+    nbr, row_min = _graph(nodes, min(n, max(k1 + 1, k2)), budget)
     dmax = (2 - 2 * row_min).clamp(min=torch.finfo(q.dtype).tiny)
     v = _encodings(nodes, nbr, dmax, k1, min(k2, n))
     del nbr
@@ -348,7 +290,7 @@ def _rerank(
         mass[flat] = 0
         if excl:
             f.diagonal(offset=a).fill_(float("inf"))
-        dist[a:b], idx[a:b] = _topk(f, topk, largest=False)
+        dist[a:b], idx[a:b] = exact_topk(f, topk, largest=False)
     return idx, dist
 
 
@@ -451,60 +393,5 @@ def postprocess_rank(
         del q, g  # one copy of the features while re-ranking
         idx, dist = _rerank(nodes, nq, shared, same_set, topk, k1, k2, lambda_value, memory_budget)
         return idx.to(device), (1 - dist).to(device)
-    vals, idx, _ = _knn(q, g, topk, "exclude" if same_set else "keep", memory_budget)
+    vals, idx = _nearest(q, g, topk, same_set, memory_budget)
     return idx, vals
-
-
-def _positives(query_labels: Tensor, gallery_labels: Tensor, same_set: bool) -> Tensor:
-    """R per query: gallery items with its label, itself excluded when the sets are the same. (Q,) int64."""
-    uniq, counts = torch.unique(gallery_labels, return_counts=True)
-    slot = torch.searchsorted(uniq, query_labels).clamp(max=uniq.numel() - 1)
-    return torch.where(uniq[slot] == query_labels, counts[slot], 0) - int(same_set)
-
-
-def required_topk(ranks: Sequence[int], query_labels: Labels, gallery_labels: Optional[Labels] = None) -> int:
-    """Smallest ``topk`` for which :func:`metrics_from_ranking` can give Recall@max(ranks) and MAP@R: max(ranks) and
-    the largest number of positives of a query. ``gallery_labels=None``: the query set is the gallery."""
-    ql = _as_labels(query_labels, len(query_labels), torch.device("cpu"), "query_labels")
-    gl = (
-        ql
-        if gallery_labels is None
-        else _as_labels(gallery_labels, len(gallery_labels), torch.device("cpu"), "gallery_labels")
-    )
-    return max(max(ranks), int(_positives(ql, gl, gallery_labels is None).max()))
-
-
-def metrics_from_ranking(
-    indices: Tensor, query_labels: Labels, gallery_labels: Optional[Labels] = None, ranks: Sequence[int] = (1,)
-) -> Dict[str, float]:
-    """Recall@K, MAP@R and R-precision from ranked gallery indices (Q, T), best first, as :mod:`common.metrics`
-    defines them (Recall@K averaged over all queries; MAP@R and R-precision over queries with R > 0).
-
-    ``gallery_labels=None``: the query set is the gallery and the lists exclude each query itself. Needs
-    T >= max(ranks) and T >= every query's R (see :func:`required_topk`); ValueError otherwise.
-    """
-    indices = indices.detach().cpu()
-    q, width = indices.shape
-    ql = _as_labels(query_labels, q, torch.device("cpu"), "query_labels")
-    same = gallery_labels is None
-    gl = ql if same else _as_labels(gallery_labels, len(gallery_labels), torch.device("cpu"), "gallery_labels")
-    ranks = [int(k) for k in ranks]
-    r = _positives(ql, gl, same)
-    if not ranks or min(ranks) < 1 or max(ranks) > width or int(r.max()) > width:
-        raise ValueError(
-            f"ranked lists of length {width} cannot give Recall@{ranks} and MAP@R with R up to "
-            f"{int(r.max())}: rank at least {max([*ranks, int(r.max())])} items"
-        )
-    rel = gl[indices] == ql[:, None]  # (Q, T)
-    out = {f"recall@{k}": float(rel[:, :k].any(1).sum()) / q for k in ranks}
-    positions = torch.arange(1, width + 1, dtype=torch.float64)
-    rel_r = rel & (positions <= r[:, None])
-    hits = rel_r.cumsum(1, dtype=torch.float64)
-    valid = r > 0
-    denom = r.clamp(min=1).double()
-    ap = (hits / positions * rel_r).sum(1) / denom
-    rp = hits[:, -1] / denom
-    n = max(int(valid.sum()), 1)
-    out["map@r"] = float(ap[valid].sum()) / n
-    out["r_precision"] = float(rp[valid].sum()) / n
-    return out

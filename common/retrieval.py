@@ -7,7 +7,7 @@ output becomes an embedding) is passed in by the caller.
 """
 
 from pathlib import Path
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -16,7 +16,6 @@ from common.data.images import open_image
 from common.database import Database, Split, load_database
 from common.engine import RunFiles
 from common.errors import UserError
-from common.metrics import search_topk
 from common.runio import results_dir
 
 __all__ = [
@@ -26,8 +25,8 @@ __all__ = [
     "model_path",
     "open_database",
     "embed_file",
-    "search",
-    "search_batch",
+    "check_dim",
+    "labelled",
 ]
 
 DB_SUFFIX = "_data_base.pth"  # RunFiles.database of run <run>
@@ -91,50 +90,19 @@ def embed_file(
     return out[0].float().cpu()
 
 
-def search(
-    feature: torch.Tensor,
-    gallery: Split,
-    metric: str,
-    k: int,
-    scale: float = 1.0,
-    exclude: Optional[int] = None,
-    index=None,
-) -> List[Result]:
-    """The ``k`` best gallery images for one query feature, best first, as (path, label, score) to print/render.
-
-    Exact and memory-bounded by default (``common.metrics.search_topk``: ties to the smaller index); ``index``, an
-    ANN index of ``common.ann`` built on this gallery, answers approximately instead. ``exclude`` drops one gallery
-    index (the query itself)."""
-    return search_batch(feature[None], gallery, metric, k, scale, [exclude], index)[0]
-
-
-def search_batch(
-    features: torch.Tensor,
-    gallery: Split,
-    metric: str,
-    k: int,
-    scale: float = 1.0,
-    excludes: Optional[Sequence[Optional[int]]] = None,
-    index=None,
-) -> List[List[Result]]:
-    """:func:`search` for a batch of query features (Q, d) in one pass over the gallery (a server batches the
-    queries that arrive together); ``excludes`` has one gallery index or None per query."""
+def check_dim(features: torch.Tensor, gallery: Split) -> None:
+    """Query features (Q, d) embedded by the run's model must have the dimension of the database's features."""
     if features.shape[-1] != gallery.features.shape[1]:
         raise UserError(
             f"the model embeds {features.shape[-1]} dimensions, the database's features have "
             f"{gallery.features.shape[1]}: the database was not written by this model"
         )
-    excludes = list(excludes) if excludes is not None else [None] * len(features)
-    wanted = min(k + (1 if any(e is not None for e in excludes) else 0), len(gallery.images))
-    if index is not None:
-        from common.ann import search as ann_search
 
-        values, ids = ann_search(index, features.float(), wanted)
-    else:
-        values, ids = search_topk(features.float(), gallery.features.float(), wanted, metric)
-    factor = 1.0 if metric == "euclidean" else 1.0 / scale
-    out = []
-    for row_ids, row_values, exclude in zip(ids.tolist(), values.tolist(), excludes):
-        pairs = [(i, v) for i, v in zip(row_ids, row_values) if i >= 0 and i != exclude]
-        out.append([(gallery.images[i], gallery.labels[i], v * factor) for i, v in pairs[:k]])
-    return out
+
+def labelled(gallery: Split, scores: torch.Tensor, ids: torch.Tensor) -> List[List[Result]]:
+    """Each query's results of :func:`common.search.search` on ``gallery`` as (path, label, score), best first, to
+    print and render; missing ones (id -1: an excluded item or an ANN index finding fewer) are left out."""
+    return [
+        [(gallery.images[i], gallery.labels[i], v) for i, v in zip(row_ids, row_scores) if i >= 0]
+        for row_ids, row_scores in zip(ids.tolist(), scores.tolist())
+    ]

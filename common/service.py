@@ -42,15 +42,15 @@ from urllib.parse import quote
 import torch
 from PIL import Image
 
-from common.ann import Index, build_index, load_index
+from common.ann import build_index, load_index
 from common.catalogue import Report, listed, update
 from common.contract import _model_beside, add_flag
 from common.data.images import IMAGE_EXTENSIONS, open_image
 from common.database import Database, Split, load_database
 from common.device import main_device, parse_gpu_ids
 from common.errors import UserError
-from common.metrics import prepare_gallery
-from common.retrieval import database_path, run_prefix, search_batch
+from common.retrieval import database_path, labelled, run_prefix
+from common.search import Index, prepare_gallery, search
 from common.spec import MethodSpec
 
 __all__ = ["serve_parser", "run_server", "Searcher", "create_app", "TOKEN_ENV"]
@@ -144,7 +144,7 @@ class Searcher:
     """A run's model and database (memory-mapped) with its index; reloaded when the database file changes.
 
     Searches are queued to one thread that takes every query waiting, embeds the uploads in one forward pass and
-    searches the whole batch in one pass over the gallery (:func:`common.retrieval.search_batch`)."""
+    searches the whole batch in one pass over the gallery (:func:`common.search.search`)."""
 
     def __init__(
         self,
@@ -262,9 +262,10 @@ class Searcher:
         for i, (_, row) in enumerate(live):
             if row is not None:
                 features[i] = gallery.features[row]
-        k = max(j.k for j, _ in live)
+        k = min(max(j.k for j, _ in live), len(gallery.images))  # the gallery may have shrunk since the request
         db = state.db
-        lists = search_batch(features, gallery, db.metric, k, db.scale, [r for _, r in live], state.index)
+        found = search(features, gallery.features, k, db.metric, db.scale, [r for _, r in live], state.index)
+        lists = labelled(gallery, *found)
         for (job, _), results in zip(live, lists):
             job.future.set_result((state, results[: job.k]))
 

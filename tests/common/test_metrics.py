@@ -1,4 +1,5 @@
-"""common.metrics against an independent brute force (full stable sort in Python), plus hand-computed examples.
+"""common.metrics against an independent brute force (full stable sort in Python), plus hand-computed examples;
+every ``accelerate`` route (bf16 pass, numpy, torch ops only) gives the brute force's results.
 
 Features are dyadic rationals (multiples of 1/8, small d) so every dot product is exact in float32 whatever the
 BLAS summation order: the brute force and the chunked implementation see bit-identical scores.
@@ -12,8 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from common import metrics
-from common.metrics import _chunk_rows, _new_scratch, exact_topk, map_at_r, r_precision, recall_at_k, retrieval_metrics
+from common import _bf16, metrics
+from common.metrics import (
+    _chunk_rows,
+    _new_scratch,
+    map_at_r,
+    metrics_from_ranking,
+    r_precision,
+    recall_at_k,
+    required_topk,
+    retrieval_metrics,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RANKS = [1, 2, 4, 8]
@@ -102,12 +112,11 @@ def test_tiny_chunks_identical(kind, chunk):
 
 
 @pytest.mark.parametrize("block_bytes", [1, 4 * 50 * 3])  # counting blocks of 1 and 3 rows
-@pytest.mark.parametrize("numpy_path", [True, False])
-def test_small_counting_blocks_identical(monkeypatch, block_bytes, numpy_path):
+@pytest.mark.parametrize("accelerate", ["numpy", "off"])  # numpy or torch counting blocks
+def test_small_counting_blocks_identical(monkeypatch, block_bytes, accelerate):
     monkeypatch.setattr(metrics, "_CPU_BLOCK_BYTES", block_bytes)
-    monkeypatch.setattr(metrics, "CPU_NUMPY", numpy_path)
     x, labels = make_data("ties", n=50, seed=7)
-    check_all(x, labels, chunk_size=8)
+    check_all(x, labels, chunk_size=8, accelerate=accelerate)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])  # float16 takes the torch path on CPU too
@@ -121,9 +130,15 @@ def test_popcount_fallback_for_old_numpy(monkeypatch):
     check_all(*make_data("ties", n=40, seed=10))
 
 
-def test_torch_mm_path_matches_brute_force(monkeypatch):
-    monkeypatch.setattr(metrics, "CPU_NUMPY", False)  # torch ops only: the path CUDA and half precision take
-    check_all(*make_data("duplicates", seed=8), chunk_size=16)
+def test_torch_mm_path_matches_brute_force():
+    # torch ops only: the path CUDA and half precision take
+    check_all(*make_data("duplicates", seed=8), chunk_size=16, accelerate="off")
+
+
+def test_unknown_accelerate_is_refused():
+    x, labels = make_data("random", n=10)
+    with pytest.raises(ValueError, match="accelerate"):
+        recall_at_k(x, labels, [1], accelerate="gpu")
 
 
 @pytest.mark.parametrize("convert", [list, np.asarray, torch.as_tensor, lambda a: a.astype(np.int32)])
@@ -171,20 +186,19 @@ def test_query_without_positive():
     assert map_at_r(x, [0, 1, 2]) == 0.0  # nobody has a positive
 
 
-# ---- exact_topk ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("k", [0, 1, 3, 9, 20])
-@pytest.mark.parametrize("values", [3, 1000])  # few values -> many boundary ties
-def test_exact_topk_matches_stable_sort(k, values):
-    s = torch.randint(0, values, (12, 20)).float()
-    vals, idx = exact_topk(s, k)
-    ref = torch.sort(-s, dim=1, stable=True)
-    assert torch.equal(idx, ref.indices[:, :k])
-    assert torch.equal(vals, -ref.values[:, :k])
-
-
-def test_exact_topk_rejects_bad_k():
-    with pytest.raises(ValueError):
-        exact_topk(torch.zeros(2, 3), 4)
+# ---- the definitions on ranked lists ------------------------------------------------------------------------
+def test_metrics_from_ranking_needs_enough_items_and_counts_by_hand():
+    labels = [0, 0, 1, 1, 1]
+    idx = torch.tensor([[1, 2, 3], [2, 0, 3], [0, 3, 4], [4, 2, 0], [0, 1, 2]])
+    out = metrics_from_ranking(idx, labels, None, [1, 2])
+    assert out["recall@1"] == pytest.approx(2 / 5)  # q0, q3
+    assert out["recall@2"] == pytest.approx(4 / 5)  # q0..q3
+    # per-query AP@R: q0 R=1 [1 hit] 1; q1 R=1 [2 miss] 0; q2 R=2 [0 miss, 3 hit] 1/4; q3 R=2 [4, 2] 1; q4 [0, 1] 0
+    assert out["map@r"] == pytest.approx((1 + 0 + 0.25 + 1 + 0) / 5)
+    assert out["r_precision"] == pytest.approx((1 + 0 + 0.5 + 1 + 0) / 5)
+    assert required_topk([1], labels) == 2
+    with pytest.raises(ValueError, match="rank at least"):
+        metrics_from_ranking(idx[:, :1], labels, None, [1])
 
 
 # ---- validation and memory bound -------------------------------------------------------------------------------
@@ -201,23 +215,23 @@ def test_rank_larger_than_gallery_raises():
 @pytest.mark.parametrize("ranks", [[], [0], [-1], [1.5], [True]])
 def test_bad_ranks_raise(ranks):
     x, labels = make_data("random", n=10)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ranks must be a non-empty list of positive integers"):
         recall_at_k(x, labels, ranks)
 
 
 @pytest.mark.parametrize(
-    "call",
+    "call, message",
     [
-        lambda x, y: recall_at_k(x, y[:-1], [1]),
-        lambda x, y: recall_at_k(x, y, [1], x[:5], y),
-        lambda x, y: recall_at_k(x, y, [1], x, None),
-        lambda x, y: map_at_r(x, y, None, x[:, :3], y),
-        lambda x, y: r_precision(x, np.zeros((10, 2), dtype=int)),
+        (lambda x, y: recall_at_k(x, y[:-1], [1]), r"query_labels has shape \(9,\), expected \(10,\)"),
+        (lambda x, y: recall_at_k(x, y, [1], x[:5], y), r"gallery_labels has shape \(10,\), expected \(5,\)"),
+        (lambda x, y: recall_at_k(x, y, [1], x, None), "must be given together"),
+        (lambda x, y: map_at_r(x, y, None, x[:, :3], y), "equal d"),
+        (lambda x, y: r_precision(x, np.zeros((10, 2), dtype=int)), r"shape \(10, 2\)"),
     ],
 )
-def test_bad_lengths_raise(call):
+def test_bad_lengths_raise(call, message):
     x, labels = make_data("random", n=10)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         call(x, labels)
 
 
@@ -267,79 +281,8 @@ def test_recall_benchmark_smoke(tmp_path):
     assert rows["ours"]["recall@10"] == brute_force(*bench.make_data(500, 16, 100, 0, 2.3), [1, 10])[0][1]
 
 
-# ---- bf16 candidate pass: error bound, order keys, near ties -------------------------------------------------
-needs_bf16 = pytest.mark.skipif(not metrics._native_bf16(), reason="CPU without bf16 arithmetic: fp32 path only")
-BF16, FP32 = metrics._BF16, metrics._FP32
-
-
-def all_keys(prec):
-    """Every non-NaN key of a precision with its float64 value (bf16: all 65,536 bit patterns)."""
-    info = np.iinfo(prec.raw)
-    keys = np.arange(info.min, info.max + 1, dtype=np.int64).astype(prec.raw)
-    vals = metrics._key_value(keys, prec)
-    ok = ~np.isnan(vals)
-    return keys[ok], vals[ok]
-
-
-def test_order_key_sorts_like_the_values():
-    keys, vals = all_keys(BF16)
-    assert np.all(np.diff(vals[np.argsort(keys, kind="stable")]) >= 0)
-    raw = np.random.default_rng(0).integers(-(2**15), 2**15, 1000).astype(np.int16)
-    assert np.array_equal(metrics._order_key(metrics._order_key(raw)), raw)  # its own inverse
-
-
-@pytest.mark.parametrize("prec", [BF16, FP32])
-@pytest.mark.parametrize("strict", [False, True])
-def test_keys_at_least_is_the_smallest_passing_key(prec, strict):
-    rng = np.random.default_rng(1)
-    x = np.concatenate(
-        [
-            rng.standard_normal(300) * 10.0 ** rng.integers(-40, 38, 300),
-            [0.0, -0.0, 1e-45, -1e-45, 2**-133, -(2**-133), 1.0, -1.0, 0.5 + 2**-9, 3e38, -3e38, np.inf, -np.inf],
-        ]
-    )
-    got = metrics._keys_at_least(x, prec, strict)
-    if prec is BF16:  # brute force over every bf16 value
-        keys, vals = all_keys(prec)
-        for xi, k in zip(x, got):
-            ok = keys[(vals > xi) if strict else (vals >= xi)]
-            assert k == (ok.min() if ok.size else np.iinfo(np.int16).max)
-    else:  # float32: the key found passes, the one below does not
-        v = metrics._key_value(got, prec)
-        below = metrics._key_value(np.maximum(got.astype(np.int64) - 1, np.iinfo(np.int32).min).astype(np.int32), prec)
-        finite = np.abs(x) < 3.4e38
-        assert np.all(((v > x) if strict else (v >= x))[finite])
-        assert not np.any(((below > x) if strict else (below >= x))[finite & (got > -(2**31) + 1)])
-
-
-def exact_scores(q, g, euclid=False):
-    q64, g64 = q.double(), g.double()
-    return -0.5 * torch.cdist(q64, g64).square() if euclid else q64 @ g64.T
-
-
-@needs_bf16
-@pytest.mark.parametrize("euclid", [False, True])
-@pytest.mark.parametrize("scale,dim", [(1.0, 64), (1e-3, 8), (300.0, 512), (1.0, 1000)])
-def test_bf16_error_bound_holds_for_every_pair(euclid, scale, dim):
-    # The bound the exactness rests on: every rounded score lies inside the window computed around its exact score
-    # (items outside a query's window around s_p are thus certainly better / worse than s_p).
-    gen = torch.Generator().manual_seed(dim)
-    g = torch.randn(300, dim, generator=gen) * scale
-    q = torch.cat([torch.randn(40, dim, generator=gen) * scale, g[:10]])  # includes queries equal to items
-    side = ("query", "gallery") if euclid else (None, None)
-    qr, gr = metrics._round(q, BF16, side[0]), metrics._round(g, BF16, side[1])
-    t = torch.empty(len(g), len(q), dtype=torch.bfloat16)
-    metrics._gemm(gr.half, qr.half, t)
-    t = t.T.double().numpy()
-    s = exact_scores(q, g, euclid).numpy()
-    if euclid:  # the pass ranks by q.g - |g|^2/2 = -|q - g|^2/2 + |q|^2/2
-        s = s + (q.double().square().sum(1, keepdim=True) / 2).numpy()
-    bounds = metrics._chunk_bounds(qr, gr, BF16, euclid)
-    lo, hi = metrics._Bounds(bounds.e[:, None], bounds.c, bounds.scale[:, None]).window(s)
-    assert np.all((lo <= t) & (t <= hi))
-    err = np.abs(t - s).max(1)
-    assert np.all(err <= bounds.e + 2 * bounds.c * np.abs(s).max(1) + 1e-30)
-    assert err.max() > 0  # the pass really is rounded
+# ---- bf16 candidate pass: near ties (its numerics: tests/common/test_bf16.py) --------------------------------
+needs_bf16 = pytest.mark.skipif(not _bf16.native_bf16(), reason="CPU without bf16 arithmetic: fp32 path only")
 
 
 def near_tie_data(seed, n=320, d=32, classes=40):
@@ -362,8 +305,8 @@ def test_bf16_recall_near_ties_matches_float64_brute_force(seed, dtype):
     x = x.to(dtype)
     ranks = [1, 2, 3, 5, 8, 13, 50]
     want, _, _ = brute_force(x, labels, ranks)
-    assert recall_at_k(x, labels, ranks) == want
-    assert recall_at_k(x, labels, ranks, chunk_size=7) == want
+    assert recall_at_k(x, labels, ranks, accelerate="bf16") == want
+    assert recall_at_k(x, labels, ranks, chunk_size=7, accelerate="bf16") == want
     q, ql = x[:90], labels[:90]
     want_qg, _, _ = brute_force(q, ql, ranks, x[90:], labels[90:])
     assert recall_at_k(q, ql, ranks, x[90:], labels[90:]) == want_qg
@@ -385,10 +328,9 @@ def test_bf16_recall_with_negative_scores():
 def test_bf16_recall_equals_fp32_path_and_uses_threads(monkeypatch):
     x, labels = make_data("ties", n=200, seed=11)
     fast = recall_at_k(x, labels, RANKS, chunk_size=64)
-    monkeypatch.setattr(metrics, "_workers", lambda: 3)  # rows split over worker threads
-    assert recall_at_k(x, labels, RANKS, chunk_size=64) == fast
-    monkeypatch.setattr(metrics, "BF16", False)
-    assert recall_at_k(x, labels, RANKS, chunk_size=64) == fast == brute_force(x, labels, RANKS)[0]
+    monkeypatch.setattr(_bf16, "workers", lambda: 3)  # rows split over worker threads
+    assert recall_at_k(x, labels, RANKS, chunk_size=64, accelerate="bf16") == fast
+    assert recall_at_k(x, labels, RANKS, chunk_size=64, accelerate="numpy") == fast == brute_force(x, labels, RANKS)[0]
 
 
 @needs_bf16
@@ -404,7 +346,7 @@ def test_bf16_recall_wide_windows_ranked_from_float64_rows(monkeypatch, kind):
         x, labels = make_data(kind, n=120, seed=15)
     want = brute_force(x, labels, RANKS)[0]
     assert recall_at_k(x, labels, RANKS) == want
-    monkeypatch.setattr(metrics, "_wide_limit", lambda n: 0)
+    monkeypatch.setattr(_bf16, "_wide_limit", lambda n: 0)
     assert recall_at_k(x, labels, RANKS, chunk_size=16) == want
     assert recall_at_k(x[:30], labels[:30], RANKS, x, labels) == brute_force(x[:30], labels[:30], RANKS, x, labels)[0]
 
@@ -412,72 +354,5 @@ def test_bf16_recall_wide_windows_ranked_from_float64_rows(monkeypatch, kind):
 def test_non_finite_features_take_the_fp32_path():
     x, labels = make_data("random", n=40, seed=12)
     x[3, 0] = float("nan")
-    assert not metrics._bf16_ready(x, x)
+    assert not _bf16.safe(x, x)
     assert len(recall_at_k(x, labels, [1])) == 1
-
-
-# ---- exact top-k search --------------------------------------------------------------------------------------
-def brute_topk(q, g, k, metric):
-    """(scores, indices) from a full stable sort per query on float64 scores."""
-    q64, g64 = np.asarray(q, np.float64), np.asarray(g, np.float64)
-    out_i, out_s = [], []
-    for row in q64:
-        s = np.sqrt(((g64 - row) ** 2).sum(1)) if metric == "euclidean" else g64 @ row
-        order = sorted(range(len(g64)), key=lambda j: ((s[j] if metric == "euclidean" else -s[j]), j))[:k]
-        out_i.append(order)
-        out_s.append(s[order])
-    return np.array(out_s), np.array(out_i)
-
-
-@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-@pytest.mark.parametrize("kind", ["duplicates", "ties", "near"])
-@pytest.mark.parametrize("bf16", [True, False])
-def test_search_topk_matches_float64_brute_force(monkeypatch, metric, kind, bf16):
-    monkeypatch.setattr(metrics, "BF16", bf16)
-    monkeypatch.setattr(metrics, "_FEW_QUERIES", 0)  # the pass of large query sets even for these few
-    if kind == "near":
-        g, _ = near_tie_data(4, n=240)
-        q = g[::7] + 1e-6
-    else:
-        g, _ = make_data(kind, n=240, seed=13)
-        q, _ = make_data(kind, n=30, seed=14)
-        q = q if kind != "ties" else q[:, :3]
-    for k in (1, 5, 240):
-        s, i = metrics.search_topk(q, g, k, metric, chunk_size=8, memory_budget=2**14)  # many gallery blocks
-        want_s, want_i = brute_topk(q, g, k, metric)
-        assert np.array_equal(i.numpy(), want_i)
-        assert np.allclose(s.numpy(), want_s, rtol=1e-6, atol=1e-6)
-    prepared = metrics.prepare_gallery(g, metric)
-    assert prepared.precision is (metrics._BF16 if bf16 and metrics._native_bf16() else metrics._FP32)
-    assert torch.equal(metrics.search_topk(q, prepared, 5)[1], metrics.search_topk(q, g, 5, metric)[1])
-    monkeypatch.setattr(metrics, "_FEW_QUERIES", 10**6)  # an unprepared gallery and few queries: fp32 pass
-    assert torch.equal(metrics.search_topk(q, g, 5, metric)[1], torch.from_numpy(brute_topk(q, g, 5, metric)[1]))
-
-
-@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-def test_search_topk_prunes_massive_ties_exactly(monkeypatch, metric):
-    g = torch.ones(300, 4)  # everything tied, plus a few distinct items
-    g[::13] = torch.randn(24, 4, generator=torch.Generator().manual_seed(8))
-    q = torch.cat([g[:2], torch.randn(4, 4, generator=torch.Generator().manual_seed(9))])
-    monkeypatch.setattr(metrics, "_POOL_PAIRS", -(10**9))  # prune after every gallery block
-    s, i = metrics.search_topk(q, g, 7, metric, chunk_size=4, memory_budget=2**10)
-    want_s, want_i = brute_topk(q, g, 7, metric)
-    assert np.array_equal(i.numpy(), want_i)
-    assert np.allclose(s.numpy(), want_s, atol=1e-6)
-
-
-def test_search_topk_validation():
-    g = torch.randn(20, 4)
-    assert metrics.search_topk(g[:3], g, 0)[1].shape == (3, 0)
-    for bad in (-1, 21, 2.0, True):
-        with pytest.raises(ValueError):
-            metrics.search_topk(g[:3], g, bad)
-    with pytest.raises(ValueError):
-        metrics.search_topk(g[:3, :2], g, 1)
-    with pytest.raises(ValueError):
-        metrics.search_topk(g[:3], g, 1, "manhattan")
-    with pytest.raises(ValueError):
-        metrics.search_topk(g[:3], metrics.prepare_gallery(g, "cosine"), 1, "euclidean")
-    g[0, 0] = float("inf")
-    with pytest.raises(ValueError):
-        metrics.search_topk(g[1:3], g, 1)

@@ -10,17 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import UserError
-from common.metrics import retrieval_metrics
+from common.metrics import metrics_from_ranking, required_topk, retrieval_metrics
 from common.postprocess import (
     alpha_query_expansion,
     database_augmentation,
     flip_embed,
     k_reciprocal_rerank,
-    knn,
-    metrics_from_ranking,
     postprocess_rank,
-    required_topk,
 )
+from common.search import search
 
 
 def clustered(n, d=8, per_class=6, noise=0.8, seed=0):
@@ -127,7 +125,7 @@ def test_rerank_tiny_budget_and_items_beyond_the_nearest():
     x, _ = clustered(100, seed=3)
     idx, dist = k_reciprocal_rerank(x, topk=5, memory_budget=1)
     assert_matches_dense(idx, dist, dense_rerank(x), 5)
-    near, _ = knn(x, None, 5)
+    _, near = search(x, x, 5, exclude=torch.arange(len(x)))
     assert any(set(a.tolist()) - set(b.tolist()) for a, b in zip(idx, near))
 
 
@@ -234,33 +232,6 @@ def test_entry_point_caps_topk_and_rejects_bad_options():
         postprocess_rank(x, same_set=True, qe_k=-1)
     with pytest.raises(ValueError, match="gallery_feats"):
         postprocess_rank(x, same_set=False)
-
-
-def test_metrics_from_ranking_needs_enough_items_and_counts_by_hand():
-    labels = [0, 0, 1, 1, 1]
-    idx = torch.tensor([[1, 2, 3], [2, 0, 3], [0, 3, 4], [4, 2, 0], [0, 1, 2]])
-    out = metrics_from_ranking(idx, labels, None, [1, 2])
-    assert out["recall@1"] == pytest.approx(2 / 5)  # q0, q3
-    assert out["recall@2"] == pytest.approx(4 / 5)  # q0..q3
-    # per-query AP@R: q0 R=1 [1 hit] 1; q1 R=1 [2 miss] 0; q2 R=2 [0 miss, 3 hit] 1/4; q3 R=2 [4, 2] 1; q4 [0, 1] 0
-    assert out["map@r"] == pytest.approx((1 + 0 + 0.25 + 1 + 0) / 5)
-    assert out["r_precision"] == pytest.approx((1 + 0 + 0.5 + 1 + 0) / 5)
-    assert required_topk([1], labels) == 2
-    with pytest.raises(ValueError, match="rank at least"):
-        metrics_from_ranking(idx[:, :1], labels, None, [1])
-
-
-@pytest.mark.parametrize("largest", [True, False])
-def test_topk_with_ties_equals_stable_sort(largest):
-    from common.postprocess import _topk
-
-    s = torch.randint(0, 4, (50, 30)).double()  # many ties, at the boundary too
-    s[0] = 1.0  # a row of one value
-    for k in (1, 5, 29, 30):
-        vals, idx = _topk(s, k, largest)
-        order = torch.sort(-s if largest else s, dim=1, stable=True).indices[:, :k]
-        assert torch.equal(idx, order)
-        assert torch.equal(vals, s.gather(1, order))
 
 
 def test_rerank_benchmark_smoke(tmp_path):

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from common.compare import compare_databases
-from common.database import Database, Split, find_query, load_database, rank_gallery, save_database
+from common.database import Database, Split, find_query, load_database, save_database
 from common.errors import UserError
 from common.render import save_retrieval
 
@@ -30,14 +30,6 @@ def test_save_retrieval_writes_the_originals_files(tmp_path):
     assert good[3, 32, 1] > 200 and good[3, 32, 0] < 60  # green frame, 8 px wide
     assert bad[3, 32, 0] > 200 and bad[3, 32, 1] < 60  # red frame
     assert Image.open(out / "query_img.jpg").size == (64, 64)
-
-
-def test_rank_gallery_orders_and_excludes_self():
-    g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [1.0, 0.0]])
-    idx, s = rank_gallery(g[0], g, "cosine", 2, exclude=0)
-    assert idx.tolist() == [3, 2] and s.tolist() == pytest.approx([1.0, 0.6])
-    idx, s = rank_gallery(g[0], g, "euclidean", 3)
-    assert idx.tolist() == [0, 3, 2] and s[0] == 0
 
 
 def _db(features, labels, images, metric="cosine"):

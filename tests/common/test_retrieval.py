@@ -11,8 +11,9 @@ from torch import nn
 from common.database import Split, save_database
 from common.errors import UserError
 from common.render import save_retrieval
-from common.retrieval import database_path, embed_file, model_path, open_database, run_prefix, search
+from common.retrieval import database_path, embed_file, labelled, model_path, open_database, run_prefix
 from common.runio import atomic_save, load_model_file
+from common.search import search
 
 NAME = "car_uncropped_run_data_base.pth"
 
@@ -90,7 +91,11 @@ def test_embed_file_and_search(tmp_path, results):
     pair = embed_file(model, image, transform, torch.device("cpu"), embed=lambda m, x: torch.cat([m(x), m(x)], 1))
     assert pair.shape == (4,)
     _, db = open_database(NAME, "cgd")
-    assert search(feature, db.split("test"), "euclidean", 2) == [("c.jpg", 0, 0.0), ("a.jpg", 0, 1.0)]
+    split = db.split("test")
+    assert labelled(split, *search(feature[None], split.features, 2, "euclidean"))[0] == [
+        ("c.jpg", 0, 0.0),
+        ("a.jpg", 0, 1.0),
+    ]
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     with pytest.raises(UserError, match="cannot read image"):
         embed_file(model, str(tmp_path / "broken.jpg"), transform, torch.device("cpu"))

@@ -18,7 +18,7 @@ from common import runio
 from common.database import Split, load_database, save_database
 from common.engine import Run, RunFiles
 from common.errors import UserError, run_cli
-from common.retrieval import search
+from common.retrieval import check_dim
 from common.runio import Statistics, atomic_save, rng_state, safe_load, save_checkpoint, set_seed
 from tests.tiny import CGD_RUN, make_tiny_processed, make_untrained_cgd_run
 
@@ -368,7 +368,7 @@ def test_a_database_of_another_dimension_than_its_model_is_refused(tmp_path):
         load_database(path, dim=8)
     gallery = load_database(path).split("test")
     with pytest.raises(UserError, match="the model embeds 8 dimensions, the database's features have 6"):
-        search(torch.ones(8), gallery, "euclidean", k=2)
+        check_dim(torch.ones(1, 8), gallery)
 
 
 def test_a_tampered_database_ends_a_query_in_one_error_line(tmp_path):
