@@ -31,29 +31,16 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
-from common.contract import (
-    _collate,
-    _embed_fn,
-    _Images,
-    _listed_items,
-    _model_beside,
-    add_flag,
-    label_ids,
-)
+from common.collection import embed_items, join_processes, label_ids, list_items
+from common.contract import _embed_fn, _model_beside, add_flag, answer_queries
+from common.contract import inference_parser as query_parser
+from common.contract import run_inference as answer_or_build
 from common.database import Database, Split, load_database, save_database
 from common.distributed import (
-    all_gather_by_index,
     broadcast_object,
-    get_rank,
-    get_world_size,
-    init_distributed,
     is_main_process,
-    launched_by_torchrun,
 )
 from common.errors import UserError
 from common.retrieval import database_path
@@ -110,71 +97,9 @@ def add_catalogue_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(g, "float64", action="store_true", help="embed in float64 (makes N processes comparable with one)")
 
 
-def join_processes(args: argparse.Namespace) -> torch.device:
-    """The device to embed on; under ``torchrun`` this process joins the group (GPU LOCAL_RANK, or a CPU share)."""
-    if launched_by_torchrun():
-        wants_cuda = torch.cuda.is_available() and getattr(args, "gpu_ids", None) != ""
-        return init_distributed(wants_cuda).device
-    from common.contract import _device
-
-    return _device(args)
-
-
 def listed(source: str) -> List[Tuple[str, Optional[str]]]:
     """(path, label name or None) of an image file, a folder (recursive) or a list file (``path[,label]`` CSV)."""
-    return _listed_items(source)
-
-
-def _all_gather_object(obj):
-    if get_world_size() == 1:
-        return [obj]
-    out = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-@torch.inference_mode()
-def embed_items(
-    model: nn.Module,
-    items: Sequence[Tuple[str, int]],
-    transform: Callable,
-    *,
-    device: torch.device,
-    batch_size: int,
-    num_workers: int,
-    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-    desc: str = "embedding",
-) -> Tuple[torch.Tensor, List[int], List[int]]:
-    """(features of the readable items, their positions in ``items``, positions of the unreadable ones), on every
-    rank. Under torchrun rank r embeds items r, r+N, ... and the rows are gathered by index (no padding, each once);
-    features are float32 (float64 for a float64 model)."""
-    mine = list(range(get_rank(), len(items), get_world_size()))
-    if get_world_size() > 1 and is_main_process():
-        print(f"{desc}: {len(items)} images shared by {get_world_size()} processes", flush=True)
-    loader = DataLoader(
-        Subset(_Images(items, transform), mine), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
-    )
-    dtype = next(model.parameters()).dtype
-    chunks: List[torch.Tensor] = []
-    done: List[int] = []
-    bad: List[int] = []
-    for images, index, failed in tqdm(loader, desc=desc, dynamic_ncols=True, disable=not is_main_process()):
-        bad += failed
-        if images is not None:
-            out = embed(model, images.to(device, dtype)).cpu()
-            chunks.append(out if out.dtype == torch.float64 else out.float())
-            done += index.tolist()
-    dim = max(_all_gather_object(chunks[0].shape[1] if chunks else 0))
-    bad = sorted(i for part in _all_gather_object(bad) for i in part)
-    unreadable = set(bad)
-    kept = [i for i in range(len(items)) if i not in unreadable]
-    if dim == 0:
-        return torch.empty(0, 0), [], bad
-    local = torch.zeros(len(mine), dim, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    if chunks:  # item i is row (i - rank) / world of this rank's shard; unreadable rows stay zero, dropped below
-        local[(torch.tensor(done) - get_rank()) // get_world_size()] = torch.cat(chunks).to(local.dtype)
-    features = all_gather_by_index(local, torch.tensor(mine, dtype=torch.long), len(items))
-    return features[kept], kept, bad
+    return list_items(source)
 
 
 # ---------------------------------------------------------------- one update
@@ -416,3 +341,28 @@ def run_update(spec: MethodSpec, args: argparse.Namespace, device: torch.device)
             + (f" (unreadable listed in {db_path}.errors.log)" if report.unreadable else "")
         )
     return db_path, db
+
+
+# ---------------------------------------------------------------- inference.py
+
+
+def inference_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentParser:
+    """Every method's ``inference.py`` flags: answering queries and ``--gallery`` (common.contract), plus
+    ``--add`` / ``--remove``."""
+    parser = query_parser(spec, add_help)
+    add_catalogue_flags(parser)
+    return parser
+
+
+def run_inference(spec: MethodSpec, args: argparse.Namespace) -> List[Tuple[Path, list]]:
+    """``inference.py``: update ``--data_base`` in place with ``--add`` / ``--remove`` (then answer any query), or
+    build a ``--gallery`` database and/or answer queries."""
+    if not (args.add or args.remove):
+        return answer_or_build(spec, args)
+    if args.gallery:
+        raise UserError("--gallery writes a new database; --add / --remove change --data_base: give one of them")
+    device = join_processes(args)  # under torchrun: one shard of the images per process
+    db_path, db = run_update(spec, args, device)
+    if not args.query_img_name or not is_main_process():
+        return []
+    return answer_queries(spec, args, db_path, db, device)

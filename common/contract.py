@@ -18,7 +18,6 @@ The contract (README "One contract for all five methods"):
 
 import argparse
 import csv
-import io
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -29,13 +28,12 @@ from torch import nn
 from tqdm import tqdm
 
 from common.cli import parse_recalls
+from common.collection import embed_items, image_paths, join_processes, label_ids, list_items
 from common.compare import compare_runs, query_and_gallery
 from common.data.datasets import eval_splits, load_splits
-from common.data.files import read_text_file
 from common.data.images import IMAGE_EXTENSIONS as IMAGE_SUFFIXES
-from common.data.images import open_image
 from common.database import Database, Split, find_query, save_database
-from common.device import main_device, parse_gpu_ids
+from common.device import script_device
 from common.distributed import is_main_process
 from common.engine import embed_dataset
 from common.errors import UserError
@@ -228,10 +226,6 @@ def check_database_target(target: Path, in_use: Sequence[Optional[Path]]) -> Non
         )
 
 
-def _device(args: argparse.Namespace) -> torch.device:
-    return main_device(parse_gpu_ids(getattr(args, "gpu_ids", None))[:1])
-
-
 # ---------------------------------------------------------------- post-processing options
 
 
@@ -404,8 +398,6 @@ def test_metrics(splits: Dict[str, Split], query: str, gallery: str, ranks: Sequ
 def run_test(spec: MethodSpec, args: argparse.Namespace) -> Dict[str, float]:
     """``test.py``: metrics CSV (+ optional new database and one rendered query). Under torchrun each process
     embeds a shard of every split (gathered by index) and rank 0 evaluates and writes."""
-    from common.catalogue import join_processes
-
     device = join_processes(args)
     if args.save_data_base:
         in_use = [args.model_file and Path(args.model_file)]
@@ -514,9 +506,6 @@ def inference_parser(spec: MethodSpec, add_help: bool = True) -> argparse.Argume
     )
     add_flag(g, "batch_size", default=64, type=int, help="images per forward pass for --gallery (default: 64)")
     add_flag(g, "num_workers", default=4, type=int, help="DataLoader workers for --gallery (default: 4)")
-    from common.catalogue import add_catalogue_flags
-
-    add_catalogue_flags(parser)
     return parser
 
 
@@ -532,17 +521,6 @@ def stored_or_new(images: Sequence[str], name: str) -> int:
         return find_query(images, name)
     except UserError as e:
         raise UserError(f"{name} is neither an image file nor an image of the database ({e})") from None
-
-
-def _queries(name: str) -> List[str]:
-    """One query, or every image below a folder (sorted, recursive)."""
-    path = Path(name)
-    if not path.is_dir():
-        return [name]
-    files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}")
-    return files
 
 
 def write_ranking(out_dir: Path, results: Sequence[Tuple[str, Optional[int], float]]) -> Path:
@@ -643,23 +621,25 @@ def _ann_index(db: Database):
 def run_inference(spec: MethodSpec, args: argparse.Namespace) -> List[Tuple[Path, list]]:
     """``inference.py``: optionally embed ``--gallery`` into a new database, then one folder of results per query
     (a folder of queries also gets a summary ``index.html``)."""
-    if getattr(args, "gallery", None) or getattr(args, "add", None) or getattr(args, "remove", None):
-        from common.catalogue import join_processes, run_update
-
-        if args.gallery and (args.add or args.remove):
-            raise UserError("--gallery writes a new database; --add / --remove change --data_base: give one of them")
+    if getattr(args, "gallery", None):
         device = join_processes(args)  # under torchrun: one shard of the images per process
-        build = build_gallery_database if args.gallery else run_update
-        db_path, db = build(spec, args, device)
+        db_path, db = build_gallery_database(spec, args, device)
         if not args.query_img_name or not is_main_process():
             return []
     else:
-        device = _device(args)
+        device = script_device(args)
         if not args.query_img_name:
             raise UserError(
                 "give --query_img_name (a query image or folder), --gallery to embed a collection, or --add / --remove"
             )
         db_path, db = open_spec_database(spec, args.data_base)
+    return answer_queries(spec, args, db_path, db, device)
+
+
+def answer_queries(
+    spec: MethodSpec, args: argparse.Namespace, db_path: Path, db: Database, device: torch.device
+) -> List[Tuple[Path, list]]:
+    """Answer ``--query_img_name`` (one image, or every image below a folder) against ``db``."""
     q_name, g_name = query_and_gallery(db, args.data_type)
     cache: Dict[str, nn.Module] = {}
 
@@ -668,7 +648,7 @@ def run_inference(spec: MethodSpec, args: argparse.Namespace) -> List[Tuple[Path
             cache["model"] = _model_beside(spec, db_path, db, device)
         return cache["model"]
 
-    queries = _queries(args.query_img_name)
+    queries = image_paths(args.query_img_name)
     folder = Path(args.query_img_name)
     if not folder.is_dir():
         return [answer_query(spec, db, queries[0], args.retrieval_num, q_name, g_name, get_model, device, options=args)]
@@ -691,65 +671,7 @@ def run_inference(spec: MethodSpec, args: argparse.Namespace) -> List[Tuple[Path
 
 def _gallery_items(source: str, names: Optional[Dict[str, int]] = None) -> List[Tuple[str, int]]:
     """(path, label) pairs of a folder (label -1 = unknown) or a list file (paths, or a CSV with path[,label])."""
-    return label_ids(_listed_items(source), names)
-
-
-def _listed_items(source: str) -> List[Tuple[str, Optional[str]]]:
-    """(path, label name or None) of an image file, a folder (recursive) or a list file (paths, or a CSV with a
-    'path' and an optional 'label' column)."""
-    path = Path(source)
-    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-        return [(str(path), None)]
-    if path.is_dir():
-        return [(p, None) for p in _queries(str(path))]
-    if not path.is_file():
-        raise UserError(f"{source}: no such folder or list file")
-    text = read_text_file(path, "list file")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if lines and "path" in [c.strip() for c in lines[0].split(",")]:
-        frame = pd.read_csv(io.StringIO(text))
-        labels = [str(x) for x in frame["label"]] if "label" in frame.columns else [None] * len(frame)
-        return list(zip([str(p) for p in frame["path"]], labels))
-    return [(line, None) for line in lines]
-
-
-def label_ids(
-    items: Sequence[Tuple[str, Optional[str]]], names: Optional[Dict[str, int]] = None, first_id: int = 0
-) -> List[Tuple[str, int]]:
-    """(path, label id): no label is -1; integer labels are their own ids unless ``names`` already holds names;
-    other labels get ids by sorted name, continuing ``names`` (name -> id, extended in place, new ids from
-    ``first_id`` on) so that a database keeps one id per name across additions."""
-    given = sorted({x for _, x in items if x is not None}, key=lambda x: (not x.lstrip("-").isdigit(), x))
-    if not names and all(x.lstrip("-").isdigit() for x in given):
-        return [(p, -1 if x is None else int(x)) for p, x in items]
-    names = {} if names is None else names
-    for x in given:
-        if x not in names:
-            names[x] = max(first_id, max(names.values(), default=-1) + 1)
-    return [(p, -1 if x is None else names[x]) for p, x in items]
-
-
-class _Images(torch.utils.data.Dataset):
-    """Images of a collection; an unreadable file yields None and is skipped by the collate function."""
-
-    def __init__(self, items: Sequence[Tuple[str, int]], transform):
-        self.items, self.transform = list(items), transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        try:
-            return self.transform(open_image(self.items[i][0])), i
-        except (OSError, ValueError, SyntaxError):
-            return None, i
-
-
-def _collate(batch):
-    good = [(x, i) for x, i in batch if x is not None]
-    bad = [i for x, i in batch if x is None]
-    images = torch.stack([x for x, _ in good]) if good else None
-    return images, torch.tensor([i for _, i in good], dtype=torch.long), bad
+    return label_ids(list_items(source), names)
 
 
 @torch.inference_mode()
@@ -771,8 +693,6 @@ def build_gallery_database(spec: MethodSpec, args: argparse.Namespace, device: t
     items = _gallery_items(args.gallery, names)
     if not items:
         raise UserError(f"--gallery {args.gallery} lists no images")
-    from common.catalogue import embed_items  # sharded over torchrun ranks, gathered by index
-
     features, kept, failed = embed_items(
         model,
         items,

@@ -1,7 +1,7 @@
 """Device placement: ``--gpu_ids`` parsing, DataParallel, spreading ensemble learners, AMP and channels-last."""
 
 import contextlib
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -96,3 +96,9 @@ def first_device(text: Optional[str]) -> List[int]:
     """``--gpu_ids`` for a method whose original used one GPU: the listed ids, or the first visible GPU."""
     ids = parse_gpu_ids(text)
     return ids if text not in (None, "") else ids[:1]
+
+
+def script_device(args: Any) -> torch.device:
+    """The one device of a test / inference / serve process: the first of ``--gpu_ids`` (default the first GPU),
+    else the CPU."""
+    return main_device(parse_gpu_ids(getattr(args, "gpu_ids", None))[:1])

@@ -47,7 +47,7 @@ from common.catalogue import Report, listed, update
 from common.contract import _model_beside, add_flag
 from common.data.images import IMAGE_EXTENSIONS, open_image
 from common.database import Database, Split, load_database
-from common.device import main_device, parse_gpu_ids
+from common.device import script_device
 from common.errors import UserError
 from common.retrieval import database_path, labelled, run_prefix
 from common.search import Index, prepare_gallery, search
@@ -532,7 +532,7 @@ def serve_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentPa
 
 def build_app(spec: MethodSpec, args: argparse.Namespace, token: Optional[str]):
     """Load the run named by ``args`` and return its application (one per worker process)."""
-    device = main_device(parse_gpu_ids(args.gpu_ids)[:1])
+    device = script_device(args)
     searcher = Searcher(
         spec,
         database_path(args.data_base, spec.name),

@@ -5,7 +5,8 @@ ranking.csv into results/fastretri/<query stem>/.
     python fastretri/inference.py --data_base cub_uncropped_resnet50_data_base.pth --query_img_name my_bird.jpg
 """
 
-from common.contract import inference_parser, run_inference, script
+from common.catalogue import inference_parser, run_inference
+from common.contract import script
 from common.errors import run_cli
 from fastretri.spec import SPEC
 

@@ -5,7 +5,8 @@ grid.png and ranking.csv into results/irt/<query stem>/.
     python irt/inference.py --data_base <run>_data_base.pth --query_img_name my_photo.jpg
 """
 
-from common.contract import inference_parser, run_inference, script
+from common.catalogue import inference_parser, run_inference
+from common.contract import script
 from common.errors import run_cli
 from irt.spec import SPEC
 

@@ -5,7 +5,8 @@ ranking.csv).
     python sreml/inference.py --query_img_name data/car/car_ims/008055.jpg --retrieval_num 10 --data_type train
 """
 
-from common.contract import inference_parser, run_inference, script
+from common.catalogue import inference_parser, run_inference
+from common.contract import script
 from common.errors import run_cli
 from sreml.spec import SPEC
 
