@@ -37,5 +37,5 @@ def test_seeded_per_epoch():
 
 
 def test_impossible_batch_is_an_error():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"batch_size 8 needs more than 2 classes x m=2 images"):
         MPerClassSampler([0, 0, 1, 1], batch_size=8, m=2)

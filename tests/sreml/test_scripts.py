@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from common.database import load_database
+from common.database import Split, load_database, save_database
 from reir.model import Model
 from sreml import ablation, inference, train
 from sreml import test as sreml_test
@@ -91,12 +91,30 @@ def test_sreml_end_to_end(tmp_path, monkeypatch):
     torch.testing.assert_close(torch.tensor([s for _, _, s in results]), brute.topk(4).values, rtol=0, atol=1e-5)
     assert folder == out / query.rsplit("/", 1)[1].rsplit(".", 1)[0]
     assert (folder / "grid.png").is_file() and (folder / "ranking.csv").is_file()
+    # a 'worse' database: the same images and labels, the gallery's feature rows shuffled
+    gallery = db.split("gallery")
+    shuffled = gallery.features[torch.randperm(len(gallery.images), generator=torch.Generator().manual_seed(0))]
+    worse_splits = {**db.splits, "gallery": Split(gallery.images, gallery.labels, shuffled)}
+    save_database(out / "worse_data_base.pth", config=db.config, method=db.method, splits=worse_splits,
+                  metric=db.metric, scale=db.scale, query=db.query, gallery=db.gallery)  # fmt: skip
     result = ablation.main(
         ablation.get_args_parser().parse_args(
-            ["--better_data_base", name, "--worse_data_base", name, "--retrieval_num", "2"]
+            ["--better_data_base", name, "--worse_data_base", "worse_data_base.pth", "--retrieval_num", "2"]
         )
     )
-    assert result["wins"] == result["losses"] == 0
+
+    def correct_in_top2(features: torch.Tensor) -> list:  # brute force: stable sort of cosine / E, best first
+        labels = torch.tensor(gallery.labels)
+        return [
+            int((labels[torch.sort(-(features @ q), stable=True).indices[:2]] == y).sum())
+            for q, y in zip(db.split("query").features, db.split("query").labels)
+        ]
+
+    better, worse = correct_in_top2(gallery.features), correct_in_top2(shuffled)
+    wins = sum(b > w for b, w in zip(better, worse))
+    ties = sum(b == w for b, w in zip(better, worse))
+    assert (result["wins"], result["ties"], result["losses"]) == (wins, ties, len(better) - wins - ties)
+    assert wins + (len(better) - wins - ties) > 0  # the shuffle changed some query's top 2
 
 
 def test_sreml_model_is_reir_model_with_layer1():
