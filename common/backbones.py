@@ -167,15 +167,10 @@ def build_resnet(name: str, pretrained: str = "none", keep_fc: bool = True) -> n
     return model
 
 
-def resnet_stages(model: nn.Module) -> Dict[str, Callable]:
-    """Named stages of a torchvision ResNet in forward order (stem, layer1..layer4)."""
-    return {name: getattr(model, name) for name in RESNET_STAGES}
-
-
 def resnet_trunk(name: str, pretrained: str = "none") -> Tuple[nn.Sequential, int]:
     """conv1 ... layer4 of a torchvision ResNet as ``nn.Sequential`` (indices 0-7), and layer4's channels."""
     net = build_resnet(name, pretrained)
-    return nn.Sequential(*resnet_stages(net).values()), net.fc.in_features
+    return nn.Sequential(*(getattr(net, name) for name in RESNET_STAGES)), net.fc.in_features
 
 
 # ---- timm ----------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ __all__ = [
     "get_devices",
     "main_device",
     "data_parallel",
-    "spread_groups",
+    "group_sizes",
     "autocast",
     "channels_last",
     "unwrap",
@@ -61,18 +61,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def spread_groups(num_groups: int, devices: Sequence[torch.device]) -> List[torch.device]:
-    """Device of each of ``num_groups`` equal groups (ensemble learners), in contiguous balanced blocks.
-
-    48 learners on 3 GPUs -> 16 per GPU; 10 on 3 -> 4, 3, 3. Contiguous blocks keep each device's learners
-    batchable as one grouped computation.
-    """
-    n = len(devices)
-    base, extra = divmod(num_groups, n)
-    out: List[torch.device] = []
-    for d, device in enumerate(devices):
-        out += [device] * (base + (1 if d < extra else 0))
-    return out
+def group_sizes(num_groups: int, num_devices: int) -> List[int]:
+    """How many of ``num_groups`` equal groups (ensemble learners) each of ``num_devices`` devices holds, in
+    contiguous balanced blocks: 48 learners on 3 GPUs -> 16 each; 10 on 3 -> 4, 3, 3. Contiguous blocks keep each
+    device's learners batchable as one grouped computation."""
+    base, extra = divmod(num_groups, num_devices)
+    return [base + (d < extra) for d in range(num_devices)]
 
 
 def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfloat16):

@@ -403,7 +403,3 @@ class Statistics:
             atomic_write(self.csv_path.with_suffix(".png"), lambda f: fig.savefig(f, format="png", dpi=80))
         finally:
             plt.close(fig)
-
-    def best(self, column: str) -> float:
-        values = [r[column] for r in self.rows.values() if column in r]
-        return max(values) if values else float("-inf")

@@ -31,7 +31,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 
 from common.backbones import build_backbone, build_resnet, is_timm
-from common.device import upcast
+from common.device import group_sizes, upcast
 from common.distributed import GlobalBatchNorm, get_world_size
 from common.errors import UserError
 
@@ -276,7 +276,7 @@ def check_share_type(model_type: str, share_type: str) -> None:
 class Model(nn.Module):
     """Shared trunk + E private learners; ``forward`` returns raw meta-class logits [B, E, M].
 
-    ``devices`` spreads the learners over several devices in contiguous blocks (``common.device.spread_groups``);
+    ``devices`` spreads the learners over several devices in contiguous blocks (``common.device.group_sizes``);
     the state dict is always the single-block layout, whatever the number of blocks.
     """
 
@@ -313,8 +313,7 @@ class Model(nn.Module):
             private = [getattr(backbone, n) for n in STAGES[cut:]]
             home = backbone.conv1.weight.device
         self.devices = list(devices) if devices else [home]
-        base, extra = divmod(ensemble_size, len(self.devices))  # common.device.spread_groups' blocks
-        self.sizes = [s for s in (base + (d < extra) for d in range(len(self.devices))) if s > 0]
+        self.sizes = [s for s in group_sizes(ensemble_size, len(self.devices)) if s > 0]
         self.branches = nn.ModuleList()
         for size in self.sizes:
             block = EnsembleBranches(private, size, meta_class_size, feat_dim, home)

@@ -5,7 +5,7 @@ import torch
 
 from common.backbones import build_resnet
 from common.cli import common_parser, parse_recalls, validate_args
-from common.device import autocast, parse_gpu_ids, spread_groups
+from common.device import autocast, group_sizes, parse_gpu_ids
 from common.errors import UserError
 
 
@@ -26,11 +26,11 @@ def test_bad_combinations_are_one_line_errors():
     validate_args(args, gallery_size=101)
 
 
-def test_spread_groups_is_balanced_and_contiguous():
-    devs = [torch.device(f"cuda:{i}") for i in range(3)]
-    placement = spread_groups(10, devs)
-    assert [d.index for d in placement] == [0] * 4 + [1] * 3 + [2] * 3
-    assert spread_groups(4, [torch.device("cpu")]) == [torch.device("cpu")] * 4
+def test_group_sizes_are_balanced_and_contiguous():
+    assert group_sizes(10, 3) == [4, 3, 3]
+    assert group_sizes(48, 3) == [16, 16, 16]
+    assert group_sizes(4, 1) == [4]
+    assert group_sizes(2, 3) == [1, 1, 0]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")

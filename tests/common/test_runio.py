@@ -100,4 +100,4 @@ def test_statistics_csv_plot_and_resume(tmp_path):
     assert frame.loc[1, "test_recall@1"] == 30.0 and pd.isna(frame.loc[0, "train_loss"])
     assert (tmp_path / "run_statistics.png").stat().st_size > 1000
     resumed = Statistics.resume(tmp_path / "run_statistics.csv", up_to_epoch=1)
-    assert sorted(resumed.rows) == [0, 1] and resumed.best("test_recall@1") == 30.0
+    assert sorted(resumed.rows) == [0, 1] and resumed.rows[1]["test_recall@1"] == 30.0
