@@ -18,7 +18,7 @@ from common import runio
 from common.database import Split, load_database, save_database
 from common.engine import Run, RunFiles
 from common.errors import UserError, run_cli
-from common.retrieval import check_dim
+from common.query import check_dim
 from common.runio import Statistics, atomic_save, rng_state, safe_load, save_checkpoint, set_seed
 from tests.tiny import CGD_RUN, make_tiny_processed, make_untrained_cgd_run
 
