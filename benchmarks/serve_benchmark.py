@@ -278,8 +278,8 @@ def add_images(db_path: Path, photos: List[Path], args) -> Dict[str, object]:
 
     from cgd.spec import SPEC
     from common.catalogue import update
-    from common.contract import _model_beside
     from common.device import main_device, parse_gpu_ids
+    from common.runs import model_of_database
 
     device = main_device(parse_gpu_ids(args.gpu_ids)[:1])
     start = time.perf_counter()
@@ -287,7 +287,7 @@ def add_images(db_path: Path, photos: List[Path], args) -> Dict[str, object]:
         SPEC,
         db_path,
         add=[(str(p), None) for p in photos],
-        get_model=lambda db: _model_beside(SPEC, db_path, db, device),
+        get_model=lambda db: model_of_database(SPEC, db_path, db, device),
         device=device,
         batch_size=64,
         num_workers=min(4, os.cpu_count() or 1),

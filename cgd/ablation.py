@@ -9,8 +9,9 @@ at least as good) and Better Ratio@K (wins / losses); saved as ``results/cgd/<be
 """
 
 from cgd.spec import SPEC
-from common.contract import ablation_parser, run_ablation, script
+from common.cli import script
 from common.errors import run_cli
+from common.scripts.ablation import ablation_parser, run_ablation
 
 BETTER = "car_uncropped_resnet50_SG_1536_0.1_0.5_0.1_128_data_base.pth"
 WORSE = "car_uncropped_resnet50_MG_1536_0.1_0.5_0.1_128_data_base.pth"

@@ -7,7 +7,7 @@ in [0, 1] at the evaluation size -> the embedding CGD retrieves with, normalisat
 """
 
 from cgd.spec import SPEC
-from common.contract import script
+from common.cli import script
 from common.errors import run_cli
 from common.export import export_parser, run_export
 

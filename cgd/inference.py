@@ -8,9 +8,9 @@ query_img.jpg, retrieval_img_<rank>_<distance>.jpg, grid.png and ranking.csv int
 """
 
 from cgd.spec import SPEC
-from common.catalogue import inference_parser, run_inference
-from common.contract import script
+from common.cli import script
 from common.errors import run_cli
+from common.scripts.inference import inference_parser, run_inference
 
 get_args_parser, main = script(inference_parser, run_inference, SPEC)
 

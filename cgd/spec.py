@@ -9,7 +9,7 @@ from cgd.model import MODEL_KEYS, embed, model_from_config
 from common.errors import UserError
 from common.originals import load_original_state, original_database, split_name, strict_load
 from common.presets import build_transform
-from common.runio import run_name
+from common.runs import run_name
 from common.spec import MethodSpec
 
 __all__ = ["SPEC", "cgd_run_name"]

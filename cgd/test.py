@@ -8,8 +8,9 @@ ranking.csv in results/cgd/<query stem>/).
 """
 
 from cgd.spec import SPEC
-from common.contract import run_test, script, test_parser
+from common.cli import script
 from common.errors import run_cli
+from common.scripts.test import run_test, test_parser
 
 get_args_parser, main = script(test_parser, run_test, SPEC)
 

@@ -37,10 +37,11 @@ from common.distributed import (
     is_main_process,
     wrap_ddp,
 )
-from common.engine import Evaluation, Run, RunFiles, check_finite, embed_dataset, eval_recalls
+from common.engine import Evaluation, Run, check_finite, embed_dataset, eval_recalls
 from common.errors import UserError, run_cli
 from common.presets import build_transform
-from common.runio import plain_config, results_dir, set_seed
+from common.runio import plain_config, set_seed
+from common.runs import RunFiles, results_dir
 from common.samplers import MPerClassSampler
 
 M_PER_CLASS = 4  # images per class in a batch (the original's MPerClassSampler m)

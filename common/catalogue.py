@@ -33,17 +33,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.cli import add_flag
 from common.collection import embed_items, join_processes, label_ids, list_items
-from common.contract import _embed_fn, _model_beside, add_flag, answer_queries
-from common.contract import inference_parser as query_parser
-from common.contract import run_inference as answer_or_build
 from common.database import Database, Split, load_database, save_database
 from common.distributed import (
     broadcast_object,
     is_main_process,
 )
 from common.errors import UserError
-from common.retrieval import database_path
+from common.query import embed_fn
+from common.runs import database_path, model_of_database
 from common.spec import MethodSpec
 
 __all__ = [
@@ -313,27 +312,39 @@ def update(
         return db, report
 
 
-def run_update(spec: MethodSpec, args: argparse.Namespace, device: torch.device) -> Tuple[Path, Database]:
+def run_update(
+    spec: MethodSpec,
+    data_base: str,
+    device: torch.device,
+    *,
+    add: Optional[str] = None,
+    remove: Optional[str] = None,
+    index: str = "exact",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    float64: bool = False,
+    flip: bool = False,
+) -> Tuple[Path, Database]:
     """``inference.py --add`` / ``--remove`` on ``--data_base``: one atomic update, its counts printed."""
-    db_path = database_path(args.data_base, spec.name)
-    add = listed(args.add) if args.add else []
-    remove = [p for p, _ in listed(args.remove)] if args.remove else []
+    db_path = database_path(data_base, spec.name)
+    items = listed(add) if add else []
+    gone = [p for p, _ in listed(remove)] if remove else []
 
     def get_model(db: Database) -> nn.Module:
-        model = _model_beside(spec, db_path, db, device)
-        return model.double() if getattr(args, "float64", False) else model
+        model = model_of_database(spec, db_path, db, device)
+        return model.double() if float64 else model
 
     db, report = update(
         spec,
         db_path,
-        add=add,
-        remove=remove,
+        add=items,
+        remove=gone,
         get_model=get_model,
         device=device,
-        index=None if args.index == "exact" else args.index,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        embed=_embed_fn(spec, args),
+        index=None if index == "exact" else index,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        embed=embed_fn(spec, flip),
     )
     if is_main_process():
         print(
@@ -341,28 +352,3 @@ def run_update(spec: MethodSpec, args: argparse.Namespace, device: torch.device)
             + (f" (unreadable listed in {db_path}.errors.log)" if report.unreadable else "")
         )
     return db_path, db
-
-
-# ---------------------------------------------------------------- inference.py
-
-
-def inference_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentParser:
-    """Every method's ``inference.py`` flags: answering queries and ``--gallery`` (common.contract), plus
-    ``--add`` / ``--remove``."""
-    parser = query_parser(spec, add_help)
-    add_catalogue_flags(parser)
-    return parser
-
-
-def run_inference(spec: MethodSpec, args: argparse.Namespace) -> List[Tuple[Path, list]]:
-    """``inference.py``: update ``--data_base`` in place with ``--add`` / ``--remove`` (then answer any query), or
-    build a ``--gallery`` database and/or answer queries."""
-    if not (args.add or args.remove):
-        return answer_or_build(spec, args)
-    if args.gallery:
-        raise UserError("--gallery writes a new database; --add / --remove change --data_base: give one of them")
-    device = join_processes(args)  # under torchrun: one shard of the images per process
-    db_path, db = run_update(spec, args, device)
-    if not args.query_img_name or not is_main_process():
-        return []
-    return answer_queries(spec, args, db_path, db, device)

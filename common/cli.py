@@ -189,3 +189,32 @@ def validate_args(args: argparse.Namespace, gallery_size: Optional[int] = None, 
         too_big: Sequence[int] = [k for k in args.recalls if k > limit]
         if too_big:
             raise UserError(f"--recalls {max(too_big)} is larger than the gallery ({limit} images to rank)")
+
+
+# ---------------------------------------------------------------- the shared scripts' flags and bindings
+
+__all__ += ["add_flag", "script"]
+
+
+def add_flag(group, name: str, **kwargs) -> None:
+    """``--name_with_underscores`` with the hyphenated spelling as an alias (IRT's and fast-reid's style)."""
+    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    group.add_argument(*names, dest=name, **kwargs)
+
+
+def script(
+    parser: Callable[..., argparse.ArgumentParser],
+    body: Callable[[Any, argparse.Namespace], Any],
+    spec: Any,
+    *parser_args: Any,
+) -> tuple:
+    """``(get_args_parser, main)`` of a method's thin script: a shared parser and body bound to its
+    :class:`common.spec.MethodSpec`."""
+
+    def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+        return parser(spec, *parser_args, add_help=add_help)
+
+    def main(args: argparse.Namespace) -> Any:
+        return body(spec, args)
+
+    return get_args_parser, main

@@ -19,8 +19,7 @@ from common.database import Database
 from common.errors import UserError
 from common.outputs import building, flat_name, new_folder, output_folder
 from common.render import save_retrieval
-from common.retrieval import open_database, run_prefix
-from common.runio import results_dir
+from common.runs import open_database, results_dir, run_prefix
 from common.search import search
 
 __all__ = ["query_and_gallery", "compare_databases", "compare_runs"]

@@ -29,6 +29,7 @@ from common.distributed import (
 from common.errors import UserError
 from common.metrics import recall_at_k
 from common.runio import Statistics, atomic_save, load_checkpoint, rng_state, save_checkpoint, saved_rng_states
+from common.runs import RunFiles
 
 __all__ = ["extract_features", "embed_dataset", "eval_recalls", "RunFiles", "Evaluation", "Run", "check_finite"]
 
@@ -103,33 +104,6 @@ def check_finite(loss: torch.Tensor) -> None:
     if not math.isfinite(loss.item()):
         print(f"error: loss is {loss.item()}, stopping training", file=sys.stderr)
         sys.exit(1)
-
-
-@dataclass
-class RunFiles:
-    """Where one run writes: ``<dir>/<name>_{statistics.csv,statistics.png,checkpoint.pth,model.pth,data_base.pth}``."""
-
-    directory: Path
-    name: str
-
-    def path(self, suffix: str) -> Path:
-        return Path(self.directory) / f"{self.name}_{suffix}"
-
-    @property
-    def statistics(self) -> Path:
-        return self.path("statistics.csv")
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.path("checkpoint.pth")
-
-    @property
-    def model(self) -> Path:
-        return self.path("model.pth")
-
-    @property
-    def database(self) -> Path:
-        return self.path("data_base.pth")
 
 
 @dataclass

@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -33,10 +34,10 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from common.backbones import fixed_input_size
-from common.contract import add_flag, add_run_flags, load_for_test
+from common.cli import add_flag
 from common.data.normalize import split_preset
 from common.errors import UserError
-from common.runio import results_dir
+from common.runs import add_run_flags, load_run, results_dir
 from common.spec import MethodSpec
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "default_opset",
     "export_model",
     "export_parser",
+    "ExportOptions",
     "run_export",
 ]
 
@@ -421,12 +423,54 @@ def export_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentP
     return parser
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """What ``export.py``'s flags ask for."""
+
+    data_base: Optional[str]
+    model_file: Optional[str]
+    output: Optional[str]
+    formats: Tuple[str, ...]
+    opset: Optional[int]
+    verify: bool
+    atol: float
+    original_args: Any = None  # the flags a method's import_original reads
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ExportOptions":
+        return cls(
+            data_base=args.data_base,
+            model_file=args.model_file,
+            output=args.output,
+            formats=tuple(args.format),
+            opset=args.opset,
+            verify=args.verify,
+            atol=args.atol,
+            original_args=args,
+        )
+
+
 def run_export(spec: MethodSpec, args: argparse.Namespace) -> Dict[str, Any]:
     """``export.py``: load the run's model on the CPU, export it, print where the files went."""
-    run, config, model = load_for_test(spec, args, torch.device("cpu"))
-    out = Path(args.output) if args.output else results_dir(spec.name) / "export" / run
+    options = ExportOptions.from_args(args)
+    run, config, model, _ = load_run(
+        spec,
+        torch.device("cpu"),
+        model_file=options.model_file,
+        data_base=options.data_base,
+        original_args=options.original_args,
+    )
+    out = Path(options.output) if options.output else results_dir(spec.name) / "export" / run
     meta = export_model(
-        spec, model, config, out, run=run, formats=args.format, opset=args.opset, verify=args.verify, atol=args.atol
+        spec,
+        model,
+        config,
+        out,
+        run=run,
+        formats=list(options.formats),
+        opset=options.opset,
+        verify=options.verify,
+        atol=options.atol,
     )
     h, w = meta["size"]
     print(

@@ -1,4 +1,4 @@
-"""Run I/O: names, ``results/<method>/``, statistics CSV + plot, atomic checkpoints, databases, seeds.
+"""Run I/O: statistics CSV + plot, atomic checkpoints, databases, seeds.
 
 Checkpoints and databases are plain dicts of tensors, numbers, strings and lists, loaded with
 ``torch.load(..., weights_only=True)``; the run's configuration is stored inside as a dict and compared with the
@@ -25,9 +25,6 @@ import torch
 from common.errors import UserError
 
 __all__ = [
-    "results_root",
-    "results_dir",
-    "run_name",
     "set_seed",
     "rng_state",
     "set_rng_state",
@@ -43,23 +40,6 @@ __all__ = [
     "Statistics",
     "plain_config",
 ]
-
-
-def results_root() -> Path:
-    """``results/`` by default; the ``RETRIEVAL_RESULTS`` environment variable moves it (tests use a tmp dir)."""
-    return Path(os.environ.get("RETRIEVAL_RESULTS", "results"))
-
-
-def results_dir(method: str) -> Path:
-    path = results_root() / method
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def run_name(*parts: Any) -> str:
-    """Join the values with '_' as the originals did (``car_uncropped_resnet50_SG_1536_0.1_0.5_0.1_128``); ':' and
-    path separators become '-' so the name stays one file name (``timm:convnext_tiny`` -> ``timm-convnext_tiny``)."""
-    return "_".join(re.sub(r"[:/\\]", "-", str(p)) for p in parts)
 
 
 def plain_config(args: Any, keys: Optional[Iterable[str]] = None) -> Dict[str, Any]:

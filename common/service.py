@@ -44,12 +44,13 @@ from PIL import Image
 
 from common.ann import build_index, load_index
 from common.catalogue import Report, listed, update
-from common.contract import _model_beside, add_flag
+from common.cli import add_flag
 from common.data.images import IMAGE_EXTENSIONS, open_image
 from common.database import Database, Split, load_database
 from common.device import script_device
 from common.errors import UserError
-from common.retrieval import database_path, labelled, run_prefix
+from common.query import labelled
+from common.runs import database_path, model_of_database, run_prefix
 from common.search import Index, prepare_gallery, search
 from common.spec import MethodSpec
 
@@ -162,7 +163,7 @@ class Searcher:
         self.requested, self.image_root, self.max_batch = index, image_root, max_batch
         self._reload = threading.Lock()
         self.state = self._load()
-        self.model = _model_beside(spec, self.db_path, self.state.db, device)
+        self.model = model_of_database(spec, self.db_path, self.state.db, device)
         self.transform = spec.eval_transform(self.state.db.config)
         self._jobs: queue.Queue[_Job] = queue.Queue()
         threading.Thread(target=self._work, name="search-batches", daemon=True).start()

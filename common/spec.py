@@ -1,8 +1,8 @@
 """What the shared test / inference / ablation / export code needs to know of a method: one small object each.
 
-A method's ``spec.py`` builds a :class:`MethodSpec`; ``common.contract`` implements ``test.py``, ``inference.py``
-and ``ablation.py`` once on top of it, so the five methods share one contract (files, columns, flags) and one set
-of bugs to fix.
+A method's ``spec.py`` builds a :class:`MethodSpec`; ``common.scripts`` implements ``test.py``, ``inference.py``
+and ``ablation.py`` once on top of it (``common.runs`` loads the runs), so the five methods share one contract
+(files, columns, flags) and one set of bugs to fix.
 """
 
 from dataclasses import dataclass

@@ -9,8 +9,9 @@ dml_cross_entropy::
         --worse_data_base cub_avgpool_data_base.pth --save_results
 """
 
-from common.contract import ablation_parser, run_ablation, script
+from common.cli import script
 from common.errors import run_cli
+from common.scripts.ablation import ablation_parser, run_ablation
 from fastretri.spec import SPEC
 
 BETTER = "cub_uncropped_resnet50_data_base.pth"

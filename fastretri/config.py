@@ -16,9 +16,9 @@ import yaml
 
 from common.cli import check_value, non_negative_float, non_negative_int, positive_int
 from common.data.registry import benchmark_name
-from common.engine import RunFiles
 from common.errors import UserError
-from common.runio import plain_config, results_dir, run_name
+from common.runio import plain_config
+from common.runs import RunFiles, results_dir, run_name
 from fastretri.losses import LOSS_NAMES
 from fastretri.model import BACKBONE_NORMS, CLS_LAYERS, POOL_LAYERS
 from fastretri.solver import CLIP_TYPES, SCHEDULERS, WARMUP_METHODS, optimizer_class

@@ -5,9 +5,9 @@ ranking.csv into results/fastretri/<query stem>/.
     python fastretri/inference.py --data_base cub_uncropped_resnet50_data_base.pth --query_img_name my_bird.jpg
 """
 
-from common.catalogue import inference_parser, run_inference
-from common.contract import script
+from common.cli import script
 from common.errors import run_cli
+from common.scripts.inference import inference_parser, run_inference
 from fastretri.spec import SPEC
 
 get_args_parser, main = script(inference_parser, run_inference, SPEC)

@@ -1,5 +1,5 @@
 """Test a trained FastRetri run: Recall@K, MAP@R and R-precision (cosine) on its evaluation splits, saved as
-``results/fastretri/<run>_test_metrics.csv`` (the shared contract, ``common.contract``).
+``results/fastretri/<run>_test_metrics.csv`` (the shared contract, ``common.scripts.test``).
 
     python fastretri/test.py --data_base cub_uncropped_resnet50_data_base.pth
     python fastretri/test.py --model_file results/fastretri/cub_uncropped_resnet50_model.pth
@@ -7,8 +7,9 @@
 fast-reid's own spelling works too: ``python fastretri/train.py --config-file ... --eval-only MODEL.WEIGHTS FILE``.
 """
 
-from common.contract import run_test, script, test_parser
+from common.cli import script
 from common.errors import run_cli
+from common.scripts.test import run_test, test_parser
 from fastretri.spec import SPEC
 
 get_args_parser, main = script(test_parser, run_test, SPEC)

@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common.cli import common_parser, non_negative_int, positive_int, validate_args
-from common.contract import run_test
 from common.data.datasets import RetrievalDataset, eval_splits
 from common.database import Split
 from common.device import autocast, channels_last, parse_gpu_ids
@@ -31,6 +30,7 @@ from common.distributed import DistInfo, all_reduce_mean, barrier, init_distribu
 from common.engine import Evaluation, Run, check_finite, embed_dataset, eval_recalls
 from common.errors import UserError, run_cli
 from common.runio import atomic_save, set_seed
+from common.scripts.test import run_test
 from fastretri.config import (
     MODEL_KEYS,
     RESUME_FREE,

@@ -4,8 +4,9 @@
     python irt/ablation.py --better-db <IRT_R run>_data_base.pth --worse-db <IRT_L run>_data_base.pth
 """
 
-from common.contract import ablation_parser, run_ablation, script
+from common.cli import script
 from common.errors import run_cli
+from common.scripts.ablation import ablation_parser, run_ablation
 from irt.spec import SPEC
 
 get_args_parser, main = script(ablation_parser, run_ablation, SPEC)

@@ -6,7 +6,7 @@ in [0, 1] at the evaluation size -> the embedding IRT retrieves with, normalisat
     python irt/export.py --model_file results/irt/<run>_model.pth --format onnx --output DIR
 """
 
-from common.contract import script
+from common.cli import script
 from common.errors import run_cli
 from common.export import export_parser, run_export
 from irt.spec import SPEC

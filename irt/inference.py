@@ -5,9 +5,9 @@ grid.png and ranking.csv into results/irt/<query stem>/.
     python irt/inference.py --data_base <run>_data_base.pth --query_img_name my_photo.jpg
 """
 
-from common.catalogue import inference_parser, run_inference
-from common.contract import script
+from common.cli import script
 from common.errors import run_cli
+from common.scripts.inference import inference_parser, run_inference
 from irt.spec import SPEC
 
 get_args_parser, main = script(inference_parser, run_inference, SPEC)

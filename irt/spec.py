@@ -8,7 +8,7 @@ from torch import nn
 
 from common.errors import UserError
 from common.presets import build_transform
-from common.runio import run_name
+from common.runs import run_name
 from common.spec import MethodSpec
 from irt.data import DATASET_ALIASES, ORIGINAL_NAMES
 from irt.model import build_model, load_original_encoder, original_model_name, parse_model_kwargs

@@ -39,9 +39,10 @@ from common.distributed import (
     is_main_process,
     wrap_ddp,
 )
-from common.engine import Evaluation, Run, RunFiles, check_finite, embed_dataset, eval_recalls
+from common.engine import Evaluation, Run, check_finite, embed_dataset, eval_recalls
 from common.errors import UserError, run_cli
-from common.runio import plain_config, results_dir, set_seed
+from common.runio import plain_config, set_seed
+from common.runs import RunFiles, results_dir
 from irt.data import DATASET_ALIASES, ORIGINAL_NAMES, build_datasets, train_loader
 from irt.losses import REDUCTIONS, ContrastiveLoss, KoLeo
 from irt.model import DISTILLED_EMBEDDINGS, save_original_encoder

@@ -8,8 +8,9 @@ under ``results/reir/<better run>----<worse run>/<query path relative to the ima
     python reir/ablation.py --save_results
 """
 
-from common.contract import ablation_parser, run_ablation, script
+from common.cli import script
 from common.errors import run_cli
+from common.scripts.ablation import ablation_parser, run_ablation
 from reir.spec import REIR, SPEC
 
 get_args_parser, main = script(ablation_parser, run_ablation, SPEC, *REIR.ablation)

@@ -37,10 +37,11 @@ from common.distributed import (
     is_main_process,
     wrap_ddp,
 )
-from common.engine import Evaluation, Run, RunFiles, check_finite, embed_dataset, eval_recalls
+from common.engine import Evaluation, Run, check_finite, embed_dataset, eval_recalls
 from common.errors import UserError
 from common.presets import build_transform
-from common.runio import plain_config, results_dir, set_seed
+from common.runio import plain_config, set_seed
+from common.runs import RunFiles, results_dir
 from reir.meta_classes import LABEL_TYPES, meta_class_ids
 from reir.model import IMPLS, MODEL_TYPES, SHARE_TYPES, TIMM_SHARE_TYPE, Model, check_share_type, ensemble_embed
 from reir.spec import MODEL_KEYS, Setting

@@ -8,7 +8,7 @@ run's config).
     python reir/export.py --model_file results/reir/<run>_model.pth --format onnx --output DIR
 """
 
-from common.contract import script
+from common.cli import script
 from common.errors import run_cli
 from common.export import export_parser, run_export
 from reir.spec import SPEC

@@ -212,7 +212,7 @@ def _import(path: Path, config: Dict[str, Any], state: Dict[str, torch.Tensor]) 
     _check(state, original_layout(config, ours), what)  # before the real model is allocated
     model = _build(config)
     model.load_state_dict(to_model_state(state, config, ours), strict=True)
-    # original_file: the model came from an original project's file (common.contract re-imports it by name);
+    # original_file: the model came from an original project's file (common.runs re-imports it by name);
     # model_file: a database embedded with it (test.py --save_data_base, inference --gallery) finds it again.
     config.update(original_file=str(path), model_file=str(Path(path).resolve()))
     return config, model

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Optional, Tuple
 from torch import nn
 
 from common.presets import build_transform
-from common.runio import run_name
+from common.runs import run_name
 from common.spec import MethodSpec
 from reir.model import Model, ensemble_embed
 from reir.originals import import_reir, reir_database

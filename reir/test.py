@@ -5,8 +5,9 @@ the training database is never overwritten. ``--query_img_name`` also renders on
     python reir/test.py --data_base car_uncropped_fixed_random_layer1_resnet18_48_12_data_base.pth
 """
 
-from common.contract import run_test, script, test_parser
+from common.cli import script
 from common.errors import run_cli
+from common.scripts.test import run_test, test_parser
 from reir.spec import SPEC
 
 get_args_parser, main = script(test_parser, run_test, SPEC)

@@ -4,8 +4,9 @@
     python sreml/ablation.py --better_data_base car_uncropped_resnet34_data_base.pth --save_results
 """
 
-from common.contract import ablation_parser, run_ablation, script
+from common.cli import script
 from common.errors import run_cli
+from common.scripts.ablation import ablation_parser, run_ablation
 from sreml.spec import SETTING, SPEC
 
 get_args_parser, main = script(ablation_parser, run_ablation, SPEC, *SETTING.ablation)

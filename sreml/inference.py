@@ -5,9 +5,9 @@ ranking.csv).
     python sreml/inference.py --query_img_name data/car/car_ims/008055.jpg --retrieval_num 10 --data_type train
 """
 
-from common.catalogue import inference_parser, run_inference
-from common.contract import script
+from common.cli import script
 from common.errors import run_cli
+from common.scripts.inference import inference_parser, run_inference
 from sreml.spec import SPEC
 
 get_args_parser, main = script(inference_parser, run_inference, SPEC)

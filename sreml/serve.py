@@ -5,7 +5,7 @@
 See docs/serve.md (endpoints, limits, the write token, several workers).
 """
 
-from common.contract import script
+from common.cli import script
 from common.errors import run_cli
 from common.service import run_server, serve_parser
 from sreml.spec import SPEC

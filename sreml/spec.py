@@ -4,7 +4,7 @@ the stem and layer1 shared, random meta-classes, no random branch weights, SREML
 
 from typing import Any, Mapping
 
-from common.runio import run_name
+from common.runs import run_name
 from reir.originals import import_sreml
 from reir.spec import Setting, method_spec
 

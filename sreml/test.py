@@ -4,8 +4,9 @@ from the images, saved as ``results/sreml/<run>_test_metrics.csv``; the training
     python sreml/test.py --data_base car_uncropped_resnet18_data_base.pth
 """
 
-from common.contract import run_test, script, test_parser
+from common.cli import script
 from common.errors import run_cli
+from common.scripts.test import run_test, test_parser
 from sreml.spec import SPEC
 
 get_args_parser, main = script(test_parser, run_test, SPEC)

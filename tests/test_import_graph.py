@@ -126,3 +126,22 @@ def test_no_import_cycle_between_modules():
     assert {"common.errors", "cgd.train", "data_utils", "benchmarks.gpu_check"} <= set(graph)
     found = cycles(graph)
     assert found == [], "import cycles:\n" + "\n".join(" -> ".join(c) for c in found)
+
+
+def _reached(graph: Dict[str, Set[str]], start: str) -> Set[str]:
+    seen: Set[str] = set()
+    todo = [start]
+    while todo:
+        for w in graph[todo.pop()] - seen:
+            seen.add(w)
+            todo.append(w)
+    return seen
+
+
+def test_answering_queries_never_loads_the_training_loop():
+    """inference, the server and export load runs through common.runs, not through the training engine."""
+    graph = import_graph()
+    for script in ("inference", "serve", "export"):
+        for method in ("cgd", "reir", "sreml", "irt", "fastretri"):
+            assert "common.engine" not in _reached(graph, f"{method}.{script}"), f"{method}/{script}.py"
+    assert "common.runs" in graph["common.engine"]  # the engine writes the files runs.py names

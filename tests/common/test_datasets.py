@@ -60,7 +60,7 @@ def test_corrupt_index_is_a_user_error(tmp_path):
 
 def test_every_dataset_list_derives_from_the_registry():
     import irt.data
-    from common import cli, contract, presets, service
+    from common import cli, collection, presets, service
     from common.data import archives, images
     from common.data.registry import ALIASES, BENCHMARKS, CROPPABLE, DATASET_NAMES, REAL_DATASETS, benchmark_name
     from fastretri.config import data_name
@@ -76,7 +76,9 @@ def test_every_dataset_list_derives_from_the_registry():
         assert benchmark_name(spelling) == name
         assert data_name({"DATASETS": {"NAMES": [spelling]}}) == (name or spelling)
     assert [eval_splits(n) for n in DATASET_NAMES] == [("test", "test")] * 3 + [("query", "gallery"), ("test", "test")]
-    assert contract.IMAGE_SUFFIXES is images.IMAGE_EXTENSIONS and service.IMAGE_EXTENSIONS is images.IMAGE_EXTENSIONS
+    assert (
+        collection.IMAGE_EXTENSIONS is images.IMAGE_EXTENSIONS and service.IMAGE_EXTENSIONS is images.IMAGE_EXTENSIONS
+    )
 
 
 def test_a_start_reads_the_index_once_and_sees_a_rewritten_one(tmp_path, monkeypatch):

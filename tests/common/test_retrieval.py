@@ -1,4 +1,5 @@
-"""common.retrieval: databases by name, the model file next to them, embedding new files, unlabelled rendering."""
+"""common.runs and common.query: databases by name, the model file next to them, embedding new files, unlabelled
+rendering."""
 
 from pathlib import Path
 
@@ -10,9 +11,10 @@ from torch import nn
 
 from common.database import Split, save_database
 from common.errors import UserError
+from common.query import embed_file, labelled
 from common.render import save_retrieval
-from common.retrieval import database_path, embed_file, labelled, model_path, open_database, run_prefix
 from common.runio import atomic_save, load_model_file
+from common.runs import database_path, model_path, open_database, run_prefix
 from common.search import search
 
 NAME = "car_uncropped_run_data_base.pth"

@@ -12,10 +12,10 @@ from common.runio import (
     check_config,
     load_checkpoint,
     plain_config,
-    run_name,
     safe_load,
     save_checkpoint,
 )
+from common.runs import run_name
 
 
 def test_run_name_mirrors_the_original():

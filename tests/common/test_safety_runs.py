@@ -16,10 +16,11 @@ import torch
 
 from common import runio
 from common.database import Split, load_database, save_database
-from common.engine import Run, RunFiles
+from common.engine import Run
 from common.errors import UserError, run_cli
-from common.retrieval import check_dim
+from common.query import check_dim
 from common.runio import Statistics, atomic_save, rng_state, safe_load, save_checkpoint, set_seed
+from common.runs import RunFiles
 from tests.tiny import CGD_RUN, make_tiny_processed, make_untrained_cgd_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +34,8 @@ a float64 weight. --kill_at E: rank 1 SIGKILLs itself in epoch E, after drawing 
 import argparse, os, random, signal
 import numpy as np, torch
 from common.distributed import all_reduce_mean, init_distributed
-from common.engine import Evaluation, Run, RunFiles
+from common.engine import Evaluation, Run
+from common.runs import RunFiles
 from common.errors import run_cli
 from common.runio import set_seed
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from common.backbones import backbone_choice, build_backbone, build_resnet, fixed_input_size, tokens_to_map
 from common.errors import UserError, run_cli
-from common.runio import run_name
+from common.runs import run_name
 
 VIT = "timm:vit_tiny_patch16_224"
 
