@@ -22,7 +22,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
-from common.cli import bool_pair, common_parser, non_negative_float, positive_int, validate_args
+from common.cli import (
+    add_config_flag,
+    bool_pair,
+    common_parser,
+    non_negative_float,
+    positive_int,
+    validate_args,
+    write_args_yaml,
+)
 from common.database import Split
 from common.datasets import RetrievalDataset, eval_splits, load_splits
 from common.device import autocast, get_devices, parse_gpu_ids, unwrap, upcast
@@ -335,6 +343,8 @@ def train(args: argparse.Namespace, setting: Setting) -> None:
         selection=args.model_selection,
         database={"metric": "cosine", "scale": float(args.ensemble_size), "query": query, "gallery": gallery},
     )
+    if info.rank == 0:
+        write_args_yaml(args, run.files.path("args.yaml"), f"{setting.name}/train.py")
     start, state = run.resume(args.resume, model, optimizer, scheduler)
     if "ids" in state:
         ids.copy_(state["ids"])
@@ -415,4 +425,5 @@ def get_args_parser(setting: Setting, add_help: bool = True) -> argparse.Argumen
         description=f"Train {setting.display}", add_help=add_help, parents=[common_parser(**setting.defaults)]
     )
     add_model_args(parser, setting)
+    add_config_flag(parser)
     return parser
