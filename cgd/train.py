@@ -29,6 +29,7 @@ from common.cli import (
     parse_args_with_config,
     positive_float,
     positive_int,
+    run_summary,
     validate_args,
     write_args_yaml,
 )
@@ -269,6 +270,8 @@ def main(args: argparse.Namespace) -> None:
         run.log(epoch, train_stats, evaluate_now(), model)
         run.checkpoint(epoch, model, optimizer, scheduler)
     run.finish()
+    if info.rank == 0:
+        print(run_summary(run), flush=True)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -37,6 +37,7 @@ __all__ = [
     "apply_demo_defaults",
     "parse_args_with_config",
     "write_args_yaml",
+    "run_summary",
 ]
 
 DATASETS = ("car", "cub", "sop", "isc", "demo")  # the benchmarks; any dataset processed by data_utils.py also works
@@ -407,3 +408,22 @@ def write_args_yaml(args: argparse.Namespace, path: Union[str, Path], script: Op
     text = head + yaml.safe_dump(values, sort_keys=True, default_flow_style=None)
     atomic_write(path, lambda f: f.write(text.encode()))
     return Path(path)
+
+
+def run_summary(run: Any, where: Optional[Callable[[int], str]] = None) -> str:
+    """The line a training run ends with: the first requested Recall@K untrained and of the kept model (the best
+    or the last trained evaluation, as ``run.selection`` says), the time taken and where the files are; ``where``
+    names a row (default ``epoch N``)."""
+    import time
+
+    key, rows = run.key_metric, run.stats.rows
+    scored = [(epoch, row[key]) for epoch, row in sorted(rows.items()) if key in row]
+    trained = [(e, v) for e, v in scored if e > 0] or scored
+    label = key.replace("test_recall@", "R@")
+    text = f"{label}: no evaluation"
+    if trained:
+        epoch, value = max(trained, key=lambda ev: ev[1]) if run.selection == "best" else trained[-1]
+        before = f"{rows[0][key]:.2f}% untrained -> " if key in rows.get(0, {}) else ""
+        text = f"{label} {before}{value:.2f}% kept ({where(epoch) if where else f'epoch {epoch}'})"
+    files = Path(run.files.directory) / f"{run.files.name}_*"
+    return f"{text}; {time.time() - run.started:.0f} s; results: {files}"

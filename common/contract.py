@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common.cli import parse_recalls
+from common.cli import default_workers, parse_recalls
 from common.compare import compare_runs, query_and_gallery
 from common.database import Database, Split, find_query, save_database
 from common.datasets import eval_splits, load_splits, open_image
@@ -328,7 +328,13 @@ def test_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentPar
         help="ranks K, comma separated (default: the run's own, else " + spec.default_recalls + ")",
     )
     add_flag(g, "batch_size", default=64, type=int, help="images per forward pass (default: 64)")
-    add_flag(g, "num_workers", default=4, type=int, help="DataLoader workers (default: 4)")
+    add_flag(
+        g,
+        "num_workers",
+        default=default_workers(4),
+        type=int,
+        help=f"DataLoader workers (default: min(4, cores) = {default_workers(4)})",
+    )
     add_flag(
         g, "gpu_ids", default=None, type=str, help="GPU to embed on, e.g. '0' (default: first visible; CPU if none)"
     )
@@ -503,7 +509,13 @@ def inference_parser(spec: MethodSpec, add_help: bool = True) -> argparse.Argume
         help="the model that embeds --gallery (default: the <run>_model.pth beside --data_base)",
     )
     add_flag(g, "batch_size", default=64, type=int, help="images per forward pass for --gallery (default: 64)")
-    add_flag(g, "num_workers", default=4, type=int, help="DataLoader workers for --gallery (default: 4)")
+    add_flag(
+        g,
+        "num_workers",
+        default=default_workers(4),
+        type=int,
+        help=f"DataLoader workers for --gallery (default: min(4, cores) = {default_workers(4)})",
+    )
     from common.catalogue import add_catalogue_flags
 
     add_catalogue_flags(parser)

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common.cli import common_parser, non_negative_int, positive_int, validate_args
+from common.cli import common_parser, non_negative_int, positive_int, run_summary, validate_args
 from common.contract import run_test
 from common.database import Split
 from common.datasets import RetrievalDataset, eval_splits
@@ -242,6 +242,8 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
         run.log(epoch, train_stats, evaluate_now(epoch), model)
         run.checkpoint(epoch, model, optimizer, scaler=scaler)
     run.finish()
+    if main_rank:
+        print(run_summary(run), flush=True)
 
 
 def plan_processes(args: argparse.Namespace) -> Tuple[int, bool, Optional[List[int]]]:

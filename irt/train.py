@@ -9,7 +9,6 @@ checkpoint is written for ``--resume`` and the best model + database are kept. `
 
 import argparse
 import math
-import time
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -28,6 +27,7 @@ from common.cli import (
     parse_args_with_config,
     parse_recalls,
     positive_int,
+    run_summary,
     write_args_yaml,
 )
 from common.database import Split
@@ -80,7 +80,7 @@ NO_DECAY = ("pos_embed", "cls_token", "dist_token")
 # ViT does not learn from 960 images)
 DEMO = (
     "--model xcit_nano_12_p8_224 --model-kwargs depth=4 --input-size 48 --pretrained none "
-    "--max-iter 800 --eval-freq 200 --batch-size 32 --m 4 --lr 2e-4 --lambda-reg 0.1 --num-workers 0"
+    "--max-iter 400 --eval-freq 200 --batch-size 32 --m 4 --lr 4e-4 --lambda-reg 0.1 --num-workers 0"
 ).split()
 
 
@@ -326,7 +326,6 @@ def main(args):
         )
 
     # ---- periods of --eval-freq steps; the endless batch stream starts where the (resumed) run stands
-    began = time.time()
     if start == 1:
         run.log(0, {}, evaluate_now(), model)
     batches = (
@@ -381,7 +380,7 @@ def main(args):
         print(
             " ".join(f"Recall@{k} : {last[f'test_recall@{k}']:.2f}%" for k in args.rank if f"test_recall@{k}" in last)
         )
-        print(f"training time {time.time() - began:.0f}s; results in {run.files.directory}/{run.files.name}_*")
+        print(run_summary(run, lambda row: f"iteration {min(row * args.eval_freq, args.max_iter)}"), flush=True)
     return stats
 
 

@@ -28,6 +28,7 @@ from common.cli import (
     common_parser,
     non_negative_float,
     positive_int,
+    run_summary,
     validate_args,
     write_args_yaml,
 )
@@ -373,6 +374,8 @@ def train(args: argparse.Namespace, setting: Setting) -> None:
         run.log(epoch, train_stats, evaluate_now(), model)
         run.checkpoint(epoch, model, optimizer, scheduler, ids=ids)
     run.finish()
+    if info.rank == 0:
+        print(run_summary(run), flush=True)
 
 
 def add_model_args(parser: argparse.ArgumentParser, setting: Setting) -> None:
