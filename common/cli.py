@@ -400,10 +400,11 @@ def parse_args_with_config(
 
 
 def write_args_yaml(args: argparse.Namespace, path: Union[str, Path], script: Optional[str] = None) -> Path:
-    """The run's resolved arguments as YAML (atomically), so ``--config <path>`` repeats the run."""
+    """The run's resolved arguments as YAML (atomically), so ``--config <path>`` repeats the run; ``--resume`` is
+    left out (a repeat starts afresh; add ``--resume`` to continue)."""
     from common.runio import atomic_write, plain_config  # lazily: parsing needs no torch
 
-    values = {k: v for k, v in plain_config(args).items() if k != "config"}
+    values = {k: v for k, v in plain_config(args).items() if k not in ("config", "resume")}
     head = f"# resolved arguments; repeat the run with: python {script or sys.argv[0]} --config {path}\n"
     text = head + yaml.safe_dump(values, sort_keys=True, default_flow_style=None)
     atomic_write(path, lambda f: f.write(text.encode()))

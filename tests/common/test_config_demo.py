@@ -101,14 +101,16 @@ def test_fixed_keys_of_a_setting_read_back_only_with_their_value(tmp_path, capsy
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("data", ["demo", "cub"])
 def test_args_yaml_round_trip(tmp_path, method, data, capsys):
-    """A run's args.yaml, given back with --config, resolves to the same arguments (demo settings included)."""
-    args = _parse(method, [DATA_FLAG[method], data, "--seed", "3", "--num_workers", "1"])
+    """A run's args.yaml, given back with --config, resolves to the same arguments (demo settings included), except
+    --resume: a repeat starts afresh."""
+    args = _parse(method, [DATA_FLAG[method], data, "--seed", "3", "--num_workers", "1", "--resume"])
     path = write_args_yaml(args, tmp_path / "run_args.yaml", f"{method}/train.py")
     assert path.read_text().startswith(f"# resolved arguments; repeat the run with: python {method}/train.py")
-    assert "config" not in yaml.safe_load(path.read_text())
+    assert not {"config", "resume"} & set(yaml.safe_load(path.read_text()))
     again = _parse(method, ["--config", str(path)])
-    assert {k: v for k, v in vars(again).items() if k != "config"} == {
-        k: v for k, v in vars(args).items() if k != "config"
+    assert args.resume == "auto" and again.resume is None
+    assert {k: v for k, v in vars(again).items() if k not in ("config", "resume")} == {
+        k: v for k, v in vars(args).items() if k not in ("config", "resume")
     }
     # and a flag given with it still wins
     assert _parse(method, ["--config", str(path), "--seed", "5"]).seed == 5
