@@ -1,6 +1,7 @@
 """Config files (``--config FILE.yaml``), the demo's settings, worker defaults and offline weights failing fast."""
 
 import argparse
+import os
 
 import pytest
 import torch
@@ -312,3 +313,22 @@ def test_namespace_helper_detects_given_flags():
     cli.bool_pair(parser, "b", True, "b")
     assert cli.given_dests(parser, ["--a", "1", "--no-b"], ["a", "b"]) == {"a", "b"}
     assert cli.given_dests(parser, [], ["a", "b"]) == set()
+
+
+@pytest.mark.parametrize("script", ["cgd/train.py", "irt/train.py"])
+def test_scripts_read_config_files(tmp_path, script):
+    """The scripts themselves parse through parse_args_with_config: a bad key stops them before any work."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, str(repo / script), "--config", _config(tmp_path, {"num_epoch": 3})],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+    assert done.returncode == 2 and done.stderr.strip().startswith("error: --config")
+    assert "unknown key 'num_epoch'" in done.stderr and len(done.stderr.strip().splitlines()) == 1
