@@ -5,10 +5,12 @@ Each method's ``get_args_parser`` starts from :func:`common_parser` and only set
 """
 
 import argparse
+import difflib
 import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Union
 
@@ -246,10 +248,12 @@ def add_config_flag(parser: argparse.ArgumentParser) -> None:
 def _settable(parser: argparse.ArgumentParser) -> Dict[str, List[argparse.Action]]:
     """Every name a config key may use (dests and long flags, '-' read as '_') -> the actions behind it."""
     names: Dict[str, List[argparse.Action]] = {}
-    for action in parser._actions:  # noqa: SLF001 - argparse offers no public list of its actions
-        if action.dest in (argparse.SUPPRESS, "help", "config") or isinstance(action, argparse._HelpAction):
+    for action in parser._actions:  # argparse offers no public list of its actions
+        if action.dest in (argparse.SUPPRESS, "help", "config"):
             continue
-        keys = {action.dest} | {s.lstrip("-").replace("-", "_") for s in action.option_strings if s.startswith("--")}
+        keys = {action.dest}
+        if action.nargs != 0:  # a switch goes by its dest only: `freeze_bn: false`, never `no_freeze_bn: true`
+            keys |= {s.lstrip("-").replace("-", "_") for s in action.option_strings if s.startswith("--")}
         for key in keys:
             names.setdefault(key, []).append(action)
     return names
@@ -321,8 +325,6 @@ def read_config(parser: argparse.ArgumentParser, path: Union[str, Path]) -> Dict
             if value != parser.get_default(name):
                 raise UserError(f"--config {path}: {key} is fixed to {parser.get_default(name)!r} by this script")
         elif name != "config":
-            import difflib
-
             close = difflib.get_close_matches(name, list(names), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise UserError(f"--config {path}: unknown key {key!r}{hint}; keys are this script's flag names")
@@ -415,8 +417,6 @@ def run_summary(run: Any, where: Optional[Callable[[int], str]] = None) -> str:
     """The line a training run ends with: the first requested Recall@K untrained and of the kept model (the best
     or the last trained evaluation, as ``run.selection`` says), the time taken and where the files are; ``where``
     names a row (default ``epoch N``)."""
-    import time
-
     key, rows = run.key_metric, run.stats.rows
     scored = [(epoch, row[key]) for epoch, row in sorted(rows.items()) if key in row]
     trained = [(e, v) for e, v in scored if e > 0] or scored

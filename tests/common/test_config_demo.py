@@ -77,6 +77,7 @@ def test_irt_config_takes_hyphenated_and_original_names(tmp_path):
         ({"batch_size": -1}, "batch_size: expected an integer greater than 0"),
         ({"backbone_type": "vgg16"}, "backbone_type: invalid choice 'vgg16'"),
         ({"freeze_bn": "yes"}, "freeze_bn: expected true or false"),
+        ({"no_freeze_bn": True}, "unknown key 'no_freeze_bn' (did you mean freeze_bn?)"),
         ({"lr": None}, "lr: null is allowed only"),
     ],
 )
