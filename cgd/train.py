@@ -22,7 +22,18 @@ from cgd.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropyLoss
 from cgd.model import BACKBONE_TYPES, GD_CONFIGS, MODEL_KEYS, Model, count_flops, embed, freeze_bn
 from cgd.spec import cgd_run_name
 from common.backbones import backbone_choice
-from common.cli import bool_pair, common_parser, non_negative_float, positive_float, positive_int, validate_args
+from common.cli import (
+    add_config_flag,
+    bool_pair,
+    common_parser,
+    non_negative_float,
+    parse_args_with_config,
+    positive_float,
+    positive_int,
+    run_summary,
+    validate_args,
+    write_args_yaml,
+)
 from common.data.datasets import eval_splits, load_splits
 from common.data.prepare import ensure_dataset_main_first
 from common.database import Split
@@ -45,6 +56,11 @@ from common.runs import RunFiles, results_dir
 from common.samplers import MPerClassSampler
 
 M_PER_CLASS = 4  # images per class in a batch (the original's MPerClassSampler m)
+# --data_name demo: the flags not given take these values (ResNet-18 from scratch on 32-px crops, ~2 min on 2 cores)
+DEMO = (
+    "--crop_type cropped --backbone_type resnet18 --pretrained none --no-freeze_bn --lr 1e-3 --image_size 32 "
+    "--batch_size 32 --num_epochs 15 --feature_dim 512 --num_workers 0"
+).split()
 # Keys a resumed run must share with its checkpoint (besides the model-defining ones).
 RESUME_KEYS = MODEL_KEYS + (
     "smoothing",
@@ -219,6 +235,8 @@ def main(args: argparse.Namespace) -> None:
         selection=args.model_selection,
         database={"metric": "euclidean", "query": query, "gallery": gallery},
     )
+    if info.rank == 0:
+        write_args_yaml(args, run.files.path("args.yaml"), "cgd/train.py")
     start, _ = run.resume(args.resume, model, optimizer, scheduler)
 
     def evaluate_now() -> Evaluation:
@@ -254,6 +272,8 @@ def main(args: argparse.Namespace) -> None:
         run.log(epoch, train_stats, evaluate_now(), model)
         run.checkpoint(epoch, model, optimizer, scheduler)
     run.finish()
+    if info.rank == 0:
+        print(run_summary(run), flush=True)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -303,8 +323,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="model and database kept: best R@<first of --recalls> among trained epochs (the "
         "original's, on R@1) or the last epoch (default: best)",
     )
+    add_config_flag(parser)
     return parser
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser().parse_args())
+    run_cli(main, parse_args_with_config(get_args_parser(), demo=DEMO))

@@ -35,6 +35,7 @@ from torch import nn
 from torchvision import models
 
 from common.errors import UserError
+from common.hub import fetch_url_weights
 
 __all__ = [
     "BACKBONES",
@@ -139,9 +140,9 @@ def _first_line(error: Exception) -> str:
 
 
 def _imagenet_state(weights) -> dict:
-    """torchvision's weights API: uses the TORCH_HOME cache, downloads where the internet exists."""
+    """torchvision's weights API: the TORCH_HOME cache, else a download after one quick probe of the server."""
     try:
-        return weights.get_state_dict(progress=True, check_hash=False)
+        return fetch_url_weights(weights.url, lambda: weights.get_state_dict(progress=True, check_hash=False))
     except Exception as e:  # noqa: BLE001 - offline machines raise URLError/OSError/...
         raise UserError(
             f"cannot load ImageNet weights {weights} ({type(e).__name__}: offline and not in the "

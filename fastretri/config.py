@@ -14,10 +14,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from common.cli import check_value, non_negative_float, non_negative_int, positive_int
+from common.cli import available_cores, check_value, non_negative_float, non_negative_int, positive_int
 from common.data.registry import benchmark_name
 from common.errors import UserError
-from common.runio import plain_config
+from common.runio import atomic_write, plain_config
 from common.runs import RunFiles, results_dir, run_name
 from fastretri.losses import LOSS_NAMES
 from fastretri.model import BACKBONE_NORMS, CLS_LAYERS, POOL_LAYERS
@@ -41,6 +41,7 @@ __all__ = [
     "run_files",
     "unflatten",
     "fastreid_run_config",
+    "write_config",
 ]
 
 # FastRetri's base values (fast-reid's _C as projects/FastRetri/configs/base-image_retri.yml sets it); keys the
@@ -343,8 +344,10 @@ def check_config(cfg: Dict) -> None:
         )
 
 
-def resolve_config(args: argparse.Namespace) -> Dict:
-    """YAML (+ _BASE_) -> ``opts`` overrides -> the shared flags that were given (--batch_size, --data_name ...)."""
+def resolve_config(args: argparse.Namespace, notes: bool = True) -> Dict:
+    """YAML (+ _BASE_) -> ``opts`` overrides -> the shared flags that were given (--batch_size, --data_name ...);
+    DATALOADER.NUM_WORKERS from a file or the defaults is capped at the cores available (a note says so when
+    ``notes``), a number given with --num_workers or as an override is kept."""
     resume = getattr(args, "resume", None)
     if resume not in (None, "auto") and not Path(resume).exists() and resume.split(".")[0] in DEFAULTS:
         # `--resume SOLVER.MAX_EPOCH 60`: the flag took a config key as its path (fast-reid #543)
@@ -364,9 +367,23 @@ def resolve_config(args: argparse.Namespace) -> Dict:
         none = args.pretrained == "none"
         cfg["MODEL"]["BACKBONE"]["PRETRAIN"] = not none
         cfg["MODEL"]["BACKBONE"]["PRETRAIN_PATH"] = "" if none or args.pretrained == "imagenet" else args.pretrained
+    workers, cores = cfg["DATALOADER"]["NUM_WORKERS"], available_cores()
+    chosen = getattr(args, "num_workers", None) is not None or "DATALOADER.NUM_WORKERS" in args.opts[0::2]
+    if workers > cores and not chosen:
+        cfg["DATALOADER"]["NUM_WORKERS"] = cores
+        if notes:
+            print(f"note: DATALOADER.NUM_WORKERS {workers} > the {cores} cores available; using {cores}")
     data_name(cfg)
     check_config(cfg)
     return cfg
+
+
+def write_config(cfg: Dict, path: Path, script: str = "fastretri/train.py") -> Path:
+    """The resolved config as a complete YAML file (no ``_BASE_``): ``--config-file <path>`` repeats the run."""
+    head = f"# resolved config; repeat the run with: python {script} --config-file {path}\n"
+    text = head + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+    atomic_write(path, lambda f: f.write(text.encode()))
+    return Path(path)
 
 
 def data_name(cfg: Dict) -> str:

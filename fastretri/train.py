@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common.cli import common_parser, non_negative_int, positive_int, validate_args
+from common.cli import common_parser, non_negative_int, positive_int, run_summary, validate_args
 from common.data.datasets import RetrievalDataset, eval_splits
 from common.database import Split
 from common.device import autocast, channels_last, parse_gpu_ids
@@ -39,6 +39,7 @@ from fastretri.config import (
     pretrained_source,
     resolve_config,
     run_files,
+    write_config,
 )
 from fastretri.data import build_datasets, build_train_sampler, build_transforms
 from fastretri.losses import FastRetriLoss
@@ -132,7 +133,7 @@ def evaluate(
 def worker(args: argparse.Namespace, info: DistInfo) -> None:
     """The per-process body of :func:`main` (rank ``info.rank`` of ``info.world_size``); every rank runs the same
     epoch loop, rank 0 alone writes files."""
-    cfg, main_rank = resolve_config(args), info.rank == 0
+    cfg, main_rank = resolve_config(args, notes=False), info.rank == 0
     if info.device.type == "cpu" and info.world_size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
     set_seed(cfg["SEED"] + info.rank)
@@ -206,6 +207,8 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
             f"FastRetri {data}: {len(datasets['train'])} training images, {ipe} iterations/epoch, "
             f"{info.world_size} process(es) x {per_rank} images on {info.device}; writing {files.path('*')}"
         )
+    if main_rank:
+        write_config(cfg, files.path("config.yaml"))
     start, _ = run.resume(args.resume, model, optimizer, scaler=scaler)
     if start == 1:
         run.log(0, {}, evaluate_now(0), model)
@@ -231,6 +234,8 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
             atomic_save(state, snapshot(cfg, epoch))
         run.checkpoint(epoch, model, optimizer, scaler=scaler)
     run.finish()
+    if main_rank:
+        print(run_summary(run), flush=True)
 
 
 def training_model(cfg: Dict, num_classes: int) -> nn.Module:
@@ -372,9 +377,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("FastRetri training", parents=[parent], add_help=add_help)
     parser.add_argument(
         "--config-file",
+        "--config",
+        "-c",
+        dest="config_file",
         default="fastretri/configs/cub.yml",
         metavar="FILE",
-        help="YAML config (default: fastretri/configs/cub.yml)",
+        help="YAML config, fast-reid's keys; a run writes its resolved one as <run>_config.yaml "
+        "(default: fastretri/configs/cub.yml)",
     )
     g = parser.add_argument_group("distributed")
     g.add_argument(

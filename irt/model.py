@@ -24,6 +24,7 @@ from torch import nn
 from common.backbones import load_state_dict_file
 from common.device import unwrap
 from common.errors import UserError
+from common.hub import create_timm
 from common.runio import atomic_save
 
 __all__ = [
@@ -151,7 +152,7 @@ def build_model(
         kwargs["img_size"] = input_size
     if pretrained == "imagenet":
         try:
-            backbone = _create(name, True, **kwargs)
+            backbone = create_timm(name, lambda: _create(name, True, **kwargs))
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - offline: URLError, OSError, huggingface_hub errors ...

@@ -23,7 +23,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
 from common.backbones import backbone_choice, is_timm
-from common.cli import bool_pair, common_parser, non_negative_float, positive_int, validate_args
+from common.cli import (
+    add_config_flag,
+    bool_pair,
+    common_parser,
+    non_negative_float,
+    positive_int,
+    run_summary,
+    validate_args,
+    write_args_yaml,
+)
 from common.data.datasets import RetrievalDataset, eval_splits, load_splits
 from common.data.prepare import ensure_dataset_main_first
 from common.database import Split
@@ -355,6 +364,8 @@ def train(args: argparse.Namespace, setting: Setting) -> None:
         selection=args.model_selection,
         database={"metric": "cosine", "scale": float(args.ensemble_size), "query": query, "gallery": gallery},
     )
+    if info.rank == 0:
+        write_args_yaml(args, run.files.path("args.yaml"), f"{setting.name}/train.py")
     start, state = run.resume(args.resume, model, optimizer, scheduler)
     if "ids" in state:
         ids.copy_(state["ids"])
@@ -383,6 +394,8 @@ def train(args: argparse.Namespace, setting: Setting) -> None:
         run.log(epoch, train_stats, evaluate_now(), model)
         run.checkpoint(epoch, model, optimizer, scheduler, ids=ids)
     run.finish()
+    if info.rank == 0:
+        print(run_summary(run), flush=True)
 
 
 def add_model_args(parser: argparse.ArgumentParser, setting: Setting) -> None:
@@ -445,4 +458,5 @@ def get_args_parser(setting: Setting, add_help: bool = True) -> argparse.Argumen
         description=f"Train {setting.display}", add_help=add_help, parents=[common_parser(**setting.defaults)]
     )
     add_model_args(parser, setting)
+    add_config_flag(parser)
     return parser

@@ -13,10 +13,17 @@ and its database go to ``results/reir/<run name>_{model,data_base}.pth``. The da
 
 import argparse
 
+from common.cli import parse_args_with_config
 from common.errors import run_cli
 from reir.engine import get_args_parser as engine_parser
 from reir.engine import train
 from reir.spec import REIR
+
+# --data_name demo: the flags not given take these values (ResNet-18 from scratch on 32-px crops, 4 learners)
+DEMO = (
+    "--crop_type cropped --pretrained none --ensemble_size 4 --meta_class_size 16 --image_size 32 --batch_size 32 "
+    "--num_epochs 5 --lr 1e-3 --num_workers 0"
+).split()
 
 
 def main(args: argparse.Namespace) -> None:
@@ -28,4 +35,4 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser().parse_args())
+    run_cli(main, parse_args_with_config(get_args_parser(), demo=DEMO))

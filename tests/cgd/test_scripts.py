@@ -17,6 +17,7 @@ from cgd import ablation, inference
 from cgd import test as cgd_test
 from cgd.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropyLoss
 from cgd.model import Model
+from common.cli import parse_args_with_config
 from common.errors import UserError
 from tests.tiny import make_tiny_processed
 
@@ -85,6 +86,12 @@ def test_train_writes_run_files(trained, results):
     db = torch.load(results / f"{_name('SG')}_data_base.pth", weights_only=True)
     assert db["metric"] == "euclidean" and db["config"]["gd_config"] == "SG" and db["config"]["num_classes"] == 4
     assert db["splits"]["test"]["features"].shape == (24, 64)
+    # the resolved arguments, read back with --config, are the run's own
+    again = parse_args_with_config(train.get_args_parser(), ["--config", str(results / f"{_name('SG')}_args.yaml")])
+    expected = vars(_train_args(trained[0], "SG", 2))
+    assert {k: v for k, v in vars(again).items() if k != "config"} == {
+        k: v for k, v in expected.items() if k != "config"
+    }
 
 
 def test_test_script_metrics_database_and_rendering(trained, results):

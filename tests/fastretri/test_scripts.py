@@ -7,6 +7,7 @@ from PIL import Image
 
 from common.errors import UserError
 from fastretri import ablation, export, inference, test, train
+from fastretri.config import load_config, resolve_config
 
 NAME = "cub_uncropped_resnet18"
 
@@ -24,6 +25,9 @@ def test_train_test_inference_ablation(tiny_config, tiny_data, results, tmp_path
     for suffix in ("statistics.csv", "statistics.png", "checkpoint.pth", "model.pth", "data_base.pth"):
         assert (results / f"{NAME}_{suffix}").is_file(), suffix
     _train(tiny_config, tiny_data, "--resume", "SOLVER.MAX_EPOCH", "2")  # continue the same run to epoch 2
+    resumed = ["--config-file", str(tiny_config), "--data_path", str(tiny_data), "--num-gpus", "0", "--resume"]
+    cfg = resolve_config(train.get_args_parser().parse_args([*resumed, "SOLVER.MAX_EPOCH", "2"]))
+    assert load_config(results / f"{NAME}_config.yaml") == cfg and cfg["SOLVER"]["MAX_EPOCH"] == 2
     stats = pd.read_csv(results / f"{NAME}_statistics.csv", index_col="epoch")
     assert list(stats.index) == [0, 1, 2] and {"train_loss", "lr", "test_recall@1"} <= set(stats.columns)
     assert torch.load(results / f"{NAME}_checkpoint.pth", weights_only=True)["epoch"] == 2

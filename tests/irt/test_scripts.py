@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from common.cli import parse_args_with_config
 from common.database import load_database
 from common.runio import safe_load
 from irt import ablation, inference, train
@@ -62,8 +63,16 @@ def _brute_recall(features, labels, k):
 
 def test_train_test_inference_ablation(data, results, capsys):
     flags = ["--max-iter", "4", "--eval-freq", "2", "--m", "2", "--rank", "1", "2", "4"]
-    stats = train.main(_args(train.get_args_parser(), data, *flags))
+    args = _args(train.get_args_parser(), data, *flags)
+    stats = train.main(args)
     run = train.run_files(_args(train.get_args_parser(), data, *flags))
+    again = parse_args_with_config(train.get_args_parser(), ["-c", str(run.path("args.yaml"))])
+    assert {k: v for k, v in vars(again).items() if k != "config"} == {
+        k: v for k, v in vars(args).items() if k != "config"
+    }
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    r1 = pd.read_csv(run.statistics, index_col="epoch")["test_recall@1"]
+    assert last.startswith(f"R@1 {r1[0]:.2f}% untrained -> {r1[2]:.2f}% kept (iteration 4); ")
     frame = pd.read_csv(run.statistics, index_col="epoch")
     assert list(frame.index) == [0, 1, 2]
     assert {"train_contrastive", "train_koleo", "train_loss", "test_recall@1", "test_recall@4"} <= set(frame.columns)
