@@ -54,7 +54,9 @@ def assert_float32_database(test_module: Any, model_file: Path, database: Path, 
     for name in recomputed.splits:
         features = stored.split(name).features
         assert features.dtype == torch.float32
-        torch.testing.assert_close(features, recomputed.split(name).features, rtol=0, atol=1e-5)
+        # float32 rounding apart (the run's channels-last weights take other convolution kernels); bfloat16
+        # features would be off by ~1e-3
+        torch.testing.assert_close(features, recomputed.split(name).features, rtol=0, atol=1e-4)
 
 
 def tensorboard_scalars(folder: Path) -> Dict[str, List[Tuple[int, float]]]:
