@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
+from common.device import Precision, maybe_compile
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -26,9 +28,10 @@ class TrainingParts(NamedTuple):
 
 
 class Trainer:
-    """One training step of ``parts`` on ``device``: forward under ``dtype`` autocast (None: fp32), the loss,
-    backward (through a GradScaler with ``scaler``), the optimizer; model and images channels-last with
-    ``channels_last``."""
+    """One training step of ``parts`` on ``device`` as the methods' ``train_one_epoch`` takes it
+    (``common.device.Precision``): forward under ``dtype`` autocast (None: fp32), the loss, backward (through a
+    GradScaler with ``scaler``), the optimizer; model and images channels-last with ``channels_last``; the model
+    compiled in place with ``compile`` (``common.device.maybe_compile``)."""
 
     def __init__(
         self,
@@ -37,32 +40,26 @@ class Trainer:
         dtype: Optional[torch.dtype] = None,
         scaler: bool = False,
         channels_last: bool = False,
+        compile: bool = False,
     ):
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
-        model = parts.model.to(device).train()
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model, self.optimizer = model, parts.optimizer(model.parameters())
+        self.precision = Precision(device, dtype, channels_last, torch.amp.GradScaler(device.type) if scaler else None)
+        model = self.precision.model(parts.model.to(device).train())
+        self.model = maybe_compile(model, compile, device)
+        self.optimizer = parts.optimizer(model.parameters())
         self.loss = parts.loss.to(device) if isinstance(parts.loss, torch.nn.Module) else parts.loss
         self.labels = parts.labels.to(device)
-        self.scaler = torch.amp.GradScaler(device.type) if scaler else None
+        self.scaler = self.precision.scaler
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True)
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        return self.precision.images(images.to(self.device, non_blocking=True))
 
     def step(self, images: torch.Tensor) -> None:
-        with autocast(self.device, self.dtype):
+        with self.precision.autocast():
             out = self.model(images)
         loss = self.loss(out, self.labels[: images.shape[0]])
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        self.precision.step(loss, self.optimizer)
 
 
 def sync(device: torch.device) -> None:

@@ -10,7 +10,7 @@ requested rank (among trained epochs) and its database go to ``results/cgd/<run 
 """
 
 import argparse
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 import torch
 from thop import clever_format
@@ -37,7 +37,7 @@ from common.cli import (
 from common.data.datasets import eval_splits, load_splits
 from common.data.prepare import ensure_dataset_main_first
 from common.database import Split
-from common.device import autocast, channels_last, data_parallel, first_device, main_device, upcast
+from common.device import Precision, data_parallel, first_device, main_device, maybe_compile, upcast
 from common.distributed import (
     DistInfo,
     RankBatchSampler,
@@ -85,39 +85,44 @@ def train_one_epoch(
     epoch: int,
     num_epochs: int,
     *,
-    amp: bool = False,
+    precision: Optional[Precision] = None,
     frozen_bn: bool = True,
     dtype: torch.dtype = torch.float32,
+    log_step: Optional[Callable[..., None]] = None,
 ) -> Dict[str, float]:
-    """One pass over the sampler's batches; returns the mean loss and the auxiliary classifier's accuracy (%).
+    """One pass over the sampler's batches; returns the mean loss, the auxiliary classifier's accuracy (%) and the
+    learning rate. ``precision``: autocast / scaler / channels-last (default: full precision); ``log_step(loss,
+    lr)`` after every step (``Run.log_step``).
 
     Under DDP the batch-hard triplet loss sees the embeddings of the global batch (gathered with gradients), the
     cross-entropy its own slice (DDP averages it over ranks), so the step is the 1-process step."""
+    precision = precision or Precision(device)
     model.train()
     if frozen_bn:
         freeze_bn(model)
     sums, steps = torch.zeros(2, dtype=torch.float64), 0
+    lr = optimizer.param_groups[0]["lr"]
     bar = tqdm(loader, dynamic_ncols=True, disable=not is_main_process())
     for images, labels in bar:
         images, labels = images.to(device, dtype, non_blocking=True), labels.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            embeddings, logits = model(images)
+        with precision.autocast():
+            embeddings, logits = model(precision.images(images))
         triplet = criteria["triplet"](all_gather_with_grad(upcast(embeddings)), all_gather_no_grad(labels))
         loss = criteria["class"](upcast(logits), labels) + triplet
         check_finite(loss)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        precision.step(loss, optimizer)
         accuracy = (logits.argmax(dim=-1) == labels).double().mean()
-        sums += all_reduce_mean(torch.stack([loss.detach().double(), accuracy]).cpu())
+        step_stats = all_reduce_mean(torch.stack([loss.detach().double(), accuracy]).cpu())
+        sums += step_stats
         steps += 1
+        if log_step is not None:
+            log_step(step_stats[0], lr)
         bar.set_description(
             f"Train Epoch {epoch}/{num_epochs} Loss:{sums[0] / steps:.4f} Acc:{100.0 * sums[1] / steps:.2f}%"
         )
     steps = max(1, steps)
-    return {"train_loss": float(sums[0] / steps), "train_accuracy": 100.0 * float(sums[1] / steps)}
+    return {"train_loss": float(sums[0] / steps), "train_accuracy": 100.0 * float(sums[1] / steps), "lr": lr}
 
 
 def evaluate(
@@ -211,7 +216,8 @@ def main(args: argparse.Namespace) -> None:
     if info.rank == 0:
         params, flops = count_flops(model, args.image_size or 224)
         print("# Model Params: {} FLOPs: {}".format(*clever_format([params, flops])), flush=True)
-    model = channels_last(model.to(device), device)
+    precision = Precision.build(device, args.amp, args.amp_dtype, float64=args.float64, main=info.rank == 0)
+    model = maybe_compile(precision.model(model.to(device)), args.compile, device, len(gpu_ids))
     model = wrap_ddp(model, info) if info.distributed else data_parallel(model, gpu_ids)
 
     # ---- optimisation
@@ -237,7 +243,7 @@ def main(args: argparse.Namespace) -> None:
     )
     if info.rank == 0:
         write_args_yaml(args, run.files.path("args.yaml"), "cgd/train.py")
-    start, _ = run.resume(args.resume, model, optimizer, scheduler)
+    start, _ = run.resume(args.resume, model, optimizer, scheduler, precision.scaler)
 
     def evaluate_now() -> Evaluation:
         return evaluate(
@@ -264,13 +270,14 @@ def main(args: argparse.Namespace) -> None:
             device,
             epoch,
             args.num_epochs,
-            amp=args.amp,
+            precision=precision,
             frozen_bn=args.freeze_bn,
             dtype=dtype,
+            log_step=run.log_step,
         )
         scheduler.step()
         run.log(epoch, train_stats, evaluate_now(), model)
-        run.checkpoint(epoch, model, optimizer, scheduler)
+        run.checkpoint(epoch, model, optimizer, scheduler, precision.scaler)
     run.finish()
     if info.rank == 0:
         print(run_summary(run), flush=True)

@@ -28,6 +28,7 @@ __all__ = [
     "validate_args",
     "bool_pair",
     "add_check_flags",
+    "add_speed_flags",
     "positive_int",
     "non_negative_int",
     "positive_float",
@@ -180,9 +181,22 @@ def common_parser(
         help="GPUs of a single process, e.g. '0,1' (default: the first visible; CPU if none); under "
         "torchrun each process takes GPU LOCAL_RANK",
     )
-    bool_pair(g, "amp", False, "bf16 autocast on CUDA")
+    add_speed_flags(g)
     add_check_flags(p)
     return p
+
+
+def add_speed_flags(group) -> None:
+    """``--amp``, ``--amp_dtype``, ``--compile`` (common.device.Precision, maybe_compile), on CPU as on CUDA; autocast
+    applies to training steps only, evaluation features stay float32."""
+    bool_pair(group, "amp", False, "mixed precision: the training forward under autocast to --amp_dtype")
+    group.add_argument(
+        "--amp_dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16"],
+        help="autocast dtype of --amp; float16 adds a gradient scaler (default: bfloat16)",
+    )
+    bool_pair(group, "compile", False, "torch.compile the model (the first steps pay the compilation)")
 
 
 def add_check_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,10 @@
-"""Device placement: ``--gpu_ids`` parsing, DataParallel, spreading ensemble learners, AMP and channels-last."""
+"""Device placement: ``--gpu_ids`` parsing, DataParallel, spreading ensemble learners; how a training step computes
+(:class:`Precision`: autocast, GradScaler, channels-last) and :func:`maybe_compile`, the same on CPU and GPU."""
 
 import contextlib
-from typing import Any, List, Optional, Sequence
+import shutil
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -14,8 +17,12 @@ __all__ = [
     "main_device",
     "data_parallel",
     "group_sizes",
+    "AMP_DTYPES",
     "autocast",
     "channels_last",
+    "native_low_precision",
+    "Precision",
+    "maybe_compile",
     "unwrap",
     "upcast",
     "first_device",
@@ -69,16 +76,131 @@ def group_sizes(num_groups: int, num_devices: int) -> List[int]:
     return [base + (d < extra) for d in range(num_devices)]
 
 
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # --amp_dtype / SOLVER.AMP.DTYPE
+COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests swap in "eager" (no minutes of code generation)
+
+
 def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfloat16):
-    """bf16 (or fp16) autocast on CUDA when enabled; a no-op context on CPU or when disabled."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=dtype)
+    """Autocast to ``dtype`` on ``device`` (CUDA or CPU) when enabled; a no-op context otherwise."""
+    if enabled:
+        return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()
 
 
 def channels_last(model: nn.Module, device: torch.device) -> nn.Module:
     """Channels-last memory format for CNNs on GPU (faster convolutions with tensor cores); unchanged on CPU."""
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def native_low_precision(dtype: torch.dtype) -> bool:
+    """Whether this CPU computes ``dtype`` matrix products in hardware (bf16: AVX512-BF16 or AMX; fp16: AMX-FP16 or
+    AVX512-FP16); elsewhere oneDNN emulates them, slower than float32."""
+    cpu = getattr(torch, "cpu", None)
+    if dtype == torch.bfloat16:
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    else:
+        probes = ("_is_amx_fp16_supported", "_is_avx512_fp16_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
+
+
+@dataclass
+class Precision:
+    """How a training step computes: autocast to ``dtype`` (None: the model's own precision), a GradScaler for
+    float16 (its small exponent range underflows gradients without one), channels-last images and weights.
+
+    One object per run, from :meth:`build`; a method's ``train_one_epoch`` wraps its forward in :meth:`autocast`
+    and replaces ``loss.backward(); optimizer.step()`` by :meth:`step`. Evaluation never uses it: features are
+    always float32 (``common.engine.extract_features``)."""
+
+    device: torch.device = torch.device("cpu")
+    dtype: Optional[torch.dtype] = None
+    channels_last: bool = False
+    scaler: Optional[torch.amp.GradScaler] = None
+
+    @classmethod
+    def build(
+        cls,
+        device: torch.device,
+        amp: bool,
+        amp_dtype: str = "bfloat16",
+        *,
+        cnn: bool = True,
+        float64: bool = False,
+        main: bool = True,
+    ) -> "Precision":
+        """From the run's switches. Channels-last for CNNs on CUDA, and on CPU with autocast (oneDNN's low-precision
+        convolutions run channels-last; in float32 on CPU it did not pay, see docs/benchmarks.md). ``--float64``
+        (the equivalence checks) wins over ``--amp``."""
+        if amp_dtype not in AMP_DTYPES:
+            raise UserError(f"AMP dtype must be one of {', '.join(AMP_DTYPES)}, got {amp_dtype!r}")
+        device = torch.device(device)
+        if amp and float64:
+            if main:
+                print("note: --float64 trains in float64; mixed precision (--amp) is off", flush=True)
+            amp = False
+        dtype = AMP_DTYPES[amp_dtype] if amp else None
+        if dtype is not None and device.type == "cpu" and main and not native_low_precision(dtype):
+            print(
+                f"note: this CPU has no {amp_dtype} arithmetic in hardware; autocast will be slower than float32",
+                flush=True,
+            )
+        scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        return cls(device, dtype, cnn and (device.type == "cuda" or dtype is not None), scaler)
+
+    def autocast(self):
+        """The forward pass's context: autocast to ``dtype``, or nothing."""
+        return autocast(self.device, self.dtype is not None, self.dtype or torch.bfloat16)
+
+    def model(self, model: nn.Module) -> nn.Module:
+        """``model`` in this precision's memory format (in place)."""
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def step(
+        self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip: Optional[Callable[[], None]] = None
+    ) -> None:
+        """Backward and optimizer step (gradients zeroed by the caller); ``clip()`` sees unscaled gradients."""
+        if self.scaler is None:
+            loss.backward()
+            if clip is not None:
+                clip()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        if clip is not None:
+            self.scaler.unscale_(optimizer)
+            clip()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+def _cxx_compiler() -> Optional[str]:
+    """The C++ compiler inductor would use on CPU (its ``cpp.cxx`` search list), if one is on PATH."""
+    try:
+        from torch._inductor import config
+
+        names = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+    except Exception:  # private configuration moved: look for the usual names
+        names = ("g++", "c++", "clang++")
+    return next((shutil.which(n) for n in names if n and shutil.which(n)), None)
+
+
+def maybe_compile(model: nn.Module, enabled: bool, device: torch.device, devices: int = 1) -> nn.Module:
+    """``--compile``: ``torch.compile`` of ``model``'s forward, in place (``nn.Module.compile``), so state dicts,
+    checkpoints and model files keep their keys. The first steps pay the compilation (minutes on a small CPU).
+
+    Refused in one line where it cannot run: on CPU without a C++ compiler (inductor generates C++), and over
+    several GPUs in one process (DataParallel replicas; run one process per GPU with torchrun)."""
+    if not enabled:
+        return model
+    if devices > 1:
+        raise UserError("--compile with several GPUs in one process is not supported: use torchrun, one per GPU")
+    if COMPILE_BACKEND == "inductor" and torch.device(device).type == "cpu" and _cxx_compiler() is None:
+        raise UserError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile")
+    model.compile(backend=COMPILE_BACKEND)
+    return model
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:

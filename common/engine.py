@@ -1,9 +1,11 @@
-"""Shared loop pieces: feature extraction (sharded over ranks), Recall@K of the eval splits, and :class:`Run`, the
-bookkeeping of an epoch loop that every method writes out in its own ``main``: an epoch-0 evaluation, per-epoch CSV
-+ plot, an atomic checkpoint every epoch for ``--resume``, and the kept model and database — on rank 0 only.
+"""Shared loop pieces: feature extraction (sharded over ranks), Recall@K and MAP@R of the eval splits, and
+:class:`Run`, the bookkeeping of an epoch loop that every method writes out in its own ``main``: an epoch-0
+evaluation, per-epoch CSV + plot, TensorBoard scalars (per epoch and per iteration), an atomic checkpoint every
+epoch for ``--resume``, and the kept model and database — on rank 0 only.
 """
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,11 +29,20 @@ from common.distributed import (
     is_main_process,
 )
 from common.errors import UserError
-from common.metrics import recall_at_k
+from common.metrics import retrieval_metrics
 from common.runio import Statistics, atomic_save, load_checkpoint, rng_state, save_checkpoint, saved_rng_states
 from common.runs import RunFiles
 
-__all__ = ["extract_features", "embed_dataset", "eval_recalls", "RunFiles", "Evaluation", "Run", "check_finite"]
+__all__ = [
+    "extract_features",
+    "embed_dataset",
+    "eval_recalls",
+    "RunFiles",
+    "Evaluation",
+    "Run",
+    "check_finite",
+    "tensorboard_available",
+]
 
 
 @torch.inference_mode()
@@ -85,18 +96,19 @@ def embed_dataset(
 
 
 def eval_recalls(query: Split, gallery: Split, ranks: Sequence[int], same_set: bool) -> Dict[str, float]:
-    """``test_recall@K`` in % (the originals' CSV columns); self excluded by index when query is gallery.
+    """``test_recall@K`` (the originals' CSV columns) and ``test_map@r``, in %; self excluded by index when query is
+    gallery. One pass over the scores (``retrieval_metrics``), as test.py computes them.
 
     Computed once on rank 0 and broadcast, so every rank takes the same best-model decision."""
-    values: Optional[List[float]] = None
+    values: Optional[Dict[str, float]] = None
     if is_main_process():
         if same_set:
-            values = recall_at_k(query.features, query.labels, ranks)
+            metrics = retrieval_metrics(query.features, query.labels, ranks)
         else:
-            values = recall_at_k(query.features, query.labels, ranks, gallery.features, gallery.labels)
-        values = [float(v) for v in values]
-    values = broadcast_object(values)
-    return {f"test_recall@{k}": 100.0 * v for k, v in zip(ranks, values)}
+            metrics = retrieval_metrics(query.features, query.labels, ranks, gallery.features, gallery.labels)
+        values = {f"test_recall@{k}": 100.0 * float(metrics[f"recall@{k}"]) for k in ranks}
+        values["test_map@r"] = 100.0 * float(metrics["map@r"])
+    return broadcast_object(values)
 
 
 def check_finite(loss: torch.Tensor) -> None:
@@ -114,9 +126,41 @@ class Evaluation:
     splits: Dict[str, Split] = field(default_factory=dict)
 
 
+def tensorboard_available() -> bool:
+    """Whether ``torch.utils.tensorboard`` imports (the ``[tensorboard]`` extra); one note when it does not."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        print(
+            "note: tensorboard is not installed (pip install '.[tensorboard]'): no TensorBoard events for this run; "
+            "the statistics CSV and PNG are written as always",
+            flush=True,
+        )
+        return False
+    return True
+
+
+def _scalars_up_to(log_dir: Path, epoch: int, iteration: int) -> List[Tuple[str, int, float, float]]:
+    """(tag, step, value, wall time) of the ``epoch/`` scalars up to ``epoch`` and the ``step/`` ones up to
+    ``iteration`` in ``log_dir``'s events files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    out = []
+    for tag in events.Tags()["scalars"]:
+        last = epoch if tag.startswith("epoch/") else iteration
+        out += [(tag, e.step, e.value, e.wall_time) for e in events.Scalars(tag) if e.step <= last]
+    return out
+
+
 def _print_row(epoch: int, num_epochs: int, row: Mapping[str, float]) -> None:
     text = " ".join(
-        f"{k.replace('test_recall', 'R')}:{v:.2f}{'%' if 'recall' in k or 'acc' in k else ''}" for k, v in row.items()
+        f"{k}:{v:.3g}"
+        if k == "lr"
+        else f"{k.replace('test_recall', 'R').replace('test_map@r', 'MAP@R')}:{v:.2f}"
+        f"{'%' if k.startswith('test_') or 'acc' in k else ''}"
+        for k, v in row.items()
     )
     print(f"Epoch {epoch}/{num_epochs} - {text}", flush=True)
 
@@ -140,6 +184,11 @@ class Run:
     among the trained epochs (``selection="best"``, CGD/REIR/SREML's originals) or the last one
     (``selection="last"``, IRT's and FastRetri's). Epoch 0, the untrained model, is always a CSV row but becomes
     the model only for an evaluation-only run (no training epochs).
+
+    TensorBoard (when installed): every CSV row as ``epoch/<column>`` at step = epoch, and what ``train_one_epoch``
+    passes to :meth:`log_step` as ``step/<name>`` at step = optimizer steps so far, in ``log_dir`` (default:
+    ``<run>_tensorboard/`` beside the CSV). Like the CSV, a resumed run keeps the events up to its checkpoint and a
+    new run starts the folder afresh.
     """
 
     def __init__(
@@ -153,6 +202,7 @@ class Run:
         recalls: Sequence[int],
         selection: str = "best",
         database: Optional[Mapping[str, Any]] = None,
+        log_dir: Optional[os.PathLike] = None,
     ):
         if selection not in ("best", "last"):
             raise UserError(f"model selection must be 'best' or 'last', got {selection!r}")
@@ -165,6 +215,11 @@ class Run:
         self.best = float("-inf")
         self.saved_epoch: Optional[int] = None
         self.started = time.time()
+        self.log_dir = Path(log_dir) if log_dir else files.path("tensorboard")
+        self.iteration = 0  # optimizer steps so far (log_step), saved in checkpoints
+        self._tensorboard = self.main and tensorboard_available()
+        self._writer: Any = None
+        self._resumed: Optional[Tuple[int, int]] = None  # (epoch, iteration) of the checkpoint resumed from
 
     def resume(
         self, resume: Optional[str], model: nn.Module, optimizer=None, scheduler=None, scaler=None
@@ -195,6 +250,8 @@ class Run:
                 flush=True,
             )
         self.stats = Statistics.resume(self.files.statistics, state["epoch"])
+        self.iteration = int(state.get("iteration", 0))
+        self._resumed = (int(state["epoch"]), self.iteration)
         trained = [r.get(self.key_metric) for e, r in self.stats.rows.items() if e > 0 and self.key_metric in r]
         self.best = max(trained, default=float("-inf"))
         if self.main:
@@ -213,11 +270,49 @@ class Run:
             return True
         return False
 
+    def _events(self):
+        """The SummaryWriter, opened at first use; None without TensorBoard. The run's earlier events files are
+        replaced by one holding what a resumed run keeps (epochs and steps up to its checkpoint; nothing for a new
+        run), as the CSV is: every reader then shows each step once."""
+        if not self._tensorboard:
+            return None
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            old = sorted(self.log_dir.glob("events.out.tfevents.*"))
+            kept = _scalars_up_to(self.log_dir, *self._resumed) if old and self._resumed else []
+            self._writer = SummaryWriter(str(self.log_dir))
+            for tag, step, value, wall_time in kept:
+                self._writer.add_scalar(tag, value, step, walltime=wall_time)
+            self._writer.flush()
+            for path in old:
+                path.unlink()
+        return self._writer
+
+    def _add_row(self, epoch: int, row: Mapping[str, float]) -> None:
+        for name, value in row.items():
+            self._writer.add_scalar(f"epoch/{name}", float(value), epoch)
+
+    def log_step(self, loss: Any, lr: float, **scalars: Any) -> None:
+        """One optimizer step done (call it on every rank): its loss, learning rate and any other scalars (floats
+        or 0-d tensors, read on rank 0 only and only when TensorBoard is on)."""
+        self.iteration += 1
+        writer = self._events()
+        if writer is None:
+            return
+        for name, value in {"loss": loss, "lr": lr, **scalars}.items():
+            writer.add_scalar(f"step/{name}", float(value), self.iteration)
+
     def log(self, epoch: int, train_stats: Mapping[str, float], evaluation: "Evaluation", model: nn.Module) -> None:
-        """One CSV row and printout; the model and database when this epoch is the one to keep."""
+        """One CSV row, TensorBoard scalars and printout; the model and database when this epoch is the one to
+        keep."""
         row = {**train_stats, **evaluation.metrics}
         if self.main:
             self.stats.log(epoch, **row)
+            if self._events() is not None:
+                self._add_row(epoch, row)
+                self._writer.flush()
             _print_row(epoch, self.num_epochs, row)
         if not evaluation.metrics or not self._keep(epoch, evaluation.metrics):
             return
@@ -246,13 +341,18 @@ class Run:
                 scheduler=scheduler,
                 scaler=scaler,
                 rng=states,
+                iteration=self.iteration,
                 **extra,
             )
             print(f"epoch {epoch} done, {time.time() - self.started:.1f}s since start", flush=True)
         barrier()
 
     def finish(self) -> Statistics:
-        """Fail loudly when the run promised a model file and none exists (nothing was ever evaluated)."""
+        """Close the TensorBoard events; fail loudly when the run promised a model file and none exists (nothing
+        was ever evaluated)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self.main and not self.files.model.is_file():
             raise UserError(f"no evaluation produced {self.key_metric}; {self.files.model} was not written")
         return self.stats

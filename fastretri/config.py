@@ -78,6 +78,7 @@ DEFAULTS: Dict[str, Any] = {
     "DATALOADER": {"SAMPLER_TRAIN": "TrainingSampler", "NUM_INSTANCE": 4, "NUM_WORKERS": 8},
     "SOLVER": {
         "AMP": {"ENABLED": True, "DTYPE": "bfloat16"},
+        "COMPILE": False,  # this toolkit's: torch.compile the model (--compile)
         "OPT": "SGD",
         "MAX_EPOCH": 100,
         "BASE_LR": 0.003,
@@ -268,6 +269,7 @@ RESUME_FREE = (
     "TEST.RECALLS",
     "DATASETS.ROOT",
     "SOLVER.CHECKPOINT_PERIOD",
+    "SOLVER.COMPILE",
     "MODEL.WEIGHTS",
     "OUTPUT_NAME",
 )
@@ -280,6 +282,8 @@ _CLI_KEYS = {
     "seed": "SEED",
     "recalls": "TEST.RECALLS",
     "amp": "SOLVER.AMP.ENABLED",
+    "amp_dtype": "SOLVER.AMP.DTYPE",
+    "compile": "SOLVER.COMPILE",
 }
 
 

@@ -5,9 +5,9 @@
     python fastretri/train.py --config-file fastretri/configs/cub.yml --eval-only MODEL.WEIGHTS path/to/model.pth
 
 ResNet-50 with frozen BN and last stride 1, GeM, BNNeck and a bias-free classifier, trained with label-smoothed
-cross-entropy (SGD, 1k-iteration warm-up, per-epoch cosine, global-norm gradient clipping, AMP) on fast-reid's
-endless shuffled stream of training images. One process per GPU with DistributedDataParallel, or CPU processes
-with gloo; the global batch stays SOLVER.IMS_PER_BATCH. Evaluation always runs in float32.
+cross-entropy (SGD, 1k-iteration warm-up, per-epoch cosine, global-norm gradient clipping, AMP on CPU and CUDA) on
+fast-reid's endless shuffled stream of training images. One process per GPU with DistributedDataParallel, or CPU
+processes with gloo; the global batch stays SOLVER.IMS_PER_BATCH. Evaluation always runs in float32.
 """
 
 import argparse
@@ -25,7 +25,7 @@ from tqdm import tqdm
 from common.cli import common_parser, non_negative_int, positive_int, run_summary, validate_args
 from common.data.datasets import RetrievalDataset, eval_splits
 from common.database import Split
-from common.device import autocast, channels_last, parse_gpu_ids
+from common.device import Precision, maybe_compile, parse_gpu_ids
 from common.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, launch, launched_by_torchrun
 from common.engine import Evaluation, Run, check_finite, embed_dataset, eval_recalls
 from common.errors import UserError, run_cli
@@ -57,15 +57,16 @@ def train_one_epoch(
     epoch: int,
     *,
     schedule,
-    scaler=None,
-    amp: bool = False,
-    amp_dtype: torch.dtype = torch.bfloat16,
+    precision: Optional[Precision] = None,
     clip: Optional[Callable[[torch.optim.Optimizer], None]] = None,
     main: bool = True,
     dtype: torch.dtype = torch.float32,
+    log_step: Optional[Callable[..., None]] = None,
 ) -> Dict[str, float]:
     """One epoch; ``schedule(global_iteration)`` sets the learning rate before every step, ``clip(optimizer)``
-    clips the (unscaled) gradients before it."""
+    clips the (unscaled) gradients before it. ``precision``: autocast / scaler / channels-last (default: full
+    precision); ``log_step(loss, lr)`` after every step with the ranks' mean loss (``Run.log_step``)."""
+    precision = precision or Precision(device)
     model.train()
     loader.batch_sampler.set_epoch(epoch)
     totals, n = torch.zeros(3), 0
@@ -74,25 +75,16 @@ def train_one_epoch(
         lr = schedule((epoch - 1) * len(loader) + i)
         set_lr(optimizer, lr)
         images, labels = images.to(device, dtype, non_blocking=True), labels.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp, amp_dtype):
-            out = model(images)
+        with precision.autocast():
+            out = model(precision.images(images))
         loss, _ = criterion(out, labels)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if clip is not None:
-            clip(optimizer)
-        scaler.step(optimizer) if scaler is not None else optimizer.step()
-        if scaler is not None:
-            scaler.update()
+        precision.step(loss, optimizer, (lambda: clip(optimizer)) if clip is not None else None)
         acc = (out.logits.argmax(1) == labels).float().mean()
         stats = all_reduce_mean(torch.stack([loss.detach(), acc]).float().cpu())
         check_finite(stats[0])
+        if log_step is not None:
+            log_step(stats[0], lr)
         totals += torch.cat([stats, torch.tensor([lr])])
         n += 1
         bar.set_postfix(loss=f"{totals[0] / n:.4f}", acc=f"{100 * totals[1] / n:.2f}%", lr=f"{lr:.2e}")
@@ -143,8 +135,9 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
     if not args.augment:
         datasets["train"].transform = build_transforms(cfg)[1]
     # ---- model, DDP ----
+    precision = precision_from_config(cfg, info.device, args.float64, main_rank)
     model = training_model(cfg, datasets["train"].num_classes).to(info.device, dtype)
-    model = channels_last(model, info.device)
+    model = maybe_compile(precision.model(model), compiles(cfg), info.device)
     model_without_ddp = model
     if info.distributed:
         model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
@@ -164,8 +157,6 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
     # ---- optimisation ----
     optimizer = build_optimizer(model_without_ddp, cfg)
     criterion = FastRetriLoss(cfg)
-    amp, amp_dtype = amp_settings(cfg, info.device)
-    scaler = torch.amp.GradScaler("cuda") if amp and amp_dtype == torch.float16 else None
     ipe = len(sampler)
     schedule, clip = schedule_from_config(cfg, ipe), clipper_from_config(cfg)
 
@@ -209,7 +200,7 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
         )
     if main_rank:
         write_config(cfg, files.path("config.yaml"))
-    start, _ = run.resume(args.resume, model, optimizer, scaler=scaler)
+    start, _ = run.resume(args.resume, model, optimizer, scaler=precision.scaler)
     if start == 1:
         run.log(0, {}, evaluate_now(0), model)
     for epoch in range(start, solver["MAX_EPOCH"] + 1):
@@ -221,18 +212,17 @@ def worker(args: argparse.Namespace, info: DistInfo) -> None:
             info.device,
             epoch,
             schedule=schedule,
-            scaler=scaler,
-            amp=amp,
-            amp_dtype=amp_dtype,
+            precision=precision,
             clip=clip,
             main=main_rank,
             dtype=dtype,
+            log_step=run.log_step,
         )
         run.log(epoch, train_stats, evaluate_now(epoch), model)
         if main_rank and snapshots(cfg, epoch):
             state = {"model": model_without_ddp.state_dict(), "config": config, "epoch": epoch}
             atomic_save(state, snapshot(cfg, epoch))
-        run.checkpoint(epoch, model, optimizer, scaler=scaler)
+        run.checkpoint(epoch, model, optimizer, scaler=precision.scaler)
     run.finish()
     if main_rank:
         print(run_summary(run), flush=True)
@@ -247,11 +237,16 @@ def training_model(cfg: Dict, num_classes: int) -> nn.Module:
     return model
 
 
-def amp_settings(cfg: Dict, device: torch.device) -> Tuple[bool, torch.dtype]:
-    """(autocast on, its dtype): SOLVER.AMP applies on CUDA (as fast-reid's AMPTrainer); CPU trains in full
-    precision."""
-    dtype = torch.float16 if cfg["SOLVER"]["AMP"]["DTYPE"] == "float16" else torch.bfloat16
-    return cfg["SOLVER"]["AMP"]["ENABLED"] and device.type == "cuda", dtype
+def precision_from_config(cfg: Dict, device: torch.device, float64: bool = False, main: bool = True) -> Precision:
+    """SOLVER.AMP: autocast to SOLVER.AMP.DTYPE (float16 with a gradient scaler), on CPU as on CUDA (fast-reid's
+    AMPTrainer, CUDA float16 only); channels-last where common.device.Precision uses it."""
+    amp = cfg["SOLVER"]["AMP"]
+    return Precision.build(device, amp["ENABLED"], amp["DTYPE"], float64=float64, main=main)
+
+
+def compiles(cfg: Dict) -> bool:
+    """SOLVER.COMPILE (or --compile): torch.compile the model (not a fast-reid key)."""
+    return bool(cfg["SOLVER"]["COMPILE"])
 
 
 def evaluates(cfg: Dict, epoch: int) -> bool:
@@ -372,6 +367,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         recalls=None,
         pretrained=None,
         amp=None,
+        amp_dtype=None,
+        compile=None,
         data_name=None,
     )
     parser = argparse.ArgumentParser("FastRetri training", parents=[parent], add_help=add_help)

@@ -10,7 +10,7 @@ checkpoint is written for ``--resume`` and the best model + database are kept. `
 import argparse
 import math
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from tqdm import tqdm
 from common.cli import (
     add_check_flags,
     add_config_flag,
+    add_speed_flags,
     bool_pair,
     dataset_name,
     default_workers,
@@ -33,7 +34,7 @@ from common.cli import (
 from common.data.datasets import eval_splits
 from common.data.prepare import ensure_dataset_main_first
 from common.database import Split
-from common.device import autocast, upcast
+from common.device import Precision, maybe_compile, upcast
 from common.distributed import (
     DistInfo,
     all_gather_no_grad,
@@ -129,19 +130,23 @@ def train_one_epoch(
     xbm: Optional[XBM] = None,
     key_encoder: Optional[MomentumEncoder] = None,
     clip_grad: Optional[float] = None,
-    amp: bool = False,
+    precision: Optional[Precision] = None,
     logging_freq: int = 50,
     max_iter: int = 0,
     dtype: torch.dtype = torch.float32,
+    log_step: Optional[Callable[..., None]] = None,
 ) -> Dict[str, float]:
     """Optimizer steps ``steps`` (one evaluation period): L = contrastive(batch) + contrastive(batch, XBM)
-    + lambda * KoLeo(batch). The batch is enqueued before the memory term (the original's order).
+    + lambda * KoLeo(batch). The batch is enqueued before the memory term (the original's order). ``precision``:
+    autocast and scaler (default: full precision); ``log_step(loss, lr, contrastive=, koleo=)`` after every step.
 
     Under DDP every term sees the global batch: the embeddings are gathered with gradients (each rank computes the
     same loss; DDP's averaging then gives the 1-process gradient), labels and keys without, so the memory of every
     rank holds the same global batches, row i of the global batch at the slot ``enqueue`` returns for it."""
+    precision = precision or Precision(device)
     model.train()
     sums = torch.zeros(3, dtype=torch.float64)
+    lr = optimizer.param_groups[0]["lr"]
     bar = tqdm(
         steps,
         desc=f"iter {steps.start + 1}-{steps.stop}",
@@ -152,13 +157,13 @@ def train_one_epoch(
     for step in bar:
         images, labels, _ = next(batches)
         images, labels = images.to(device, dtype, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast(device, amp):
+        with precision.autocast():
             z_local = model(images)
         z, labels = all_gather_with_grad(upcast(z_local)), all_gather_no_grad(labels)
         contrastive = criterion(z, labels)
         if xbm is not None:
             if key_encoder is not None:
-                with torch.no_grad(), autocast(device, amp):
+                with torch.no_grad(), precision.autocast():
                     keys = all_gather_no_grad(upcast(key_encoder(images)))
             else:
                 keys = z.detach()
@@ -170,14 +175,14 @@ def train_one_epoch(
         loss = contrastive + lambda_reg * regulariser
         check_finite(loss)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        optimizer.step()
+        clip = (lambda: nn.utils.clip_grad_norm_(model.parameters(), clip_grad)) if clip_grad else None
+        precision.step(loss, optimizer, clip)
         if key_encoder is not None:
             key_encoder.update(model.module if hasattr(model, "module") else model)
         values = torch.stack([contrastive.detach(), regulariser.detach(), loss.detach()]).double().cpu()
         sums += values  # the same on every rank: the loss is computed on the global batch
+        if log_step is not None:
+            log_step(values[2], lr, contrastive=values[0], koleo=values[1])
         bar.set_postfix(loss=f"{float(values[2]):.4f}")
         if logging_freq and ((step + 1) % logging_freq == 0 or step + 1 == max_iter) and is_main_process():
             tqdm.write(
@@ -185,7 +190,7 @@ def train_one_epoch(
                 f"regularization: {float(values[1]):.4f}(x{lambda_reg}) total_loss: {float(values[2]):.4f}"
             )
     sums = all_reduce_mean(sums) / max(1, len(steps))
-    return {f"train_{k}": float(v) for k, v in zip(("contrastive", "koleo", "loss"), sums)}
+    return {**{f"train_{k}": float(v) for k, v in zip(("contrastive", "koleo", "loss"), sums)}, "lr": lr}
 
 
 def evaluate(
@@ -218,6 +223,15 @@ def evaluate(
     return Evaluation(eval_recalls(splits[query], splits[gallery], ranks, same_set=query == gallery), splits)
 
 
+def log_dir(args, files: RunFiles) -> Optional[Path]:
+    """TensorBoard folder: the original's ``--log-dir``, ``DIR/<dataset>/`` (one sub-folder per run), or None for
+    the run's own beside its CSV."""
+    if not args.log_dir:
+        return None
+    data = DATASET_ALIASES.get(args.data_name, args.data_name)
+    return Path(args.log_dir) / ORIGINAL_NAMES.get(data, data) / files.name
+
+
 def run_files(args) -> RunFiles:
     """``results/irt/<dataset>_<crop>_<model>_<size>_<iters>_<bs>_<lambda>_<margin>_<m>_<memory>_<momentum>``,
     or the original's ``--output-dir``: ``<dir>/<dataset>/``."""
@@ -239,8 +253,6 @@ def prepare_args(args) -> argparse.Namespace:
         raise UserError("--max-iter must be >= 0 and --eval-freq >= 1")
     if args.memory_ratio < 0 or args.m < 0:
         raise UserError("--memory-ratio and --m must be >= 0")
-    if args.log_dir:
-        print("note: --log-dir is not used (TensorBoard is replaced by the statistics CSV/PNG under results/irt/)")
     return args
 
 
@@ -277,6 +289,7 @@ def main(args):
 
     # ---- model (DDP under torchrun), memory, key encoder, optimizer
     model = model_from_config(config, args.pretrained).to(device, dtype)
+    precision = Precision.build(device, args.amp, args.amp_dtype, cnn=False, float64=args.float64, main=info.rank == 0)
     ddp_model = wrap_ddp(model, info)
     train_set = datasets["train"]
     xbm = (
@@ -287,11 +300,15 @@ def main(args):
     key_encoder = (
         MomentumEncoder(model, args.encoder_momentum).to(device) if args.encoder_momentum is not None else None
     )
+    maybe_compile(model, args.compile, device)  # in place, after the key encoder copied the plain model
+    if key_encoder is not None:
+        maybe_compile(key_encoder.encoder, args.compile, device)
     optimizer = build_optimizer(model, args)
     criterion, koleo = ContrastiveLoss(args.margin, reduction=args.loss_reduction), KoLeo()
     periods = math.ceil(args.max_iter / args.eval_freq)
+    files = run_files(args)
     run = Run(
-        run_files(args),
+        files,
         config,
         RESUME_KEYS,
         "irt",
@@ -299,6 +316,7 @@ def main(args):
         recalls=args.rank,
         selection=args.model_selection,
         database={"metric": "cosine", "query": query, "gallery": gallery},
+        log_dir=log_dir(args, files),
     )
     if info.rank == 0:
         print(
@@ -307,7 +325,7 @@ def main(args):
         )
     if info.rank == 0:
         write_args_yaml(args, run.files.path("args.yaml"), "irt/train.py")
-    start, state = run.resume(args.resume, model, optimizer)
+    start, state = run.resume(args.resume, model, optimizer, scaler=precision.scaler)
     if state and xbm is not None:
         xbm.load_state_dict(state["xbm"])
     if state and key_encoder is not None:
@@ -360,16 +378,18 @@ def main(args):
             xbm=xbm,
             key_encoder=key_encoder,
             clip_grad=args.clip_grad,
-            amp=args.amp,
+            precision=precision,
             logging_freq=args.logging_freq,
             max_iter=args.max_iter,
             dtype=dtype,
+            log_step=run.log_step,
         )
         run.log(period, train_stats, evaluate_now(), model)
         run.checkpoint(
             period,
             model,
             optimizer,
+            scaler=precision.scaler,
             xbm=xbm.state_dict() if xbm is not None else {},
             key_encoder=key_encoder.state() if key_encoder is not None else {},
         )
@@ -526,7 +546,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="evaluate, checkpoint and log a CSV row every N iterations (default: 1000)",
     )
     g.add_argument("--logging-freq", default=50, type=int, help="print the losses every N iterations (default: 50)")
-    g.add_argument("--log-dir", default=None, help="unused (no TensorBoard); results go to results/irt/")
+    g.add_argument(
+        "--log-dir",
+        default=None,
+        help="TensorBoard events in DIR/<dataset>/<run name>/ (the original's folder) instead of beside the run's "
+        "CSV under results/irt/ (default: none)",
+    )
     g.add_argument(
         "--output-dir",
         default=None,
@@ -551,7 +576,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("device")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:0 if available, else cpu)")
     g.add_argument("--seed", default=0, type=int, help="seed for python, numpy, torch and the batches (default: 0)")
-    bool_pair(g, "amp", False, "bf16 autocast on CUDA")
+    add_speed_flags(g)
     add_check_flags(p)
     add_config_flag(p)
     return p

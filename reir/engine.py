@@ -14,7 +14,7 @@ would see, with global-batch BatchNorm statistics, so N processes train what one
 import argparse
 import math
 import random
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from common.cli import (
 from common.data.datasets import RetrievalDataset, eval_splits, load_splits
 from common.data.prepare import ensure_dataset_main_first
 from common.database import Split
-from common.device import autocast, get_devices, parse_gpu_ids, unwrap, upcast
+from common.device import Precision, get_devices, maybe_compile, parse_gpu_ids, unwrap, upcast
 from common.distributed import (
     DistInfo,
     RankBatchSampler,
@@ -173,38 +173,45 @@ def train_one_epoch(
     epoch: int,
     num_epochs: int,
     *,
-    amp: bool = False,
+    precision: Optional[Precision] = None,
     dtype: torch.dtype = torch.float32,
+    log_step: Optional[Callable[..., None]] = None,
 ) -> Dict[str, float]:
-    """Mean cross-entropy over samples and learners; accuracy = share of (sample, learner) pairs right.
+    """Mean cross-entropy over samples and learners; accuracy = share of (sample, learner) pairs right; the
+    learning rate. ``precision``: autocast / scaler / channels-last (default: full precision); ``log_step(loss,
+    lr)`` after every step with the global batch's loss (``Run.log_step``).
 
     Each rank's loss is its cross-entropy sum over the global batch's sample count (x world size): DDP's average
     then gives the gradient of the global batch mean, also when the ranks' slices differ in size."""
+    precision = precision or Precision(device)
     model.train()
     world = get_world_size()
+    lr = optimizer.param_groups[0]["lr"]
     sums = torch.zeros(3, dtype=torch.float64)  # cross-entropy sum, correct (sample, learner) pairs, samples
     bar = tqdm(loader, dynamic_ncols=True, disable=not is_main_process())
     for images, labels in bar:
         images, labels = images.to(device, dtype, non_blocking=True), labels.to(device, non_blocking=True)
         e = labels.shape[1]
         n_global = float(_global_sum([labels.shape[0]], device)[0])
-        with autocast(device, amp):
-            logits = model(images)
+        with precision.autocast():
+            logits = model(precision.images(images))
         ce = F.cross_entropy(upcast(logits).permute(0, 2, 1), labels, reduction="sum")
         loss = ce * (world / (n_global * e))
         check_finite(loss)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        precision.step(loss, optimizer)
         correct = (logits.argmax(dim=-1) == labels).sum()
-        sums += _global_sum([ce.item(), correct.item(), labels.shape[0]], device)
+        step_sums = _global_sum([ce.item(), correct.item(), labels.shape[0]], device)
+        sums += step_sums
+        if log_step is not None:
+            log_step(step_sums[0] / max(1.0, float(step_sums[2]) * e), lr)
         seen = max(1.0, float(sums[2]) * e)
         bar.set_description(
             f"Epoch {epoch}/{num_epochs} - Loss:{sums[0] / seen:.4f} - Acc:{100.0 * sums[1] / seen:.2f}%"
         )
     e = unwrap(model).ensemble_size
     seen = max(1.0, float(sums[2]) * e)
-    return {"train_loss": float(sums[0] / seen), "train_accuracy": 100.0 * float(sums[1] / seen)}
+    return {"train_loss": float(sums[0] / seen), "train_accuracy": 100.0 * float(sums[1] / seen), "lr": lr}
 
 
 def evaluate(
@@ -329,8 +336,8 @@ def train(args: argparse.Namespace, setting: Setting) -> None:
         .to(dtype)
         .place()
     )
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    precision = Precision.build(device, args.amp, args.amp_dtype, float64=args.float64, main=info.rank == 0)
+    maybe_compile(precision.model(model), args.compile, device, len(devices))
     if info.rank == 0:
         print(
             f"# trainable common feature parameters: "
@@ -366,7 +373,7 @@ def train(args: argparse.Namespace, setting: Setting) -> None:
     )
     if info.rank == 0:
         write_args_yaml(args, run.files.path("args.yaml"), f"{setting.name}/train.py")
-    start, state = run.resume(args.resume, model, optimizer, scheduler)
+    start, state = run.resume(args.resume, model, optimizer, scheduler, precision.scaler)
     if "ids" in state:
         ids.copy_(state["ids"])
 
@@ -388,11 +395,19 @@ def train(args: argparse.Namespace, setting: Setting) -> None:
     for epoch in range(start, args.num_epochs + 1):
         train_loader.batch_sampler.set_epoch(epoch)
         train_stats = train_one_epoch(
-            model, optimizer, train_loader, device, epoch, args.num_epochs, amp=args.amp, dtype=dtype
+            model,
+            optimizer,
+            train_loader,
+            device,
+            epoch,
+            args.num_epochs,
+            precision=precision,
+            dtype=dtype,
+            log_step=run.log_step,
         )
         scheduler.step()
         run.log(epoch, train_stats, evaluate_now(), model)
-        run.checkpoint(epoch, model, optimizer, scheduler, ids=ids)
+        run.checkpoint(epoch, model, optimizer, scheduler, precision.scaler, ids=ids)
     run.finish()
     if info.rank == 0:
         print(run_summary(run), flush=True)

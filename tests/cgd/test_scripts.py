@@ -20,6 +20,7 @@ from cgd.model import Model
 from common.cli import parse_args_with_config
 from common.errors import UserError
 from tests.tiny import make_tiny_processed
+from tests.training import assert_float32_database, record_speed
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,7 +82,7 @@ def test_train_writes_run_files(trained, results):
         assert (results / f"{_name('SG')}_{suffix}").is_file()
     frame = pd.read_csv(results / f"{_name('SG')}_statistics.csv", index_col="epoch")
     assert list(frame.index) == [0, 1, 2]
-    assert set(frame.columns) == {"train_loss", "train_accuracy", "test_recall@1", "test_recall@2"}
+    assert set(frame.columns) == {"train_loss", "train_accuracy", "lr", "test_recall@1", "test_recall@2", "test_map@r"}
     assert frame.loc[1:, "train_loss"].notna().all() and frame["test_recall@1"].between(0, 100).all()
     db = torch.load(results / f"{_name('SG')}_data_base.pth", weights_only=True)
     assert db["metric"] == "euclidean" and db["config"]["gd_config"] == "SG" and db["config"]["num_classes"] == 4
@@ -116,8 +117,10 @@ def test_test_script_metrics_database_and_rendering(trained, results):
     metrics = cgd_test.main(args)
     assert (results / f"{_name('SG')}_data_base.pth").read_bytes() == training_db  # never overwritten
     assert set(metrics) == {"test_recall@1", "test_recall@2", "test_map@r", "test_r_precision"}
-    best = pd.read_csv(results / f"{_name('SG')}_statistics.csv", index_col="epoch")["test_recall@1"].max()
-    assert metrics["test_recall@1"] == pytest.approx(best, abs=1e-6)  # same model, same features
+    stats = pd.read_csv(results / f"{_name('SG')}_statistics.csv", index_col="epoch")
+    kept = stats.loc[1:, "test_recall@1"].idxmax()
+    for column in ("test_recall@1", "test_map@r"):  # same model, same features
+        assert metrics[column] == pytest.approx(stats.loc[kept, column], abs=1e-6)
     assert (results / f"{_name('SG')}_test_metrics.csv").is_file()
     assert not (results / f"{_name('SG')}_test_data_base.pth").exists()
     out = results / "img_5_0"
@@ -279,3 +282,14 @@ def test_batch_size_must_be_multiple_of_four(trained, tmp_path, monkeypatch):
     args.batch_size = 10
     with pytest.raises(UserError, match="multiple of 4"):
         train.main(args)
+
+
+def test_amp_and_compile_train_in_bfloat16_and_evaluate_in_float32(trained, tmp_path, monkeypatch):
+    """--amp --compile: the model is compiled (graphs captured), its training outputs are bfloat16, and the saved
+    database holds the float32 features test.py recomputes from the model file."""
+    monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path))
+    seen = record_speed(monkeypatch, train)
+    train.main(_train_args(trained[0], "SG", 1, "--amp", "--compile"))
+    assert seen["graphs"] and set(seen["dtypes"]) == {torch.bfloat16}
+    run = tmp_path / "cgd" / _name("SG")
+    assert_float32_database(cgd_test, Path(f"{run}_model.pth"), Path(f"{run}_data_base.pth"), trained[0], tmp_path)

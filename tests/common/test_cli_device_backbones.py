@@ -34,9 +34,11 @@ def test_group_sizes_are_balanced_and_contiguous():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
-def test_cpu_fallback_and_autocast_noop():
+def test_cpu_fallback_and_cpu_autocast():
     assert parse_gpu_ids(None) == [] and parse_gpu_ids("0,1") == []
-    with autocast(torch.device("cpu"), True):
+    with autocast(torch.device("cpu"), True):  # mixed precision works on CPU too
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
+    with autocast(torch.device("cpu"), False):
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
 
 

@@ -1,4 +1,7 @@
-"""The shared epoch loop (common.engine.Run): epoch-0 row, CSV, checkpoints, the kept model + database, resume."""
+"""The shared epoch loop (common.engine.Run): epoch-0 row, CSV, TensorBoard events, checkpoints, the kept model +
+database, resume."""
+
+import sys
 
 import pandas as pd
 import pytest
@@ -8,11 +11,13 @@ from common.database import Split, load_database
 from common.engine import Evaluation, Run, RunFiles, eval_recalls
 from common.errors import UserError
 from common.runio import safe_load, set_seed
+from tests.training import assert_events_match_csv, tensorboard_scalars
 
 
-def _toy_run(tmp_path, num_epochs, resume=None):
-    """A linear embedding trained on random batches drawn from the global RNG (so resume must restore it); the
-    loop is written out exactly as the methods' ``main`` functions write it."""
+def _toy_run(tmp_path, num_epochs, resume=None, crash_in=None):
+    """A linear embedding trained on random batches drawn from the global RNG (so resume must restore it), two
+    steps per epoch; the loop is written out exactly as the methods' ``main`` functions write it. ``crash_in``: stop
+    after that epoch's row, before its checkpoint (a kill)."""
     torch.manual_seed(0)
     x = torch.randn(40, 6)
     labels = torch.arange(40) % 4
@@ -23,12 +28,14 @@ def _toy_run(tmp_path, num_epochs, resume=None):
         set_seed(1)
 
     def train_one_epoch():
-        idx = torch.randint(0, 40, (8,))
-        loss = (model(x[idx]) - labels[idx, None].float()).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return {"train_loss": loss.item()}
+        for _ in range(2):
+            idx = torch.randint(0, 40, (8,))
+            loss = (model(x[idx]) - labels[idx, None].float()).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            run.log_step(loss.detach(), optimizer.param_groups[0]["lr"], half=loss.item() / 2)
+        return {"train_loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
 
     def evaluate():
         with torch.no_grad():
@@ -44,6 +51,8 @@ def _toy_run(tmp_path, num_epochs, resume=None):
         stats = train_one_epoch()
         scheduler.step()
         run.log(epoch, stats, evaluate(), model)
+        if epoch == crash_in:
+            return run.files, model
         run.checkpoint(epoch, model, optimizer, scheduler)
     run.finish()
     return run.files, model
@@ -53,7 +62,7 @@ def test_loop_writes_epoch0_csv_checkpoint_and_best(tmp_path):
     files, model = _toy_run(tmp_path, 3)
     frame = pd.read_csv(files.statistics, index_col="epoch")
     assert list(frame.index) == [0, 1, 2, 3]
-    assert set(frame.columns) == {"train_loss", "test_recall@1", "test_recall@2"}
+    assert set(frame.columns) == {"train_loss", "lr", "test_recall@1", "test_recall@2", "test_map@r"}
     assert pd.isna(frame.loc[0, "train_loss"]) and frame.loc[1:, "train_loss"].notna().all()
     assert safe_load(files.checkpoint)["epoch"] == 3
     best_epoch = safe_load(files.model)["epoch"]
@@ -105,3 +114,36 @@ def test_a_run_that_never_evaluates_fails_loudly(tmp_path):
     run.log(1, {"train_loss": 1.0}, Evaluation({}), torch.nn.Linear(2, 2))
     with pytest.raises(UserError, match="was not written"):
         run.finish()
+
+
+def test_tensorboard_events_hold_the_csv_rows_and_every_step(tmp_path):
+    files, _ = _toy_run(tmp_path, 3)
+    assert_events_match_csv(files.path("tensorboard"), files.statistics, 6, ("loss", "lr", "half"))
+    scalars = tensorboard_scalars(files.path("tensorboard"))
+    steps = scalars["step/loss"]
+    assert [v for _, v in scalars["step/half"]] == pytest.approx([v / 2 for _, v in steps], rel=1e-6)
+    assert [v for _, v in scalars["step/lr"]] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+    last = pd.read_csv(files.statistics, index_col="epoch").loc[3, "train_loss"]
+    assert steps[-1][1] == pytest.approx(last, rel=1e-6)  # the epoch's last step
+
+
+def test_resumed_run_writes_the_events_of_an_uninterrupted_one(tmp_path):
+    """Killed after epoch 3's row and steps but before its checkpoint, then resumed: the events read back equal the
+    uninterrupted run's (epoch 3's first events are dropped, not doubled); a new run of the same name starts over."""
+    straight, _ = _toy_run(tmp_path / "a", 4)
+    _toy_run(tmp_path / "b", 2)
+    _toy_run(tmp_path / "b", 4, resume="auto", crash_in=3)
+    resumed, _ = _toy_run(tmp_path / "b", 4, resume="auto")
+    assert len(list(resumed.path("tensorboard").iterdir())) == 1  # rewritten at each start, not piled up
+    assert tensorboard_scalars(resumed.path("tensorboard")) == tensorboard_scalars(straight.path("tensorboard"))
+    again, _ = _toy_run(tmp_path / "b", 1)
+    assert [s for s, _ in tensorboard_scalars(again.path("tensorboard"))["step/loss"]] == [1, 2]
+
+
+def test_without_tensorboard_a_run_works_and_says_so_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    files, _ = _toy_run(tmp_path, 2)
+    out = capsys.readouterr().out
+    assert out.count("note: tensorboard is not installed") == 1
+    assert not files.path("tensorboard").exists()
+    assert list(pd.read_csv(files.statistics, index_col="epoch").index) == [0, 1, 2]

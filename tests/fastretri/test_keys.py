@@ -113,6 +113,7 @@ CASES = [
     ("SOLVER.AMP.ENABLED", False, "loop", []),
     ("SOLVER.AMP.DTYPE", "float16", "loop", []),
     ("SOLVER.AMP.DTYPE", "float32", REFUSED, []),
+    ("SOLVER.COMPILE", True, "loop", []),
     ("SOLVER.OPT", "Adam", "model", []),
     ("SOLVER.OPT", "LBFGS", REFUSED, []),
     ("SOLVER.OPT", "Lamb", REFUSED, []),
@@ -224,8 +225,10 @@ def _observe(cfg, what, ctx):
         return [run_files(cfg).name] + [(n, d.images, d.labels) for n, d in build_datasets(cfg).items()]
     if what == "loop":
         epochs = range(cfg["SOLVER"]["MAX_EPOCH"] + 1)
+        precision = train.precision_from_config(cfg, torch.device("cpu"), main=False)
         return [
-            train.amp_settings(cfg, torch.device("cuda")),
+            (precision.dtype, precision.scaler is not None, precision.channels_last),  # CPU autocast as on CUDA
+            train.compiles(cfg),
             [train.evaluates(cfg, e) for e in epochs],
             [train.snapshots(cfg, e) for e in epochs],
         ]

@@ -8,6 +8,7 @@ from PIL import Image
 from common.errors import UserError
 from fastretri import ablation, export, inference, test, train
 from fastretri.config import load_config, resolve_config
+from tests.training import assert_events_match_csv, assert_float32_database, record_speed
 
 NAME = "cub_uncropped_resnet18"
 
@@ -123,20 +124,27 @@ def test_evaluation_is_float32_inside_an_autocast_region(tiny_config, tiny_data)
     assert (bf16[0] - plain[0]).abs().max() > 1e-4  # the region does change a forward pass it reaches
 
 
-def test_amp_training_run_saves_float32_features(tiny_config, tiny_data, results, monkeypatch):
-    """A run with SOLVER.AMP on (CPU bfloat16 autocast standing in for CUDA's): the database it saves holds the
-    features test.py recomputes in float32 from its model."""
-    monkeypatch.setattr(train, "amp_settings", lambda cfg, device: (True, torch.bfloat16))
-    monkeypatch.setattr(
-        train, "autocast", lambda device, enabled, dtype: torch.autocast("cpu", dtype=dtype, enabled=enabled)
-    )
-    _train(tiny_config, tiny_data, "SOLVER.MAX_EPOCH", "1", "SOLVER.AMP.ENABLED", "True")
-    saved = torch.load(results / f"{NAME}_data_base.pth", weights_only=True)["splits"]["test"]["features"]
-    args = ["--model_file", str(results / f"{NAME}_model.pth"), "--data_path", str(tiny_data), "--num_workers", "0"]
-    args += ["--save_data_base", str(results / "recomputed.pth")]
-    test.main(test.get_args_parser().parse_args(args))
-    again = torch.load(results / "recomputed.pth", weights_only=True)["splits"]["test"]["features"]
-    assert torch.allclose(saved, again, atol=1e-6)
+def test_amp_and_compile_run_trains_in_bfloat16_and_saves_float32_features(
+    tiny_config, tiny_data, results, monkeypatch, tmp_path
+):
+    """SOLVER.AMP on (CPU bfloat16 autocast, as on CUDA) and --compile (SOLVER.COMPILE): the model is compiled, the
+    training forward ran in bfloat16, and the database it saves holds the features test.py recomputes in float32
+    from its model; the TensorBoard events hold the CSV's rows and every iteration."""
+    seen = record_speed(monkeypatch)
+    dtypes, real = [], train.FastRetriLoss.forward
+
+    def loss(self, out, targets):
+        dtypes.append(out.logits.dtype)
+        return real(self, out, targets)
+
+    monkeypatch.setattr(train.FastRetriLoss, "forward", loss)
+    _train(tiny_config, tiny_data, "--compile", "SOLVER.MAX_EPOCH", "1", "SOLVER.AMP.ENABLED", "True")
+    assert seen["graphs"] and dtypes and set(dtypes) == {torch.bfloat16}
+    model = torch.load(results / f"{NAME}_model.pth", weights_only=True)
+    assert model["config"]["SOLVER.COMPILE"] is True
+    assert_float32_database(test, results / f"{NAME}_model.pth", results / f"{NAME}_data_base.pth", tiny_data, tmp_path)
+    steps = len(dtypes)  # one loss per iteration
+    assert_events_match_csv(results / f"{NAME}_tensorboard", results / f"{NAME}_statistics.csv", steps)
 
 
 # ---- fast-reid's model_final.pth through every script ----

@@ -13,6 +13,7 @@ from common.runio import safe_load
 from irt import ablation, inference, train
 from irt import test as irt_test
 from tests.tiny import make_tiny_processed
+from tests.training import assert_events_match_csv, assert_float32_database, record_speed
 
 TINY = [
     "--model",
@@ -242,3 +243,21 @@ def test_user_error_is_one_line(data, tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:") and "sop" in proc.stderr
+
+
+def test_amp_compile_and_tensorboard_in_log_dir(data, results, tmp_path, monkeypatch):
+    """--amp --compile with the momentum key encoder (compiled too): bfloat16 training outputs, float32 evaluation
+    (test.py recomputes the saved features); TensorBoard events in the original's --log-dir/<dataset>/, one folder
+    per run, holding the CSV's rows and every iteration's losses."""
+    seen = record_speed(monkeypatch, train)
+    flags = ["--max-iter", "4", "--eval-freq", "2", "--m", "2", "--rank", "1", "2", "--memory-ratio", "0.5"]
+    flags += ["--encoder-momentum", "0.9", "--amp", "--compile", "--log-dir", str(tmp_path / "logs")]
+    args = _args(train.get_args_parser(), data, *flags)
+    train.main(args)
+    assert len(seen["graphs"]) >= 2  # query and key encoders
+    assert seen["autocast"] and set(seen["autocast"]) == {torch.bfloat16}  # the model returns float32 unit vectors
+    run = train.run_files(args)
+    assert_float32_database(irt_test, run.model, run.database, data, tmp_path)
+    events = tmp_path / "logs" / "cub200" / run.name
+    assert_events_match_csv(events, run.statistics, 4, ("loss", "lr", "contrastive", "koleo"))
+    assert not run.path("tensorboard").exists()

@@ -15,6 +15,7 @@ from reir import ablation, inference, train
 from reir import test as reir_test
 from reir.engine import ShuffledBatches
 from tests.tiny import make_tiny_processed
+from tests.training import assert_events_match_csv, assert_float32_database, record_speed
 
 RUN = "cub_uncropped_fixed_random_layer1_resnet18_4_2"
 TINY = [
@@ -203,3 +204,16 @@ def test_user_errors_are_one_line(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: database not found") and "Traceback" not in proc.stderr
+
+
+def test_amp_and_compile_train_in_bfloat16_and_evaluate_in_float32(data, tmp_path, monkeypatch):
+    """--amp --compile: the ensemble is compiled (graphs captured) and every training forward runs under bfloat16
+    autocast (the logits come out float32: the heads' float32 bias promotes them), the saved database holds the
+    float32 features test.py recomputes from the model file, and the TensorBoard events hold the CSV's rows and one
+    loss per step."""
+    seen = record_speed(monkeypatch, engine)
+    out = _train(data, tmp_path / "results", monkeypatch, "--num_epochs", "1", "--amp", "--compile")
+    assert seen["graphs"] and seen["autocast"] and set(seen["autocast"]) == {torch.bfloat16}
+    assert_float32_database(reir_test, out / f"{RUN}_model.pth", out / f"{RUN}_data_base.pth", data, tmp_path)
+    steps = len(seen["autocast"])  # one forward per optimizer step
+    assert_events_match_csv(out / f"{RUN}_tensorboard", out / f"{RUN}_statistics.csv", steps)

@@ -1,0 +1,101 @@
+"""Mixed precision, channels-last and torch.compile for every method's training step (common.device)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from common import device
+from common.device import Precision, maybe_compile
+from common.errors import UserError
+
+CPU = torch.device("cpu")
+
+
+def test_precision_from_the_switches(monkeypatch, capsys):
+    assert Precision.build(CPU, False) == Precision(CPU, None, False, None)  # float32 on CPU: no channels-last
+    bf16 = Precision.build(CPU, True)
+    assert (bf16.dtype, bf16.channels_last, bf16.scaler) == (torch.bfloat16, True, None)
+    assert Precision.build(CPU, True, cnn=False).channels_last is False  # a ViT has no 4-D activations to convert
+    fp16 = Precision.build(CPU, True, "float16")
+    assert fp16.dtype == torch.float16 and isinstance(fp16.scaler, torch.amp.GradScaler)
+    assert Precision.build(torch.device("cuda"), False).channels_last is True  # CNNs on CUDA, as before
+    capsys.readouterr()
+    assert Precision.build(CPU, True, float64=True).dtype is None  # the equivalence checks win
+    assert "--float64 trains in float64" in capsys.readouterr().out
+    monkeypatch.setattr(device, "native_low_precision", lambda dtype: False)
+    Precision.build(CPU, True)
+    assert "no bfloat16 arithmetic in hardware" in capsys.readouterr().out
+    Precision.build(CPU, True, main=False)  # other ranks stay quiet
+    assert capsys.readouterr().out == ""
+    with pytest.raises(UserError, match="float32"):
+        Precision.build(CPU, True, "float32")
+
+
+def test_autocast_and_memory_format():
+    conv = nn.Conv2d(3, 4, 3)
+    p = Precision.build(CPU, True)
+    p.model(conv)
+    images = p.images(torch.randn(2, 3, 8, 8))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    with p.autocast():
+        assert conv(images).dtype == torch.bfloat16
+    with Precision(CPU).autocast():
+        assert conv(images).dtype == torch.float32
+
+
+def _step(precision, clip_seen, lr=0.5):
+    """One SGD step of a seeded linear model under ``precision``; the new weight (``clip_seen`` gets the gradient
+    the clipping saw)."""
+    torch.manual_seed(0)
+    model, x = nn.Linear(6, 3), torch.randn(5, 6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    with precision.autocast():
+        loss = model(x).float().pow(2).mean()
+    optimizer.zero_grad()
+    precision.step(
+        loss, optimizer, lambda: clip_seen.append(model.weight.grad.clone()) if clip_seen is not None else None
+    )
+    return model.weight.detach().clone()
+
+
+def test_float16_step_scales_the_loss_and_clips_unscaled_gradients():
+    """fp16 + GradScaler: backward of the scaled loss, ``clip`` sees the true gradient, the step applies it; the
+    same as the unscaled step in that precision."""
+    plain, scaled = Precision(CPU, torch.float16), Precision.build(CPU, True, "float16", main=False)
+    seen_plain, seen_scaled = [], []
+    w_plain, w_scaled = _step(plain, seen_plain), _step(scaled, seen_scaled)
+    assert scaled.scaler.get_scale() == 65536.0  # the loss was scaled (no overflow, scale unchanged)
+    torch.testing.assert_close(seen_scaled[0], seen_plain[0], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(w_scaled, w_plain, rtol=1e-3, atol=1e-6)
+
+
+def test_compile_refusals_are_one_line(monkeypatch):
+    model = nn.Linear(2, 2)
+    assert maybe_compile(model, False, CPU) is model and model._compiled_call_impl is None
+    monkeypatch.setattr(device, "_cxx_compiler", lambda: None)
+    with pytest.raises(UserError, match="needs a C.. compiler"):
+        maybe_compile(model, True, CPU)
+    with pytest.raises(UserError, match="torchrun"):
+        maybe_compile(model, True, torch.device("cuda"), devices=2)
+
+
+@pytest.mark.skipif(device._cxx_compiler() is None, reason="torch.compile on CPU needs a C++ compiler (none on PATH)")
+def test_inductor_compiles_a_mixed_precision_training_step():
+    """The real thing, on a tiny CNN: inductor's C++ kernels give the eager step's loss and gradients, and the
+    compiled model keeps its state-dict keys (checkpoints and model files unchanged)."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    compiled = maybe_compile(copy.deepcopy(eager), True, CPU)
+    p, x = Precision.build(CPU, True, main=False), torch.randn(2, 3, 8, 8)
+    grads = []
+    for model in (eager, compiled):
+        p.model(model)
+        with p.autocast():
+            loss = model(p.images(x)).float().pow(2).sum()
+        loss.backward()
+        grads.append(model[0].weight.grad)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    torch.testing.assert_close(grads[1], grads[0], rtol=2e-2, atol=2e-3)  # bf16 rounding in another order
