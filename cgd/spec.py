@@ -71,8 +71,9 @@ def _original_database(path: Path):
     return original_database(path, original_config(path, "_data_base.pth"), "cgd", "euclidean", lambda c: 1.0)
 
 
-def _eval_transform(config: Mapping[str, Any]):
-    return build_transform("cgd", False, config["data_name"], config["crop_type"], config.get("image_size"))
+def transform(config: Mapping[str, Any], train: bool):
+    """CGD's preset (``common.presets.cgd_transform``) at the run's ``image_size``."""
+    return build_transform("cgd", train, config["data_name"], config["crop_type"], config.get("image_size"))
 
 
 SPEC = MethodSpec(
@@ -82,7 +83,7 @@ SPEC = MethodSpec(
     model_keys=MODEL_KEYS,
     build_model=model_from_config,
     embed=embed,
-    eval_transform=_eval_transform,
+    transform=transform,
     run_name=cgd_run_name,
     default_data_base="car_uncropped_resnet50_SG_1536_0.1_0.5_0.1_128_data_base.pth",
     default_recalls="1,2,4,8",

@@ -24,6 +24,7 @@ from cgd.spec import cgd_run_name
 from common.backbones import backbone_choice
 from common.cli import (
     add_config_flag,
+    add_model_selection,
     bool_pair,
     common_parser,
     non_negative_float,
@@ -36,7 +37,6 @@ from common.cli import (
 )
 from common.data.datasets import eval_splits, load_splits
 from common.data.prepare import ensure_dataset_main_first
-from common.database import Split
 from common.device import Precision, data_parallel, first_device, main_device, maybe_compile, upcast
 from common.distributed import (
     DistInfo,
@@ -48,7 +48,7 @@ from common.distributed import (
     is_main_process,
     wrap_ddp,
 )
-from common.engine import Evaluation, Run, check_finite, embed_dataset, eval_recalls
+from common.engine import Evaluation, Run, check_finite, evaluate
 from common.errors import UserError, run_cli
 from common.presets import build_transform
 from common.runio import plain_config, set_seed
@@ -123,35 +123,6 @@ def train_one_epoch(
         )
     steps = max(1, steps)
     return {"train_loss": float(sums[0] / steps), "train_accuracy": 100.0 * float(sums[1] / steps), "lr": lr}
-
-
-def evaluate(
-    model: nn.Module,
-    datasets,
-    query: str,
-    gallery: str,
-    device: torch.device,
-    ranks,
-    *,
-    batch_size: int,
-    num_workers: int,
-    amp: bool = False,
-) -> Evaluation:
-    """Recall@K of the query split against the gallery split (the same split, self excluded, except In-shop)."""
-    splits = {}
-    for name in dict.fromkeys((query, gallery)):
-        features = embed_dataset(
-            model,
-            datasets[name],
-            batch_size=batch_size,
-            num_workers=num_workers,
-            device=device,
-            embed=embed,
-            amp=amp,
-            desc=f"{name} features",
-        )
-        splits[name] = Split(datasets[name].images, datasets[name].labels, features)
-    return Evaluation(eval_recalls(splits[query], splits[gallery], ranks, same_set=query == gallery), splits)
 
 
 def build_data(args: argparse.Namespace, info: DistInfo):
@@ -251,8 +222,9 @@ def main(args: argparse.Namespace) -> None:
             datasets,
             query,
             gallery,
-            device,
             args.recalls,
+            device,
+            embed=embed,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             amp=args.amp,
@@ -323,13 +295,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         type=non_negative_float,
         help="Adam learning rate, x0.1 at 60%% and 80%% of the epochs (default: 1e-4, the original's)",
     )
-    g.add_argument(
-        "--model_selection",
-        default="best",
-        choices=["best", "last"],
-        help="model and database kept: best R@<first of --recalls> among trained epochs (the "
-        "original's, on R@1) or the last epoch (default: best)",
-    )
+    add_model_selection(g, "best", "the original kept the best R@1", "--recalls")
     add_config_flag(parser)
     return parser
 

@@ -109,6 +109,20 @@ def bool_pair(parser: argparse.ArgumentParser, name: str, default: bool, help: s
     parser.set_defaults(**{dest: default})
 
 
+def add_model_selection(group, default: str, original: str, ranks_flag: str) -> None:
+    """``--model_selection best|last``: which epoch's model and database a run keeps (every method's flag).
+
+    ``original`` says what the method's original kept; ``ranks_flag`` names the flag whose first rank "best" uses."""
+    group.add_argument(
+        "--model_selection",
+        "--model-selection",
+        default=default,
+        choices=["best", "last"],
+        help=f"model and database kept: the best epoch on the first {ranks_flag} rank, or the last epoch "
+        f"({original}; default: {default})",
+    )
+
+
 def common_parser(
     data_name: str = "car", batch_size: int = 128, num_epochs: int = 20, recalls: str = "1,2,4,8"
 ) -> argparse.ArgumentParser:

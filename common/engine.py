@@ -37,6 +37,9 @@ __all__ = [
     "extract_features",
     "embed_dataset",
     "eval_recalls",
+    "embed_splits",
+    "evaluate",
+    "LazySplit",
     "RunFiles",
     "Evaluation",
     "Run",
@@ -124,6 +127,77 @@ class Evaluation:
 
     metrics: Dict[str, float]
     splits: Dict[str, Split] = field(default_factory=dict)
+
+
+class LazySplit:
+    """A database split whose features are computed only when the database is saved (the kept epoch).
+
+    ``compute`` must be collective-safe (``embed_dataset``): ``Run.log`` reads ``features`` on every rank."""
+
+    def __init__(self, dataset: Dataset, compute: Callable[[], torch.Tensor]):
+        self.images, self.labels, self._compute, self._features = dataset.images, dataset.labels, compute, None
+
+    @property
+    def features(self) -> torch.Tensor:
+        if self._features is None:
+            self._features = self._compute()
+        return self._features
+
+
+def embed_splits(
+    model: nn.Module,
+    datasets: Mapping[str, Dataset],
+    names: Sequence[str],
+    *,
+    embed: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]],
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    amp: bool = False,
+) -> Dict[str, Split]:
+    """The named splits as database :class:`Split` s (images, labels, features), each split embedded once."""
+    splits = {}
+    for name in dict.fromkeys(names):
+        features = embed_dataset(
+            model,
+            datasets[name],
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            embed=embed,
+            amp=amp,
+            desc=f"{name} features",
+        )
+        splits[name] = Split(datasets[name].images, datasets[name].labels, features)
+    return splits
+
+
+def evaluate(
+    model: nn.Module,
+    datasets: Mapping[str, Dataset],
+    query: str,
+    gallery: str,
+    ranks: Sequence[int],
+    device: torch.device,
+    *,
+    embed: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]],
+    batch_size: int,
+    num_workers: int,
+    amp: bool = False,
+    lazy: Sequence[str] = (),
+) -> Evaluation:
+    """Recall@K and MAP@R of ``query`` against ``gallery`` (self excluded by index when they are one split), the
+    evaluation of every method's training loop; every rank embeds its share of the images, in float32.
+
+    ``lazy`` names further splits the saved database holds (REIR's train split), embedded only if it is saved."""
+    kwargs = dict(embed=embed, batch_size=batch_size, num_workers=num_workers, device=device, amp=amp)
+    splits: Dict[str, Any] = embed_splits(model, datasets, (query, gallery), **kwargs)
+    metrics = eval_recalls(splits[query], splits[gallery], ranks, same_set=query == gallery)
+    for name in lazy:
+        splits[name] = LazySplit(
+            datasets[name], lambda name=name: embed_splits(model, datasets, [name], **kwargs)[name].features
+        )
+    return Evaluation(metrics, splits)
 
 
 def tensorboard_available() -> bool:

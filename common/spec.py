@@ -32,7 +32,8 @@ class MethodSpec:
     * ``build_model(config)``: the untrained network of a stored run configuration (no weight download), into which
       a ``<run>_model.pth`` state dict loads strictly;
     * ``embed(model, images)``: normalised image batch -> the embedding the method retrieves with;
-    * ``eval_transform(config)``: PIL image -> normalised tensor, the method's evaluation preset;
+    * ``transform(config, train)``: PIL image -> normalised tensor, the method's training or evaluation preset
+      (defined in the method's folder, so that a new method edits no shared file);
     * ``run_name(config)``: the original's run name (``<run>_model.pth``, ``<run>_data_base.pth``);
     * ``metric``: ``euclidean`` (distance, smaller first; CGD) or ``cosine`` (score, larger first), with
       ``scale(config)`` dividing inner products (REIR: E unit vectors concatenated -> mean per-learner cosine);
@@ -46,7 +47,7 @@ class MethodSpec:
     model_keys: Tuple[str, ...]
     build_model: Callable[[Config], nn.Module]
     embed: Callable[[nn.Module, torch.Tensor], torch.Tensor]
-    eval_transform: Callable[[Config], Callable]
+    transform: Callable[[Config, bool], Callable]
     run_name: Callable[[Config], str]
     dataset: Callable[[Config], Tuple[str, str]] = default_dataset
     scale: Callable[[Config], float] = _unit_scale
@@ -56,6 +57,10 @@ class MethodSpec:
     default_recalls: str = "1,2,4,8"
     import_original: Optional[Callable[..., Any]] = None  # (model file, args) -> (config, model), original's file
     original_database: Optional[Callable[..., Any]] = None  # database file -> Database, original's layout
+
+    def eval_transform(self, config: Config) -> Callable:
+        """The evaluation preset of a run configuration (test, inference, galleries, export, the service)."""
+        return self.transform(config, False)
 
     def model_config(self, config: Config) -> dict:
         """The model-defining part of a configuration (what a model file and a database must share)."""

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common.cli import common_parser, non_negative_int, positive_int, run_summary, validate_args
+from common.cli import add_model_selection, common_parser, non_negative_int, positive_int, run_summary, validate_args
 from common.data.datasets import RetrievalDataset, eval_splits
 from common.database import Split
 from common.device import Precision, maybe_compile, parse_gpu_ids
@@ -406,14 +406,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         action="store_true",
         help="only evaluate MODEL.WEIGHTS (default: this run's model file), as fast-reid's train_net.py",
     )
-    g.add_argument(
-        "--model_selection",
-        "--model-selection",
-        default="last",
-        choices=["best", "last"],
-        help="model and database kept: the last epoch's (fast-reid's model_final) or the best on the "
-        "first TEST.RECALLS rank (default: last)",
-    )
+    add_model_selection(g, "last", "fast-reid keeps model_final", "TEST.RECALLS")
     parser.add_argument(
         "opts",
         nargs=argparse.REMAINDER,

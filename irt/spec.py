@@ -91,8 +91,8 @@ SPEC = MethodSpec(
     model_keys=MODEL_KEYS,
     build_model=model_from_config,
     embed=embed,
-    eval_transform=lambda config: build_transform(
-        "irt", False, config["data_name"], config.get("crop_type", "uncropped"), config["input_size"]
+    transform=lambda config, train: build_transform(
+        "irt", train, config["data_name"], config.get("crop_type", "uncropped"), config["input_size"]
     ),
     run_name=irt_run_name,
     default_data_base="cub_uncropped_deit_small_distilled_patch16_224_224_2000_64_0.7_0.5_0_1.0_0_data_base.pth",

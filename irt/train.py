@@ -19,6 +19,7 @@ from tqdm import tqdm
 from common.cli import (
     add_check_flags,
     add_config_flag,
+    add_model_selection,
     add_speed_flags,
     bool_pair,
     dataset_name,
@@ -565,14 +566,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=None,
         help="continue this run from its last checkpoint, or from the given checkpoint path",
     )
-    g.add_argument(
-        "--model_selection",
-        "--model-selection",
-        default="last",
-        choices=["best", "last"],
-        help="model and database kept: the last evaluation's (the original saved its final encoder) or "
-        "the best on the first --rank (default: last)",
-    )
+    add_model_selection(g, "last", "the original saved its final encoder", "--rank")
     g = p.add_argument_group("device")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:0 if available, else cpu)")
     g.add_argument("--seed", default=0, type=int, help="seed for python, numpy, torch and the batches (default: 0)")

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from common.backbones import backbone_choice, is_timm
 from common.cli import (
     add_config_flag,
+    add_model_selection,
     bool_pair,
     common_parser,
     non_negative_float,
@@ -457,13 +458,7 @@ def add_model_args(parser: argparse.ArgumentParser, setting: Setting) -> None:
         type=non_negative_float,
         help="Adam learning rate, x0.1 at 50%% and 70%% of the epochs (default: 1e-4, the original's)",
     )
-    g.add_argument(
-        "--model_selection",
-        default="best",
-        choices=["best", "last"],
-        help="model and database kept: best R@<first of --recalls> among trained epochs (the "
-        "original's, on R@1) or the last epoch (default: best)",
-    )
+    add_model_selection(g, "best", "the original kept the best R@1", "--recalls")
     parser.set_defaults(**setting.fixed, method=setting.name)
 
 

@@ -101,8 +101,8 @@ def model_from_config(config: Mapping[str, Any]) -> nn.Module:
 def method_spec(setting: Setting) -> MethodSpec:
     """The :class:`MethodSpec` of a setting: cosine ranking with scale E (mean per-learner cosine), 256 px renders."""
 
-    def eval_transform(config: Mapping[str, Any]):
-        return build_transform(setting.name, False, config["data_name"], config["crop_type"], config.get("image_size"))
+    def transform(config: Mapping[str, Any], train: bool):
+        return build_transform(setting.name, train, config["data_name"], config["crop_type"], config.get("image_size"))
 
     return MethodSpec(
         name=setting.name,
@@ -111,7 +111,7 @@ def method_spec(setting: Setting) -> MethodSpec:
         model_keys=MODEL_KEYS,
         build_model=model_from_config,
         embed=ensemble_embed,
-        eval_transform=eval_transform,
+        transform=transform,
         run_name=setting.run_name,
         scale=lambda config: float(config["ensemble_size"]),
         render_size=(256, 256),

@@ -20,7 +20,7 @@ from common.collection import join_processes
 from common.data.datasets import eval_splits, load_splits
 from common.database import Database, Split, save_database
 from common.distributed import is_main_process
-from common.engine import embed_dataset
+from common.engine import embed_splits
 from common.errors import UserError
 from common.metrics import metrics_from_ranking, required_topk, retrieval_metrics
 from common.postprocess import postprocess_rank
@@ -136,18 +136,15 @@ def evaluation_splits(
     transform = spec.eval_transform(config)
     names = list(dict.fromkeys((query, gallery)))
     datasets = load_splits(options.data_path, data_name, crop_type, {n: transform for n in names})
-    splits = {}
-    for name, dataset in datasets.items():
-        features = embed_dataset(
-            model,
-            dataset,
-            batch_size=options.batch_size,
-            num_workers=options.num_workers,
-            device=device,
-            embed=embed_fn(spec, options.post.flip),
-            desc=f"{name} features",
-        )
-        splits[name] = Split(dataset.images, dataset.labels, features)
+    splits = embed_splits(
+        model,
+        datasets,
+        names,
+        embed=embed_fn(spec, options.post.flip),
+        batch_size=options.batch_size,
+        num_workers=options.num_workers,
+        device=device,
+    )
     return splits, query, gallery
 
 
