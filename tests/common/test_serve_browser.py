@@ -23,7 +23,8 @@ if CHROMIUM is None:
 
 from cgd.spec import SPEC  # noqa: E402
 from common.distributed import free_port  # noqa: E402
-from common.service import Searcher, create_app  # noqa: E402
+from common.searcher import Searcher  # noqa: E402
+from common.service import create_app  # noqa: E402
 from tests.serving import demo_photos, gallery_database  # noqa: E402
 
 K = 6

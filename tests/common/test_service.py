@@ -23,7 +23,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from cgd.spec import SPEC  # noqa: E402
 from common.database import load_database  # noqa: E402
 from common.errors import UserError  # noqa: E402
-from common.service import Searcher, create_app  # noqa: E402
+from common.searcher import Searcher  # noqa: E402
+from common.service import create_app  # noqa: E402
 from tests.serving import demo_photos, gallery_database, infer  # noqa: E402
 
 TOKEN = "s3cret-token"
