@@ -25,17 +25,15 @@ import argparse
 import copy
 import math
 import os
-import socket
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 from torchvision import models
 
 from common.errors import UserError
-from common.hub import fetch_url_weights
+from common.hub import fetch_url_weights, hf_cache, require_hf_hub, torch_hub_checkpoints, weights_unavailable
 
 __all__ = [
     "BACKBONES",
@@ -143,11 +141,8 @@ def _imagenet_state(weights) -> dict:
     """torchvision's weights API: the TORCH_HOME cache, else a download after one quick probe of the server."""
     try:
         return fetch_url_weights(weights.url, lambda: weights.get_state_dict(progress=True, check_hash=False))
-    except Exception as e:  # noqa: BLE001 - offline machines raise URLError/OSError/...
-        raise UserError(
-            f"cannot load ImageNet weights {weights} ({type(e).__name__}: offline and not in the "
-            f"TORCH_HOME cache?); use --pretrained PATH with a local copy of the file, or --pretrained none"
-        ) from None
+    except Exception as e:  # noqa: BLE001 - offline machines raise HubUnreachable/URLError/OSError/...
+        raise weights_unavailable(str(weights), "TORCH_HOME", torch_hub_checkpoints(), e) from None
 
 
 def build_resnet(name: str, pretrained: str = "none", keep_fc: bool = True) -> nn.Module:
@@ -229,21 +224,6 @@ class TimmBackbone(nn.Module):
         return self.feature_map(features, tuple(x.shape[-2:]))
 
 
-def _offline() -> bool:
-    """HF_HUB_OFFLINE is set, or the hub's host cannot be reached within 3 s (one try: the hub client would retry
-    an unreachable host for most of a minute before giving up)."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return True
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
-    except OSError:
-        return True
-    return False
-
-
 def _hub_files(filename: Optional[str]) -> Sequence[str]:
     """The files timm tries in a hub repository, safetensors first (``timm.models._hub``'s rule)."""
     if not filename:
@@ -292,11 +272,7 @@ def build_timm(name: str, pretrained: str = "none") -> nn.Module:
         if pretrained == "imagenet":
             cached = _cached_weights(name)
             if cached is None:
-                if _offline():
-                    raise UserError(
-                        f"the pretrained weights of timm:{name} are not in the Hugging Face cache and the hub is "
-                        f"offline; use --pretrained PATH (a .pth or .safetensors file) or --pretrained none"
-                    )
+                require_hf_hub()  # HubUnreachable: the one-line refusal below
                 return _create_timm(name, pretrained=True)
             source = cached
         state = load_state_dict_file(source)
@@ -305,10 +281,7 @@ def build_timm(name: str, pretrained: str = "none") -> nn.Module:
         raise
     except Exception as e:  # noqa: BLE001 - timm's loaders raise RuntimeError/KeyError/OSError/hub errors
         if pretrained == "imagenet" and source == pretrained:
-            raise UserError(
-                f"cannot load the pretrained weights of timm:{name} ({type(e).__name__}: offline and not in the "
-                f"Hugging Face cache?); use --pretrained PATH (a .pth or .safetensors file) or --pretrained none"
-            ) from None
+            raise weights_unavailable(f"timm:{name}", "Hugging Face", hf_cache(), e) from None
         raise UserError(f"--pretrained {source} does not fit timm:{name}: {_first_line(e)}") from None
 
 

@@ -2,10 +2,12 @@
 
 torchvision downloads through ``torch.hub`` (one ``urlopen`` without a timeout: a firewall that drops packets
 stalls it for minutes) and timm through ``huggingface_hub`` (five retries with back-off, ~45 s without a network).
-Here cached weights load with the hub in offline mode (no network call at all), and weights that are not cached
-are fetched only after one TCP connection to their server (or the proxy that would carry the request) succeeds
-within :data:`PROBE_TIMEOUT` seconds; otherwise :class:`HubUnreachable` is raised at once, which the callers turn
-into their one-line ``--pretrained`` error. ``HF_HUB_OFFLINE=1`` is respected: no attempt at all.
+Here cached weights load with no network call at all, and weights that are not cached are fetched only after one
+TCP connection to their server (or the proxy that would carry the request) succeeds within :data:`PROBE_TIMEOUT`
+seconds; otherwise :class:`HubUnreachable` is raised at once. ``HF_HUB_OFFLINE=1`` is respected: no attempt at all.
+Every loader of ImageNet weights (torchvision ResNets, ``timm:NAME`` backbones, IRT's ViTs) probes through
+:func:`fetch_url_weights` / :func:`require_hf_hub`, and :func:`weights_unavailable` is the one-line error that
+names the weights and the cache folder.
 """
 
 import os
@@ -15,7 +17,20 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Tuple, TypeVar
 from urllib.parse import urlparse
 
-__all__ = ["PROBE_TIMEOUT", "HubUnreachable", "reachable", "torch_hub_cached", "fetch_url_weights", "create_timm"]
+from common.errors import UserError
+
+__all__ = [
+    "PROBE_TIMEOUT",
+    "HubUnreachable",
+    "reachable",
+    "require_hf_hub",
+    "torch_hub_cached",
+    "fetch_url_weights",
+    "create_timm",
+    "hf_cache",
+    "torch_hub_checkpoints",
+    "weights_unavailable",
+]
 
 PROBE_TIMEOUT = 3.0  # seconds for the one connection attempt
 T = TypeVar("T")
@@ -55,11 +70,32 @@ def _require(url: str) -> None:
         raise HubUnreachable(f"{_address(url)[0]} unreachable")
 
 
-def torch_hub_cached(url: str) -> bool:
-    """Whether ``torch.hub.load_state_dict_from_url(url)`` would find the file in ``$TORCH_HOME/hub/checkpoints``."""
+def torch_hub_checkpoints() -> str:
+    """The folder torch.hub downloads weights to (``$TORCH_HOME/hub/checkpoints``)."""
     import torch.hub
 
-    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path)))
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
+def hf_cache() -> str:
+    """The folder huggingface_hub keeps downloaded repositories in."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def torch_hub_cached(url: str) -> bool:
+    """Whether ``torch.hub.load_state_dict_from_url(url)`` would find the file in ``$TORCH_HOME/hub/checkpoints``."""
+    return os.path.isfile(os.path.join(torch_hub_checkpoints(), os.path.basename(urlparse(url).path)))
+
+
+def weights_unavailable(weights: str, cache: str, folder: str, error: BaseException) -> UserError:
+    """The one-line refusal of ``--pretrained imagenet`` when loading failed: the weights, the cache looked in, and
+    the two flags that need no network."""
+    return UserError(
+        f"cannot load ImageNet weights of {weights} ({type(error).__name__}: not in the {cache} cache {folder} and "
+        f"its server unreachable?); use --pretrained PATH (a local .pth or .safetensors file) or --pretrained none"
+    )
 
 
 def fetch_url_weights(url: str, load: Callable[[], T]) -> T:
@@ -70,8 +106,23 @@ def fetch_url_weights(url: str, load: Callable[[], T]) -> T:
     return load()
 
 
-def _hf_offline_env() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+def _hf_offline_set() -> bool:
+    """``HF_HUB_OFFLINE`` in the environment, or huggingface_hub's own switch (read from it at import)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def require_hf_hub() -> None:
+    """Return when the Hugging Face hub may be asked for weights that are not cached: offline mode unset and one
+    connection to its server (or proxy) made; else raise :class:`HubUnreachable` without any further attempt."""
+    if _hf_offline_set():
+        raise HubUnreachable("HF_HUB_OFFLINE is set and the weights are not in the Hugging Face cache")
+    from huggingface_hub import constants
+
+    _require(constants.ENDPOINT)
 
 
 @contextmanager
@@ -127,9 +178,5 @@ def create_timm(name: str, create: Callable[[], T]) -> T:
     except Exception as e:  # noqa: BLE001 - re-raised unless it says "not cached"
         if not _not_cached(e):
             raise
-    if _hf_offline_env():
-        raise HubUnreachable("HF_HUB_OFFLINE is set and the weights are not in the Hugging Face cache")
-    from huggingface_hub import constants
-
-    _require(constants.ENDPOINT)
+    require_hf_hub()
     return create()

@@ -1,4 +1,5 @@
 import argparse
+import os
 
 import pytest
 import torch
@@ -62,5 +63,7 @@ def test_offline_imagenet_points_to_path_and_none(tmp_path, monkeypatch):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(UserError, match="--pretrained PATH .* --pretrained none"):
+    with pytest.raises(UserError, match="--pretrained PATH .* --pretrained none") as refused:
         build_resnet("resnet18", "imagenet")
+    assert "ResNet18_Weights.IMAGENET1K_V1" in str(refused.value)
+    assert os.path.join(str(tmp_path), "hub", "checkpoints") in str(refused.value)  # the cache looked in

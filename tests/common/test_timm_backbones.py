@@ -158,6 +158,34 @@ def test_imagenet_offline_without_cache_fails_fast(tmp_path, monkeypatch):
         build_backbone("timm:convnext_atto", "imagenet")
 
 
+def test_imagenet_not_cached_probes_the_hub_once_then_one_line(tmp_path, monkeypatch):
+    """The timm backbones share the weights probe of common.hub: one connection attempt to the hub (through the
+    proxy when one applies), then the one-line refusal naming the weights and the cache folder."""
+    import huggingface_hub.constants
+
+    import common.hub as hub
+
+    probes = []
+
+    def refuse(host, port, timeout):
+        probes.append((host, port, timeout))
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(hub, "_connect", refuse)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(UserError) as refused:
+        build_backbone("timm:convnext_atto", "imagenet")
+    message = str(refused.value)
+    assert "\n" not in message and "timm:convnext_atto" in message and str(tmp_path) in message
+    assert "--pretrained PATH" in message and "--pretrained none" in message
+    assert probes == [("proxy.example", 3128, hub.PROBE_TIMEOUT)]
+
+
 def test_backbone_names_on_the_command_line():
     parse = backbone_choice(("resnet18", "resnet50"))
     assert parse("resnet18") == "resnet18"
