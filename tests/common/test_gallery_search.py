@@ -34,22 +34,16 @@ def _infer(*args):
     return inference.main(inference.get_args_parser().parse_args(list(args)))
 
 
+def _gallery(source, target, *extra):
+    """``inference.py --gallery SOURCE --save_data_base TARGET`` with the run's model."""
+    args = ("--gallery", str(source), "--save_data_base", str(target), "--num_workers", "0", *extra)
+    return _infer("--data_base", f"{RUN}_data_base.pth", *args)
+
+
 def test_gallery_folder_to_database_and_folder_of_queries(run):
     tmp_path, folder, gallery = run
     target = tmp_path / "mine_data_base.pth"
-    assert (
-        _infer(
-            "--data_base",
-            f"{RUN}_data_base.pth",
-            "--gallery",
-            str(gallery),
-            "--save_data_base",
-            str(target),
-            "--num_workers",
-            "0",
-        )
-        == []
-    )
+    assert _gallery(gallery, target) == []
     db = load_database(target)
     images = sorted(str(p) for p in gallery.rglob("img_*.jpg"))
     assert sorted(db.split("gallery").images) == images and set(db.split("gallery").labels) == {-1}
@@ -79,16 +73,7 @@ def test_gallery_csv_with_labels(run):
     listing = tmp_path / "list.csv"
     pd.DataFrame({"path": images, "label": ["cat", "cat", "dog", "dog", "cow", "cow"]}).to_csv(listing, index=False)
     target = tmp_path / "labelled_data_base.pth"
-    _infer(
-        "--data_base",
-        f"{RUN}_data_base.pth",
-        "--gallery",
-        str(listing),
-        "--save_data_base",
-        str(target),
-        "--num_workers",
-        "0",
-    )
+    _gallery(listing, target)
     labels = load_database(target).split("gallery").labels
     assert labels == [0, 0, 2, 2, 1, 1]  # cat, cow, dog -> 0, 1, 2
     out = _infer("--data_base", str(target), "--query_img_name", images[0], "--retrieval_num", "2")
@@ -100,16 +85,7 @@ def test_gallery_needs_a_target_and_a_living_model(run):
     with pytest.raises(UserError, match="--save_data_base"):
         _infer("--data_base", f"{RUN}_data_base.pth", "--gallery", str(gallery))
     target = tmp_path / "g_data_base.pth"
-    _infer(
-        "--data_base",
-        f"{RUN}_data_base.pth",
-        "--gallery",
-        str(gallery),
-        "--save_data_base",
-        str(target),
-        "--num_workers",
-        "0",
-    )
+    _gallery(gallery, target)
     (folder / f"{RUN}_model.pth").unlink()
     new = tmp_path / "new.jpg"
     shutil.copy(next(gallery.rglob("img_*.jpg")), new)
@@ -121,18 +97,7 @@ def test_gallery_with_an_ann_index(run):
     """--index hnsw builds a faiss index beside the database (its recall printed); later queries use it."""
     tmp_path, folder, gallery = run
     target = tmp_path / "ann_data_base.pth"
-    _infer(
-        "--data_base",
-        f"{RUN}_data_base.pth",
-        "--gallery",
-        str(gallery),
-        "--save_data_base",
-        str(target),
-        "--num_workers",
-        "0",
-        "--index",
-        "hnsw",
-    )
+    _gallery(gallery, target, "--index", "hnsw")
     db = load_database(target)
     assert (
         db.config["ann_index"].endswith("ann_data_base.pth.hnsw.faiss")
@@ -141,16 +106,7 @@ def test_gallery_with_an_ann_index(run):
     query = db.split("gallery").images[5]
     approx = _infer("--data_base", str(target), "--query_img_name", query, "--retrieval_num", "3")[0][1]
     exact_db = tmp_path / "exact_data_base.pth"
-    _infer(
-        "--data_base",
-        f"{RUN}_data_base.pth",
-        "--gallery",
-        str(gallery),
-        "--save_data_base",
-        str(exact_db),
-        "--num_workers",
-        "0",
-    )
+    _gallery(gallery, exact_db)
     exact = _infer("--data_base", str(exact_db), "--query_img_name", query, "--retrieval_num", "3")[0][1]
     assert [p for p, _, _ in approx] == [p for p, _, _ in exact]  # a 24-image HNSW graph finds the exact top 3
     assert query not in [p for p, _, _ in approx]
