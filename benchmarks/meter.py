@@ -1,6 +1,7 @@
 """Timing, memory and machine helpers shared by the benchmarks."""
 
 import contextlib
+import csv
 import json
 import os
 import platform
@@ -154,3 +155,12 @@ def run_module(module: str, argv: List[str], env: Optional[Dict[str, str]] = Non
         lines = proc.stderr.strip().splitlines()
         return {"status": f"failed: {lines[-1] if lines else proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_csv(rows: List[Dict[str, Any]], path: Path) -> None:
+    """``rows`` as a CSV at ``path`` (folders made): one column per key any row has, in order of first appearance."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -26,7 +26,6 @@ Prints a table and writes ``results/benchmarks/recall_benchmark.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
 import ctypes
 import glob
 import json
@@ -42,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from benchmarks.meter import REPO, module_env, peak_rss_kib, reset_peak_rss, run_module
+from benchmarks.meter import REPO, module_env, peak_rss_kib, reset_peak_rss, run_module, write_csv
 
 METHODS = ("ours", "ours_fp32", "faiss", "faiss_generic", "full", "gemm_fp32", "gemm_bf16")
 BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -418,11 +417,7 @@ def main(args) -> List[dict]:
     rows = [r for r in _rows(results, args) if r["status"] != "skipped"]
     _print_table(rows, args.ranks)
     print(_summary(rows))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.output)
     print(f"wrote {args.output}")
     return rows
 

@@ -14,7 +14,6 @@ Prints a table and writes ``results/benchmarks/rerank_benchmark.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import tempfile
@@ -24,7 +23,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from benchmarks.meter import REPO, cpu_model, peak_rss_kib, reset_peak_rss, run_module
+from benchmarks.meter import REPO, cpu_model, peak_rss_kib, reset_peak_rss, run_module, write_csv
 from benchmarks.recall_benchmark import make_data
 from common.errors import UserError, run_cli
 
@@ -154,12 +153,7 @@ def main(args) -> List[dict]:
             threads=args.threads,
         )
     _print_table(rows)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(args.output, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.output)
     print(f"wrote {args.output}")
     return rows
 

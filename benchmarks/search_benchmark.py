@@ -21,7 +21,6 @@ Writes ``results/benchmarks/search_benchmark.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import List
 
 import numpy as np
 
-from benchmarks.meter import REPO, cpu_model, module_env, peak_rss_kib, reset_peak_rss
+from benchmarks.meter import REPO, cpu_model, module_env, peak_rss_kib, reset_peak_rss, write_csv
 from benchmarks.recall_benchmark import BLAS_ENV, detect_numpy_kernel
 
 FAIR_FLAG = "SEARCH_BENCHMARK_KERNEL"  # set once the process runs with the fair OpenBLAS kernel
@@ -205,12 +204,7 @@ def main(args) -> List[dict]:
             cpus=os.cpu_count(),
             load_after=round(os.getloadavg()[0], 1),
         )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(args.output, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.output)
     print(f"wrote {args.output}")
     return rows
 

@@ -21,7 +21,6 @@ loopback addresses are used.
 """
 
 import argparse
-import csv
 import http.client
 import io
 import json
@@ -37,7 +36,7 @@ from typing import Dict, List
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.meter import REPO, write_csv
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -300,14 +299,6 @@ def add_images(db_path: Path, photos: List[Path], args) -> Dict[str, object]:
         "embed_s": round(report.embed_seconds, 2),
         "index_and_write_s": round(report.write_seconds, 2),
     }
-
-
-def write_csv(rows: List[Dict[str, object]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def markdown(rows: List[Dict[str, object]]) -> str:

@@ -82,3 +82,20 @@ def test_gpu_check_without_cuda_says_so(tmp_path):
     proc = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --device cuda but CUDA is not available (use --device cpu --quick)"
+
+
+def test_write_csv_keeps_every_column_of_every_row(tmp_path):
+    import csv
+
+    from benchmarks.meter import write_csv
+
+    rows = [{"method": "exact", "seconds": 1.5}, {"method": "ivf", "seconds": 0.25, "recall": 0.99}]
+    path = tmp_path / "new" / "folder" / "out.csv"
+    write_csv(rows, path)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ["method", "seconds", "recall"]
+        assert list(reader) == [
+            {"method": "exact", "seconds": "1.5", "recall": ""},
+            {"method": "ivf", "seconds": "0.25", "recall": "0.99"},
+        ]

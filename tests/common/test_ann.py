@@ -1,10 +1,6 @@
 """common.ann: the exact kind equals a float64 brute force; ANN indexes return valid results, and the Recall@10
 they report is the ANN definition (share of the exact 10 nearest found), checked against an independent count."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,8 +8,6 @@ import torch
 from common import ann
 from common.errors import UserError
 from common.search import search
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def clustered(n=600, d=16, classes=30, seed=0, noise=0.5):
@@ -137,10 +131,8 @@ def test_bad_arguments():
 
 
 def test_search_benchmark_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("search_benchmark", REPO / "benchmarks" / "search_benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["search_benchmark"] = bench
-    spec.loader.exec_module(bench)
+    from benchmarks import search_benchmark as bench
+
     args = bench.get_args_parser().parse_args(
         ["--num_gallery", "3000", "--num_queries", "40", "--dim", "16", "--output", str(tmp_path / "s.csv")]
     )

@@ -5,10 +5,6 @@ Features are dyadic rationals (multiples of 1/8, small d) so every dot product i
 BLAS summation order: the brute force and the chunked implementation see bit-identical scores.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -25,7 +21,6 @@ from common.metrics import (
     retrieval_metrics,
 )
 
-REPO = Path(__file__).resolve().parents[2]
 RANKS = [1, 2, 4, 8]
 
 
@@ -255,10 +250,8 @@ def test_sop_scale_chunk_fits_budget():
 
 # ---- benchmark smoke test ------------------------------------------------------------------------------------
 def test_recall_benchmark_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("recall_benchmark", REPO / "benchmarks" / "recall_benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["recall_benchmark"] = bench
-    spec.loader.exec_module(bench)
+    from benchmarks import recall_benchmark as bench
+
     args = bench.get_args_parser().parse_args(
         [
             "--num_queries",

@@ -235,15 +235,8 @@ def test_entry_point_caps_topk_and_rejects_bad_options():
 
 
 def test_rerank_benchmark_smoke(tmp_path):
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from benchmarks import rerank_benchmark as bench
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "rerank_benchmark.py"
-    spec = importlib.util.spec_from_file_location("rerank_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["rerank_benchmark"] = bench
-    spec.loader.exec_module(bench)
     argv = ["--num_images", "300", "--dim", "16", "--num_classes", "60", "--in-process"]
     rows = {
         r["config"]: r
