@@ -52,12 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--num_queries", type=int, default=60502, help="query (= gallery) set size")
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--num_classes", type=int, default=11316)
+    add_data_flags(p, "num_queries")
     p.add_argument("--ranks", type=lambda s: [int(k) for k in s.split(",")], default=[1, 10, 100, 1000])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise", type=float, default=NOISE, help="within-class spread (norm of the noise vs unit centres)")
     p.add_argument("--quick", action="store_true", help="small problem (6,000 x 128, 1,100 classes) for a smoke run")
     p.add_argument(
         "--skip",
@@ -89,6 +85,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     return p
+
+
+def add_data_flags(p: argparse.ArgumentParser, size: str) -> None:
+    """The flags of :func:`make_data`'s problem; ``size`` names the set-size flag (default: SOP's test set)."""
+    p.add_argument(f"--{size}", type=int, default=60502, help="query (= gallery) set size")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--num_classes", type=int, default=11316)
+    p.add_argument("--noise", type=float, default=NOISE, help="within-class spread (norm of the noise vs unit centres)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def save_data(folder: Path, x: np.ndarray, labels: np.ndarray) -> None:
+    """The problem as the worker processes read it (:func:`load_data`)."""
+    np.save(folder / "x.npy", x)
+    np.save(folder / "labels.npy", labels)
+
+
+def load_data(folder: Path):
+    return np.load(folder / "x.npy"), np.load(folder / "labels.npy")
 
 
 def make_data(n: int, dim: int, num_classes: int, seed: int = 0, noise: float = NOISE):
@@ -266,8 +281,7 @@ def _worker(args) -> None:
 
     if args.worker.startswith("faiss"):
         import faiss  # noqa: F401
-    x = np.load(args.data / "x.npy")
-    labels = np.load(args.data / "labels.npy")
+    x, labels = load_data(args.data)
     torch.ones(8, 8) @ torch.ones(8, 8)
     if args.device == "cuda":
         torch.ones(1, device="cuda")
@@ -399,8 +413,7 @@ def main(args) -> List[dict]:
     )
     results: Dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        np.save(Path(tmp) / "x.npy", x)
-        np.save(Path(tmp) / "labels.npy", labels)
+        save_data(Path(tmp), x, labels)
         for round_ in range(max(args.repeat, 1)):
             for method in METHODS:
                 if round_ and (method == "full" or results[method]["status"] != "ok"):

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from benchmarks.meter import REPO, cpu_model, peak_rss_kib, reset_peak_rss, run_module, write_csv
-from benchmarks.recall_benchmark import make_data
+from benchmarks.recall_benchmark import add_data_flags, load_data, make_data, save_data
 from common.errors import UserError, run_cli
 
 CONFIGS: Dict[str, dict] = {
@@ -41,11 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--num_images", type=int, default=60502, help="query (= gallery) set size")
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--num_classes", type=int, default=11316)
-    p.add_argument("--noise", type=float, default=2.3, help="within-class spread (norm of the noise vs unit centres)")
-    p.add_argument("--seed", type=int, default=0)
+    add_data_flags(p, "num_images")
     p.add_argument("--quick", action="store_true", help="6,000 images in 1,122 classes (same class size)")
     p.add_argument("--configs", type=lambda s: s.split(","), default=list(CONFIGS), help="comma-separated subset")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: library default)")
@@ -91,7 +87,7 @@ def measure(config: str, x: np.ndarray, labels: np.ndarray, threads: Optional[in
 
 def _worker(args) -> None:
     """Subprocess entry: load the data, measure one configuration, print one JSON line."""
-    x, labels = np.load(args.data / "x.npy"), np.load(args.data / "labels.npy")
+    x, labels = load_data(args.data)
     print(json.dumps(measure(args.worker, x, labels, args.threads)))
 
 
@@ -131,8 +127,7 @@ def main(args) -> List[dict]:
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        np.save(Path(tmp) / "x.npy", x)
-        np.save(Path(tmp) / "labels.npy", labels)
+        save_data(Path(tmp), x, labels)
         for config in args.configs:
             if args.in_process:
                 run = measure(config, x, labels, args.threads)
