@@ -58,6 +58,21 @@ def _cgd(gd: str, backbone: str = "resnet18", image_size: int = 32) -> dict:
     }
 
 
+def _reir(share_type: str, model_type: str) -> dict:
+    return {
+        "method": "reir",
+        "data_name": "demo",
+        "crop_type": "uncropped",
+        "label_type": "fixed",
+        "with_random": True,
+        "share_type": share_type,
+        "model_type": model_type,
+        "ensemble_size": 3,
+        "meta_class_size": 4,
+        "image_size": 32,
+    }
+
+
 def _fastretri(*opts: str) -> dict:
     from fastretri.config import config_dict, load_config
 
@@ -72,21 +87,7 @@ CASES = {
     "cgd-SMG": ("cgd", lambda: _cgd("SMG")),
     "cgd-timm-vit": ("cgd", lambda: _cgd("SMG", "timm:vit_tiny_patch16_224", 48)),
     "cgd-timm-convnext": ("cgd", lambda: _cgd("SG", "timm:convnext_atto", 64)),
-    "reir": (
-        "reir",
-        lambda: {
-            "method": "reir",
-            "data_name": "demo",
-            "crop_type": "uncropped",
-            "label_type": "fixed",
-            "with_random": True,
-            "share_type": "layer3",
-            "model_type": "resnet18",
-            "ensemble_size": 3,
-            "meta_class_size": 4,
-            "image_size": 32,
-        },
-    ),
+    "reir": ("reir", lambda: _reir("layer3", "resnet18")),
     "sreml": (
         "sreml",
         lambda: {
@@ -122,21 +123,7 @@ CASES = {
             "distilled_embedding": "mean",
         },
     ),
-    "reir-timm": (
-        "reir",
-        lambda: {
-            "method": "reir",
-            "data_name": "demo",
-            "crop_type": "uncropped",
-            "label_type": "fixed",
-            "with_random": True,
-            "share_type": "layer4",
-            "model_type": "timm:resnet10t",
-            "ensemble_size": 3,
-            "meta_class_size": 4,
-            "image_size": 32,
-        },
-    ),
+    "reir-timm": ("reir", lambda: _reir("layer4", "timm:resnet10t")),
     "fastretri": ("fastretri", _fastretri),
     "fastretri-timm-vit": ("fastretri", lambda: _fastretri("MODEL.BACKBONE.NAME", "timm:vit_tiny_patch16_224")),
 }
