@@ -114,21 +114,12 @@ def test_folder_tree_is_split_by_class_with_a_seeded_ratio(tmp_path):
     (tmp_path / "photos/zz_no_images/readme.txt").write_text("not an image")
     (tmp_path / "photos/class_00/.hidden.png").write_bytes(b"skipped")
     data = tmp_path / "data"
-    assert (
-        run_main(
-            "--data_path",
-            data,
-            "--data_name",
-            "mine",
-            "--from_folder",
-            tmp_path / "photos",
-            "--test_ratio",
-            "0.3",
-            "--seed",
-            "7",
-        )
-        == 0
-    )
+
+    def split_folder(name: str, seed: int) -> int:
+        argv = ("--data_name", name, "--from_folder", tmp_path / "photos", "--test_ratio", "0.3", "--seed", str(seed))
+        return run_main("--data_path", data, *argv)
+
+    assert split_folder("mine", 7) == 0
     got = as_sets(index(data, "mine"), data, "mine")
     order = sorted(classes)
     random.Random(7).shuffle(order)  # the documented rule: shuffle the sorted class names, the first 30 % are test
@@ -140,31 +131,9 @@ def test_folder_tree_is_split_by_class_with_a_seeded_ratio(tmp_path):
     assert got == expected
     assert eval_splits("mine", str(data)) == ("test", "test")
     # another seed draws other classes; the same seed the same ones
-    run_main(
-        "--data_path",
-        data,
-        "--data_name",
-        "other",
-        "--from_folder",
-        tmp_path / "photos",
-        "--test_ratio",
-        "0.3",
-        "--seed",
-        "8",
-    )
+    split_folder("other", 8)
     assert as_sets(index(data, "other"), data, "other") != got
-    run_main(
-        "--data_path",
-        data,
-        "--data_name",
-        "again",
-        "--from_folder",
-        tmp_path / "photos",
-        "--test_ratio",
-        "0.3",
-        "--seed",
-        "7",
-    )
+    split_folder("again", 7)
     assert as_sets(index(data, "again"), data, "again") == got
 
 
