@@ -154,3 +154,17 @@ def test_count_flops_leaves_the_model_untouched():
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(model(x)[0], before, rtol=0, atol=0)
+
+
+def test_precision_benchmark_notes_oversubscribed_threads(monkeypatch, capsys):
+    """Threads plus load above the cores get a note (such timings stall on the scheduler); one thread, none."""
+    from benchmarks import precision_benchmark as bench
+
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (1.5, 1.0, 1.0))
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    bench.check_threads(2)
+    assert "oversubscribed" in capsys.readouterr().out
+    bench.check_threads(1)
+    assert capsys.readouterr().out == ""
+    with pytest.raises(UserError, match="--threads must be at least 1"):
+        bench.main(bench.get_args_parser().parse_args(["--threads", "0", "--methods"]))
