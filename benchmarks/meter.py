@@ -1,6 +1,5 @@
 """Timing, memory and machine helpers shared by the benchmarks."""
 
-import contextlib
 import csv
 import json
 import os
@@ -15,6 +14,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 import torch
 
 from common.device import Precision, maybe_compile
+from common.device import autocast as device_autocast
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,8 +82,8 @@ def timed(fn: Callable[[], Any], warmup: int, steps: int, device: torch.device) 
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    """Autocast to ``dtype`` on ``device`` (CPU included); nothing for None (fp32)."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    """Autocast to ``dtype`` on ``device`` as training takes it (``common.device.autocast``); nothing for None."""
+    return device_autocast(device, dtype is not None, dtype or torch.bfloat16)
 
 
 def reset_cuda_peak(device: torch.device) -> None:

@@ -12,6 +12,7 @@ and with ``--amp`` (bf16) and reports test R@1 of the last epoch and the wall ti
 
     python -m benchmarks.precision_benchmark                      # steps, CPU sizes (a minute per method + compile)
     python -m benchmarks.precision_benchmark --no-compile --demo  # steps without compiling, and the demo runs
+    python -m benchmarks.precision_benchmark --threads 1          # a CPU shared with other jobs
     python -m benchmarks.precision_benchmark --device cuda --size paper
 """
 
@@ -32,7 +33,7 @@ from benchmarks import cgd_benchmark, ensemble_benchmark, irt_benchmark
 from benchmarks.gpu_check import build as gpu_check_parts
 from benchmarks.meter import REPO, Trainer, TrainingParts, cpu_model, module_env, sync
 from common.device import native_low_precision
-from common.errors import run_cli
+from common.errors import UserError, run_cli
 from reir.model import resolve_impl
 
 METHODS = ("cgd", "reir", "irt", "fastretri")
@@ -130,14 +131,15 @@ def demo_commands(data_path: str, length: float) -> Dict[str, List[str]]:
     bf16."""
     epochs = lambda n: str(max(1, round(n * length)))  # noqa: E731
     data = ["--data_path", data_path, "--data_name", "demo", "--crop_type", "cropped", "--pretrained", "none"]
-    ensemble = ["--ensemble_size", "12", "--meta_class_size", "8", "--image_size", "32", "--batch_size", "32"]
+    # SREML keeps its own batch of 12: at REIR's batch the two settings compute the same on the demo data
+    ensemble = ["--ensemble_size", "12", "--meta_class_size", "8", "--image_size", "32"]
     ensemble += ["--lr", "1e-3", "--num_workers", "0", "--num_epochs", epochs(3)]
     iters = str(max(1, round(150 * length)))
     return {
         "cgd": ["cgd/train.py", *data, "--backbone_type", "resnet18", "--no-freeze_bn", "--lr", "1e-3"]
         + ["--image_size", "32", "--batch_size", "32", "--num_epochs", epochs(3), "--num_workers", "0"]
         + ["--feature_dim", "512"],
-        "reir": ["reir/train.py", *data, *ensemble],
+        "reir": ["reir/train.py", *data, *ensemble, "--batch_size", "32"],
         "sreml": ["sreml/train.py", *data, *ensemble],
         "irt": ["irt/train.py", "--model", "xcit_nano_12_p8_224", "--model-kwargs", "depth=4", "--input-size", "48"]
         + ["--pretrained", "none", "--dataset", "demo", "--data-path", data_path, "--max-iter", iters]
@@ -220,8 +222,28 @@ def demo_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def check_threads(threads: int) -> None:
+    """A note when the CPU is oversubscribed: a parallel region waits for its slowest thread, so when other jobs
+    hold the cores every multi-threaded op stalls and the step times measure the scheduler, not the arithmetic
+    (on a shared 2-core VM, 2 threads under load made steps 7-10x slower and every ratio about 1)."""
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = os.cpu_count() or 1
+    if threads > 1 and busy + threads > cores:
+        print(
+            f"note: load average {busy:.1f} + {threads} threads on {cores} cores: oversubscribed; "
+            "timings are unreliable, use --threads 1",
+            flush=True,
+        )
+
+
 def main(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        check_threads(torch.get_num_threads())
     print(f"# {machine(device)}; load average {load()} at start", flush=True)
     steps: List[Dict[str, Any]] = []
     for method in args.methods:
@@ -250,6 +272,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--steps", default=2, type=int, help="timed steps per mode and round (default: 2)")
     p.add_argument("--rounds", default=3, type=int, help="interleaved rounds over the modes (default: 3)")
     p.add_argument("--warmup", default=1, type=int, help="untimed steps after the first (default: 1)")
+    p.add_argument("--threads", default=None, type=int, help="torch threads on CPU (default: torch's choice)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="time compiled modes too")
     p.add_argument("--demo", action="store_true", help="also train each demo briefly in fp32 and bf16")
     p.add_argument("--demo_methods", nargs="+", default=["cgd", "reir", "sreml", "irt", "fastretri"])

@@ -8,6 +8,7 @@ from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common.errors import UserError
 
@@ -81,10 +82,23 @@ COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests swap in "eage
 
 
 def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfloat16):
-    """Autocast to ``dtype`` on ``device`` (CUDA or CPU) when enabled; a no-op context otherwise."""
-    if enabled:
-        return torch.autocast(device.type, dtype=dtype)
-    return contextlib.nullcontext()
+    """Autocast to ``dtype`` on ``device`` (CUDA or CPU) when enabled; a no-op context otherwise.
+
+    On CPU, attention (``F.scaled_dot_product_attention``, timm's ViTs) also takes the math backend under autocast:
+    the fused CPU flash-attention kernel's backward in bfloat16 is several times slower than its float32 one at ViT
+    token counts (docs/benchmarks.md), while the math form runs its matrix products in bfloat16 as well, at the same
+    accuracy. Float32 (autocast off) keeps PyTorch's choice."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if torch.device(device).type != "cpu":
+        return torch.autocast(torch.device(device).type, dtype=dtype)
+    return _cpu_autocast(dtype)
+
+
+@contextlib.contextmanager
+def _cpu_autocast(dtype: torch.dtype):
+    with torch.autocast("cpu", dtype=dtype), sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 def channels_last(model: nn.Module, device: torch.device) -> nn.Module:

@@ -1,5 +1,6 @@
 """Mixed precision, channels-last and torch.compile for every method's training step (common.device)."""
 
+import contextlib
 import copy
 
 import pytest
@@ -99,3 +100,71 @@ def test_inductor_compiles_a_mixed_precision_training_step():
         grads.append(model[0].weight.grad)
     assert list(compiled.state_dict()) == list(eager.state_dict())
     torch.testing.assert_close(grads[1], grads[0], rtol=2e-2, atol=2e-3)  # bf16 rounding in another order
+
+
+def _attention_ops(context) -> set:
+    """Names of the aten ops a scaled-dot-product attention forward + backward ran under ``context``."""
+    q, k, v = (torch.randn(2, 2, 5, 8, requires_grad=True) for _ in range(3))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with context:
+            out = nn.functional.scaled_dot_product_attention(q, k, v)
+        out.float().sum().backward()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_cpu_autocast_runs_attention_in_the_math_form():
+    """bf16 autocast on CPU avoids the fused flash-attention kernel (its bf16 backward is slower than fp32's); fp32
+    keeps PyTorch's own choice, so full-precision runs compute exactly as before."""
+    bf16 = _attention_ops(Precision(CPU, torch.bfloat16).autocast())
+    assert not any("flash" in name for name in bf16) and "aten::softmax" in bf16
+    fp32 = _attention_ops(Precision(CPU).autocast())
+    assert any("flash" in name for name in fp32)
+
+
+def test_math_attention_under_autocast_matches_float64():
+    """Same accuracy as the fused kernel: bf16 outputs and gradients within bf16 rounding of a float64 reference."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 16, dtype=torch.float64) for _ in range(3))
+
+    def run(context, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        with context:
+            lin = [torch.nn.functional.linear(t, torch.eye(16, dtype=dtype)) for t in leaves]  # cast by autocast
+            out = nn.functional.scaled_dot_product_attention(*lin)
+        out.double().pow(2).sum().backward()
+        return [out.double()] + [t.grad.double() for t in leaves]
+
+    got = run(Precision(CPU, torch.bfloat16).autocast(), torch.float32)
+    assert got[0].dtype == torch.float64 and got[0].abs().max() > 0
+    for a, b in zip(got, run(contextlib.nullcontext(), torch.float64)):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+
+
+def test_count_flops_leaves_the_model_untouched():
+    """thop's counting hooks and buffers stay on the profiled copy: the trained model runs no hook afterwards, and
+    its state dict and outputs are unchanged."""
+    from cgd.model import Model, count_flops
+
+    torch.manual_seed(0)
+    model = Model("resnet18", "SG", 64, 5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    keys, before = list(model.state_dict()), model(x)[0]
+    params, flops = count_flops(model, 32)
+    assert params == sum(p.numel() for p in model.parameters()) and flops > 0
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(model(x)[0], before, rtol=0, atol=0)
+
+
+def test_precision_benchmark_notes_oversubscribed_threads(monkeypatch, capsys):
+    """Threads plus load above the cores get a note (such timings stall on the scheduler); one thread, none."""
+    from benchmarks import precision_benchmark as bench
+
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (1.5, 1.0, 1.0))
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    bench.check_threads(2)
+    assert "oversubscribed" in capsys.readouterr().out
+    bench.check_threads(1)
+    assert capsys.readouterr().out == ""
+    with pytest.raises(UserError, match="--threads must be at least 1"):
+        bench.main(bench.get_args_parser().parse_args(["--threads", "0", "--methods"]))
