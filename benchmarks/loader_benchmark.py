@@ -23,6 +23,7 @@ the tensor and GPU paths are in ``benchmarks.gpu_decode``.
 """
 
 import argparse
+import importlib
 import json
 import multiprocessing
 import os
@@ -42,10 +43,28 @@ from benchmarks.meter import cpu_model, sync
 from common.data.datasets import RetrievalDataset
 from common.data.images import open_image
 from common.data.normalize import split_preset
-from common.presets import build_transform
 
 METHODS = ("cgd", "reir", "sreml", "irt", "fastretri")
 MODES = ("original", "fast", "tensor", "decode_jpeg", "tensor+draft")
+# FastRetri's config file per dataset (fastretri/configs/<name>.yml); other datasets take CUB's
+FASTRETRI_CONFIGS = {"cub": "cub", "car": "cars", "sop": "sop", "isc": "inshop"}
+
+
+def method_preset(
+    method: str, train: bool, data_name: str = "cub", crop_type: str = "uncropped", image_size: Optional[int] = None
+) -> T.Compose:
+    """``method``'s training or evaluation preset as its spec builds it (``SPEC.transform``) for a run on
+    ``data_name`` at ``--image_size`` ``image_size`` (None: the method's own size); FastRetri's from the dataset's
+    config file, rescaled as ``fastretri/train.py --image_size`` does."""
+    config = {"data_name": data_name, "crop_type": crop_type, "image_size": image_size, "input_size": image_size}
+    if method == "fastretri":
+        from fastretri import config as fastretri_config
+
+        path = Path(fastretri_config.__file__).parent / "configs" / f"{FASTRETRI_CONFIGS.get(data_name, 'cub')}.yml"
+        args = argparse.Namespace(config_file=str(path), opts=[], data_name=None, image_size=image_size)
+        args.pretrained = None
+        config = fastretri_config.flatten(fastretri_config.resolve_config(args, notes=False))
+    return importlib.import_module(f"{method}.spec").SPEC.transform(config, train)
 
 
 def fake_photo(rng: np.random.Generator, width: int = 500, height: int = 375) -> Image.Image:
@@ -256,7 +275,7 @@ def main(args: argparse.Namespace) -> Dict:
         )
         for method in args.methods:
             for train in (True, False):
-                preset = build_transform(method, train, args.data_name, args.crop_type)
+                preset = method_preset(method, train, args.data_name, args.crop_type)
                 rows = pipelines(preset)
                 rates = time_all(rows, paths, args.rounds)
                 diffs = pixel_diff(rows, paths[: args.diff_images], preset.transforms[-1].std)

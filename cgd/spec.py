@@ -6,9 +6,9 @@ from typing import Any, Dict, Mapping, Tuple
 from torch import nn
 
 from cgd.model import MODEL_KEYS, embed, model_from_config
+from cgd.transforms import cgd_transform
 from common.errors import UserError
 from common.originals import load_original_state, original_database, split_name, strict_load
-from common.presets import build_transform
 from common.runs import run_name
 from common.spec import MethodSpec
 
@@ -72,8 +72,8 @@ def _original_database(path: Path):
 
 
 def transform(config: Mapping[str, Any], train: bool):
-    """CGD's preset (``common.presets.cgd_transform``) at the run's ``image_size``."""
-    return build_transform("cgd", train, config["data_name"], config["crop_type"], config.get("image_size"))
+    """CGD's preset (:func:`cgd.transforms.cgd_transform`) at the run's ``image_size`` (any dataset, crop type)."""
+    return cgd_transform(train, config.get("image_size"))
 
 
 SPEC = MethodSpec(

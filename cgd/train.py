@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from cgd.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropyLoss
 from cgd.model import BACKBONE_TYPES, GD_CONFIGS, MODEL_KEYS, Model, count_flops, embed, freeze_bn
-from cgd.spec import cgd_run_name
+from cgd.spec import SPEC, cgd_run_name
 from common.backbones import backbone_choice
 from common.cli import (
     add_config_flag,
@@ -40,7 +40,6 @@ from common.data.prepare import ensure_dataset_main_first
 from common.device import Precision, data_parallel, first_device, main_device, maybe_compile, upcast
 from common.distributed import (
     DistInfo,
-    RankBatchSampler,
     all_gather_no_grad,
     all_gather_with_grad,
     all_reduce_mean,
@@ -50,10 +49,9 @@ from common.distributed import (
 )
 from common.engine import Evaluation, Run, check_finite, evaluate
 from common.errors import UserError, run_cli
-from common.presets import build_transform
 from common.runio import plain_config, set_seed
 from common.runs import RunFiles, results_dir
-from common.samplers import MPerClassSampler
+from common.samplers import MPerClassSampler, RankBatchSampler
 
 M_PER_CLASS = 4  # images per class in a batch (the original's MPerClassSampler m)
 # --data_name demo: the flags not given take these values (ResNet-18 from scratch on 32-px crops, ~2 min on 2 cores)
@@ -129,10 +127,8 @@ def build_data(args: argparse.Namespace, info: DistInfo):
     """Datasets, and the train loader: global m-per-class batches, each rank taking its slice (classes intact)."""
     ensure_dataset_main_first(args.data_path, args.data_name, args.crop_type)
     query, gallery = eval_splits(args.data_name, args.data_path)
-    test_tf = build_transform("cgd", False, args.data_name, args.crop_type, args.image_size)
-    train_tf = (
-        build_transform("cgd", True, args.data_name, args.crop_type, args.image_size) if args.augment else test_tf
-    )
+    test_tf = SPEC.transform(vars(args), False)
+    train_tf = SPEC.transform(vars(args), True) if args.augment else test_tf
     datasets = load_splits(
         args.data_path, args.data_name, args.crop_type, {"train": train_tf, query: test_tf, gallery: test_tf}
     )

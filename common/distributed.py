@@ -7,9 +7,9 @@
   (FastRetri's SyncBN crashed single-GPU runs exactly because it assumed a process group, fast-reid #667).
 * ``all_gather_by_index`` reassembles evaluation features that every rank computed for its own sample indices,
   so no sample is padded or duplicated the way ``DistributedSampler`` does.
-* The global batch stays the paper's at any number of processes: :class:`RankBatchSampler` cuts each global batch
-  into per-rank slices (class groups intact), :func:`all_gather_with_grad` lets a batch-dependent loss see the
-  global batch, and :class:`GlobalBatchNorm` normalises with global-batch statistics (on CPU/gloo as well, where
+* The global batch stays the paper's at any number of processes: ``common.samplers.RankBatchSampler`` cuts each
+  global batch into per-rank slices (class groups intact), :func:`all_gather_with_grad` lets a batch-dependent loss
+  see the global batch, and :class:`GlobalBatchNorm` normalises with global-batch statistics (on CPU/gloo as well, where
   ``nn.SyncBatchNorm`` refuses to run).
 """
 
@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.utils.data import Sampler
 
 __all__ = [
     "DistInfo",
@@ -43,8 +42,6 @@ __all__ = [
     "broadcast_object",
     "gather_object",
     "all_gather_with_grad",
-    "shard_batch",
-    "RankBatchSampler",
     "GlobalBatchNorm",
     "convert_global_batchnorm",
     "wrap_ddp",
@@ -314,45 +311,6 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     with torch.no_grad():
         return _GatherWithGrad.apply(x.detach())
-
-
-def shard_batch(batch: Sequence, labels: Optional[Sequence[int]], rank: int, world_size: int) -> List:
-    """Rank ``rank``'s contiguous slice of a global batch; with ``labels`` the batch is first ordered by class (in
-    order of first appearance) so each class group stays on one rank when the slice size is a multiple of m."""
-    batch = list(batch)
-    if labels is not None:
-
-        def label(item) -> int:  # an index, or a key whose first element is the index (IRT's (index, seed))
-            return labels[item[0] if isinstance(item, tuple) else item]
-
-        first = {}
-        for i in batch:
-            first.setdefault(label(i), len(first))
-        batch = sorted(batch, key=lambda i: first[label(i)])  # stable: order inside a class is kept
-    bounds = [round(len(batch) * r / world_size) for r in range(world_size + 1)]
-    return batch[bounds[rank] : bounds[rank + 1]]
-
-
-class RankBatchSampler(Sampler):
-    """This rank's slices of the global batches of ``batch_sampler`` (any sampler yielding index lists).
-
-    N processes therefore train on exactly the batches one process would; ``labels`` keeps class groups together
-    (m-per-class sampling).
-    """
-
-    def __init__(self, batch_sampler, rank: int = 0, world_size: int = 1, labels: Optional[Sequence[int]] = None):
-        self.batch_sampler, self.rank, self.world_size, self.labels = batch_sampler, rank, world_size, labels
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.batch_sampler, "set_epoch"):
-            self.batch_sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler)
-
-    def __iter__(self):
-        for batch in self.batch_sampler:
-            yield shard_batch(batch, self.labels, self.rank, self.world_size)
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -42,13 +42,6 @@ def _finish(ops: list, mean: Sequence[float], std: Sequence[float]) -> T.Compose
     return T.Compose(ops + [ToNormalizedTensor(mean, std)])
 
 
-def cgd_transform(train: bool, image_size: Optional[int] = None) -> T.Compose:
-    """CGD: train Resize((252,252)) -> RandomCrop(224) -> flip; test Resize((224,224)); ImageNet statistics."""
-    crop, big = _scaled(224, 224, image_size), _scaled(252, 224, image_size)
-    ops = [T.Resize((big, big)), T.RandomCrop(crop), T.RandomHorizontalFlip()] if train else [T.Resize((crop, crop))]
-    return _finish(ops, IMAGENET_MEAN, IMAGENET_STD)
-
-
 def reir_transform(train: bool, data_name: str, crop_type: str, image_size: Optional[int] = None) -> T.Compose:
     """REIR: uncropped Resize(256) -> RandomCrop(256) -> flip / Resize(256) -> CenterCrop(256);
     cropped Resize((256,256)) (+ flip); per-dataset statistics."""
@@ -69,26 +62,14 @@ def sreml_transform(train: bool, data_name: str, image_size: Optional[int] = Non
     return _finish(ops, *DATASET_STATS.get(data_name, (IMAGENET_MEAN, IMAGENET_STD)))
 
 
-def irt_transform(train: bool, input_size: int = 224) -> T.Compose:
-    """IRT/DeiT: shorter side 256 (bicubic) -> RandomCrop(224) + flip / CenterCrop(224); ImageNet statistics."""
-    resize = round(input_size * 256 / 224)
-    ops = [T.Resize(resize, interpolation=InterpolationMode.BICUBIC)]
-    ops += [T.RandomCrop(input_size), T.RandomHorizontalFlip()] if train else [T.CenterCrop(input_size)]
-    return _finish(ops, IMAGENET_MEAN, IMAGENET_STD)
-
-
 def build_transform(
     method: str, train: bool, data_name: str = "car", crop_type: str = "uncropped", image_size: Optional[int] = None
 ) -> T.Compose:
     """The transform of ``method`` for training or evaluation."""
-    if method == "cgd":
-        return cgd_transform(train, image_size)
     if method == "reir":
         return reir_transform(train, data_name, crop_type, image_size)
     if method == "sreml":
         return sreml_transform(train, data_name, image_size)
-    if method == "irt":
-        return irt_transform(train, image_size or 224)
     if method == "fastretri":
         return fastretri_transform(train, **fastretri_preset(data_name, image_size))
     raise ValueError(f"no transform preset for method {method!r}")

@@ -1,16 +1,14 @@
 """FastRetri data: transforms from the config, the datasets and fast-reid's training samplers."""
 
-import collections
-import itertools
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from common.data.datasets import RetrievalDataset, eval_splits, label_space
 from common.data.index import load_index
 from common.data.prepare import ensure_dataset
 from common.presets import fastretri_transform
+from common.samplers import StreamBatchSampler
 from fastretri.config import data_name
 
 __all__ = [
@@ -20,7 +18,6 @@ __all__ = [
     "training_stream",
     "naive_identity_stream",
     "balanced_identity_stream",
-    "StreamBatchSampler",
     "build_train_sampler",
 ]
 
@@ -125,52 +122,6 @@ def balanced_identity_stream(labels: Sequence[int], batch_size: int, num_instanc
 
 
 SAMPLERS = ("TrainingSampler", "NaiveIdentitySampler", "BalancedIdentitySampler")
-
-
-class StreamBatchSampler(torch.utils.data.Sampler):
-    """Epochs of ``iters_per_epoch`` global batches cut from one endless index stream (fast-reid trains on an
-    infinite sampler and counts ``len(dataset) // IMS_PER_BATCH`` iterations as an epoch, so an epoch's batches
-    continue where the last epoch's stopped and no image is dropped).
-
-    Rank r of W takes fast-reid's share of each global batch: every W-th index from r for ``TrainingSampler``
-    (``islice(stream, r, None, W)``), the r-th contiguous block for the identity samplers (whose ``reorder_index``
-    keeps each identity on one rank). ``set_epoch(e)`` positions the stream at epoch ``e``'s first batch (1-based),
-    so a resumed run draws what an uninterrupted one would have.
-    """
-
-    def __init__(
-        self,
-        make_stream: Callable[[], Iterator[int]],
-        global_batch: int,
-        iters_per_epoch: int,
-        rank: int = 0,
-        world_size: int = 1,
-        interleave: bool = True,
-    ):
-        self.make_stream, self.global_batch, self.iters = make_stream, global_batch, iters_per_epoch
-        self.rank, self.world, self.interleave = rank, world_size, interleave
-        self.per_rank = global_batch // world_size
-        self.epoch, self._stream, self._position = 1, None, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.iters
-
-    def __iter__(self) -> Iterator[List[int]]:
-        target = (self.epoch - 1) * self.iters * self.global_batch
-        if self._stream is None or self._position > target:
-            self._stream, self._position = self.make_stream(), 0
-        collections.deque(itertools.islice(self._stream, target - self._position), maxlen=0)  # skip ahead
-        self._position = target
-        for _ in range(self.iters):
-            batch = list(itertools.islice(self._stream, self.global_batch))
-            self._position += self.global_batch
-            if self.interleave:
-                yield batch[self.rank :: self.world]
-            else:
-                yield batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
 
 
 def build_train_sampler(cfg: Dict, labels: Sequence[int], rank: int = 0, world_size: int = 1) -> StreamBatchSampler:

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from common.errors import UserError
-from common.presets import build_transform
 from common.runs import run_name
 from common.spec import MethodSpec
 from irt.data import DATASET_ALIASES, ORIGINAL_NAMES
 from irt.model import build_model, load_original_encoder, original_model_name, parse_model_kwargs
+from irt.transforms import irt_transform
 
 __all__ = ["SPEC", "MODEL_KEYS", "irt_run_name", "model_from_config"]
 
@@ -91,9 +91,7 @@ SPEC = MethodSpec(
     model_keys=MODEL_KEYS,
     build_model=model_from_config,
     embed=embed,
-    transform=lambda config, train: build_transform(
-        "irt", train, config["data_name"], config.get("crop_type", "uncropped"), config["input_size"]
-    ),
+    transform=lambda config, train: irt_transform(train, config["input_size"] or 224),
     run_name=irt_run_name,
     default_data_base="cub_uncropped_deit_small_distilled_patch16_224_224_2000_64_0.7_0.5_0_1.0_0_data_base.pth",
     default_recalls="1,2,4,8",

@@ -8,6 +8,7 @@ checkpoint is written for ``--resume`` and the best model + database are kept. `
 """
 
 import argparse
+import functools
 import math
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -34,7 +35,6 @@ from common.cli import (
 )
 from common.data.datasets import eval_splits
 from common.data.prepare import ensure_dataset_main_first
-from common.database import Split
 from common.device import Precision, maybe_compile, upcast
 from common.distributed import (
     DistInfo,
@@ -45,14 +45,14 @@ from common.distributed import (
     is_main_process,
     wrap_ddp,
 )
-from common.engine import Evaluation, Run, check_finite, embed_dataset, eval_recalls
+from common.engine import Evaluation, Run, check_finite, evaluate
 from common.errors import UserError, run_cli
 from common.runio import plain_config, set_seed
 from common.runs import RunFiles, results_dir
 from irt.data import DATASET_ALIASES, ORIGINAL_NAMES, build_datasets, train_loader
 from irt.losses import REDUCTIONS, ContrastiveLoss, KoLeo
 from irt.model import DISTILLED_EMBEDDINGS, save_original_encoder
-from irt.spec import MODEL_KEYS, embed, irt_run_name, model_from_config
+from irt.spec import MODEL_KEYS, SPEC, embed, irt_run_name, model_from_config
 from irt.xbm import XBM, MomentumEncoder
 
 # a checkpoint is only resumed for the same network (MODEL_KEYS) and training recipe
@@ -194,36 +194,6 @@ def train_one_epoch(
     return {**{f"train_{k}": float(v) for k, v in zip(("contrastive", "koleo", "loss"), sums)}, "lr": lr}
 
 
-def evaluate(
-    model: nn.Module,
-    datasets,
-    query: str,
-    gallery: str,
-    ranks,
-    device,
-    *,
-    batch_size: int,
-    num_workers: int,
-    amp: bool = False,
-) -> Evaluation:
-    """Recall@K of ``query`` against ``gallery`` (self excluded by index when they are the same split); every rank
-    embeds its share of the images."""
-    splits = {}
-    for name in dict.fromkeys((query, gallery)):
-        features = embed_dataset(
-            model,
-            datasets[name],
-            batch_size=batch_size,
-            num_workers=num_workers,
-            device=device,
-            embed=embed,
-            amp=amp,
-            desc=name,
-        )
-        splits[name] = Split(datasets[name].images, datasets[name].labels, features)
-    return Evaluation(eval_recalls(splits[query], splits[gallery], ranks, same_set=query == gallery), splits)
-
-
 def log_dir(args, files: RunFiles) -> Optional[Path]:
     """TensorBoard folder: the original's ``--log-dir``, ``DIR/<dataset>/`` (one sub-folder per run), or None for
     the run's own beside its CSV."""
@@ -277,7 +247,8 @@ def main(args):
     set_seed(args.seed)
     pin = args.pin_mem and device.type == "cuda"
     ensure_dataset_main_first(args.data_path, args.data_name, args.crop_type)
-    datasets = build_datasets(args.data_path, args.data_name, args.crop_type, args.input_size)
+    transform = functools.partial(SPEC.transform, vars(args))  # transform(train)
+    datasets = build_datasets(args.data_path, args.data_name, args.crop_type, transform)
     if not args.augment:
         datasets["train"].transform = datasets[next(s for s in datasets if s != "train")].transform
     query, gallery = eval_splits(args.data_name, args.data_path)
@@ -340,6 +311,7 @@ def main(args):
             gallery,
             args.rank,
             device,
+            embed=embed,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             amp=args.amp,

@@ -12,14 +12,13 @@ would see, with global-batch BatchNorm statistics, so N processes train what one
 """
 
 import argparse
-import math
 import random
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from common.backbones import backbone_choice, is_timm
@@ -40,7 +39,6 @@ from common.database import Split
 from common.device import Precision, get_devices, maybe_compile, parse_gpu_ids, unwrap, upcast
 from common.distributed import (
     DistInfo,
-    RankBatchSampler,
     all_reduce_mean,
     get_world_size,
     init_distributed,
@@ -52,6 +50,7 @@ from common.errors import UserError
 from common.presets import build_transform
 from common.runio import plain_config, set_seed
 from common.runs import RunFiles, results_dir
+from common.samplers import RandomBatchSampler, RankBatchSampler
 from reir.meta_classes import LABEL_TYPES, meta_class_ids
 from reir.model import IMPLS, MODEL_TYPES, SHARE_TYPES, TIMM_SHARE_TYPE, Model, check_share_type, ensemble_embed
 from reir.spec import MODEL_KEYS, Setting
@@ -61,7 +60,6 @@ __all__ = [
     "RESUME_KEYS",
     "MetaLabelled",
     "capped_indices",
-    "ShuffledBatches",
     "SliceCollate",
     "LazySplit",
     "train_one_epoch",
@@ -110,25 +108,6 @@ def capped_indices(labels: Sequence[int], cap: int, seed: int) -> List[int]:
     for members in by_class.values():
         out += sorted(rng.sample(members, cap)) if len(members) > cap else members
     return sorted(out)
-
-
-class ShuffledBatches(Sampler):
-    """The batches of ``DataLoader(shuffle=True, batch_size=B)`` (the originals'), drawn from a seeded permutation
-    per epoch instead of the global RNG, so every process cuts the same global batches; the last batch may be
-    partial (no drop_last)."""
-
-    def __init__(self, num_samples: int, batch_size: int, seed: int = 0):
-        self.n, self.batch_size, self.seed, self.epoch = num_samples, batch_size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(self.n / self.batch_size)
-
-    def __iter__(self):
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
-        yield from (chunk.tolist() for chunk in perm.split(self.batch_size))
 
 
 class SliceCollate:
@@ -278,7 +257,9 @@ def build_data(args: argparse.Namespace, info: DistInfo, setting: Setting):
         main=info.rank == 0,
     )
     labelled = MetaLabelled(train_set, ids, capped_indices(train_set.labels, CLASS_CAP, args.seed))
-    sampler = RankBatchSampler(ShuffledBatches(len(labelled), args.batch_size, args.seed), info.rank, info.world_size)
+    sampler = RankBatchSampler(
+        RandomBatchSampler(len(labelled), args.batch_size, args.seed), info.rank, info.world_size
+    )
     loader = DataLoader(
         labelled,
         batch_sampler=sampler,

@@ -12,9 +12,10 @@ from torchvision.io import read_file
 from torchvision.transforms import functional as TF
 
 from benchmarks.gpu_decode import EncodedImages, GpuAugment, TensorPipeline, collate_encoded, draft_size
+from benchmarks.loader_benchmark import method_preset
 from common.data.datasets import RetrievalDataset
 from common.data.images import open_image
-from common.presets import build_transform, fastretri_transform
+from common.presets import fastretri_transform
 from tests.common.test_normalize import PRESETS, preset, write_jpegs
 from tests.common.test_safety_data import RNG, _save, _tagged_jpeg
 
@@ -71,8 +72,8 @@ def test_jpeg_bytes_decode_like_pil(jpegs, tmp_path):
 
 
 def test_draft_size_keeps_the_first_resize_a_downscale():
-    assert draft_size(build_transform("cgd", True)) == (252, 252)  # Resize((252, 252))
-    assert draft_size(build_transform("irt", False)) == (256, 256)  # shorter side 256
+    assert draft_size(method_preset("cgd", True)) == (252, 252)  # Resize((252, 252))
+    assert draft_size(method_preset("irt", False)) == (256, 256)  # shorter side 256
     assert draft_size(fastretri_transform(True, [64, 48])) == (48, 64)  # (h, w) -> (w, h)
     assert draft_size(fastretri_transform(True, [0])) is None  # RandomResizedCrop of the whole image
 
@@ -121,10 +122,10 @@ def test_encoded_and_gpu_paths_give_open_image_pixels(mixed):
     encoded = EncodedImages(dataset)
     items = [encoded[i][0] for i in range(len(mixed))]
     assert [x.ndim for x in items] == [1, 1] + [3] * (len(mixed) - 2)  # only the plain JPEGs stay encoded
-    decoded = GpuAugment(build_transform("cgd", False, "cub", "uncropped", 32), "cpu").decode(items)
+    decoded = GpuAugment(method_preset("cgd", False, "cub", "uncropped", 32), "cpu").decode(items)
     for path, img in zip(mixed, decoded):
         assert torch.equal(img, TF.pil_to_tensor(open_image(path))), path
-    pipeline = TensorPipeline(build_transform("cgd", False, "cub", "uncropped", 32))
+    pipeline = TensorPipeline(method_preset("cgd", False, "cub", "uncropped", 32))
     encoded = EncodedImages(dataset, transform=pipeline)
     for i, path in enumerate(mixed):
         assert torch.equal(encoded[i][0], pipeline(open_image(path))), path

@@ -49,9 +49,9 @@ def original_run(tmp_path, monkeypatch):
     torch.save(model.state_dict(), folder / f"{RUN}_model.pth")
     images = sorted(str(p) for p in data.glob("cub/images/00[5-8].*/*.jpg"))
     labels = [int(p.split("/")[-2][:3]) - 5 for p in images]
-    from common.presets import build_transform
+    from cgd.transforms import cgd_transform
 
-    tf = build_transform("cgd", False, "cub", "uncropped", None)
+    tf = cgd_transform(False, None)
     with torch.no_grad():
         features = model(torch.stack([tf(Image.open(p).convert("RGB")) for p in images]))[0]
     torch.save(

@@ -10,9 +10,9 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from benchmarks.loader_benchmark import method_preset
 from common.data.images import open_image
 from common.data.normalize import ToNormalizedTensor, split_preset
-from common.presets import build_transform
 
 PRESETS = [(m, train) for m in ("cgd", "reir", "sreml", "irt", "fastretri") for train in (True, False)]
 
@@ -43,7 +43,7 @@ def jpegs(tmp_path_factory):
 
 
 def preset(method, train, image_size=48):
-    return build_transform(method, train, "cub", "uncropped", image_size)
+    return method_preset(method, train, "cub", "uncropped", image_size)
 
 
 @pytest.mark.parametrize("method,train", PRESETS)

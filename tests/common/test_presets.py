@@ -2,7 +2,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common.presets import DATASET_STATS, build_transform
+from benchmarks.loader_benchmark import method_preset
+from common.presets import DATASET_STATS
 
 
 @pytest.mark.parametrize(
@@ -21,16 +22,16 @@ from common.presets import DATASET_STATS, build_transform
 )
 def test_output_sizes(method, train, image_size, expected):
     img = Image.new("RGB", (300, 200), (120, 60, 30))
-    out = build_transform(method, train, "cub", "uncropped", image_size)(img)
+    out = method_preset(method, train, "cub", "uncropped", image_size)(img)
     assert tuple(out.shape) == (3, *expected)
 
 
 def test_cgd_resize_is_not_aspect_preserving_and_reir_uses_dataset_stats():
-    t = build_transform("cgd", False)
+    t = method_preset("cgd", False)
     sizes = [op.size for op in t.transforms if op.__class__.__name__ == "Resize"]
     assert sizes == [(224, 224)]
-    r = build_transform("reir", False, "car")
+    r = method_preset("reir", False, "car")
     norm = r.transforms[-1]
     assert tuple(norm.mean) == DATASET_STATS["car"][0]
-    flat = build_transform("reir", False, "car")(Image.new("RGB", (256, 256), (0, 0, 0)))
+    flat = method_preset("reir", False, "car")(Image.new("RGB", (256, 256), (0, 0, 0)))
     assert torch.allclose(flat[0], torch.full_like(flat[0], -0.4853 / 0.2237), atol=1e-4)

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import UserError
-from irt.data import RandomBatchSampler, StepStream
 from irt.model import (
     build_model,
     is_original_encoder,
@@ -235,12 +234,3 @@ def test_no_weight_decay_on_biases_norms_position_and_tokens():
         "backbone.patch_embed.proj.weight",
     }
     assert len(no_decay["params"]) + len(decay["params"]) == len(list(model.parameters()))
-
-
-def test_step_stream_resumes_mid_pass():
-    full = StepStream(RandomBatchSampler(10, 4, seed=3), seed=3)
-    batches = [b for _, b in zip(range(8), full)]  # 3 batches per pass: crosses two pass boundaries
-    assert sorted(i for b in batches[:3] for i, _ in b) == list(range(10))
-    assert batches[:3] != batches[3:6]  # each pass is re-shuffled
-    resumed = [b for _, b in zip(range(4), StepStream(RandomBatchSampler(10, 4, seed=3), seed=3, start_step=4))]
-    assert resumed == batches[4:8]

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common.errors import UserError
-from common.presets import build_transform
 from irt import inference
 from irt import test as irt_test
 from irt.spec import import_original
+from irt.transforms import irt_transform
 from tests.tiny import make_tiny_processed
 
 
@@ -76,7 +76,7 @@ def test_database_embedded_with_encoder_pth_answers_new_images(tmp_path, monkeyp
     Image.open(stored["images"][1]).save(new)
     args = ["--data_base", str(out), "--query_img_name", str(new), "--retrieval_num", "3"]
     ranked = inference.main(inference.get_args_parser().parse_args(args))[0][1]
-    tf = build_transform("irt", False, "cub", "uncropped", 224)
+    tf = irt_transform(False, 224)
     with torch.no_grad():
         q = F.normalize(encoder(tf(Image.open(new).convert("RGB"))[None]), dim=1)[0]
         g = F.normalize(encoder(torch.stack([tf(Image.open(p).convert("RGB")) for p in stored["images"]])), dim=1)

@@ -13,7 +13,6 @@ import reir.engine as engine
 from common.database import load_database
 from reir import ablation, inference, train
 from reir import test as reir_test
-from reir.engine import ShuffledBatches
 from tests.tiny import make_tiny_processed
 from tests.training import assert_events_match_csv, assert_float32_database, record_speed
 
@@ -53,18 +52,6 @@ def _train(data, results, monkeypatch, *extra):
 def trained(data, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         return _train(data, tmp_path_factory.mktemp("results"), mp, "--num_epochs", "1")
-
-
-def test_shuffled_batches_are_the_original_loaders_batches():
-    """Seeded per epoch, every sample once, the last batch partial (DataLoader(shuffle=True) without drop_last)."""
-    sampler = ShuffledBatches(23, 5, seed=3)
-    sampler.set_epoch(1)
-    first = list(sampler)
-    assert [len(b) for b in first] == [5, 5, 5, 5, 3] and len(sampler) == 5
-    assert sorted(i for b in first for i in b) == list(range(23))
-    assert list(sampler) == first  # same epoch, same batches (what every process relies on)
-    sampler.set_epoch(2)
-    assert list(sampler) != first
 
 
 def test_train_outputs(trained):
