@@ -43,9 +43,22 @@ from common.data.datasets import RetrievalDataset
 from common.data.images import open_image
 from common.data.normalize import split_preset
 from common.presets import build_transform
+from reir.spec import SPEC as REIR_SPEC
+from sreml.spec import SPEC as SREML_SPEC
 
 METHODS = ("cgd", "reir", "sreml", "irt", "fastretri")
 MODES = ("original", "fast", "tensor", "decode_jpeg", "tensor+draft")
+
+
+def method_preset(
+    method: str, train: bool, data_name: str, crop_type: str, image_size: Optional[int] = None
+) -> T.Compose:
+    """A method's preset: REIR's and SREML's through their spec (defined in their folders), the others'
+    from ``common.presets``."""
+    if method in ("reir", "sreml"):
+        spec = REIR_SPEC if method == "reir" else SREML_SPEC
+        return spec.transform({"data_name": data_name, "crop_type": crop_type, "image_size": image_size}, train)
+    return build_transform(method, train, data_name, crop_type, image_size)
 
 
 def fake_photo(rng: np.random.Generator, width: int = 500, height: int = 375) -> Image.Image:
@@ -256,7 +269,7 @@ def main(args: argparse.Namespace) -> Dict:
         )
         for method in args.methods:
             for train in (True, False):
-                preset = build_transform(method, train, args.data_name, args.crop_type)
+                preset = method_preset(method, train, args.data_name, args.crop_type)
                 rows = pipelines(preset)
                 rates = time_all(rows, paths, args.rounds)
                 diffs = pixel_diff(rows, paths[: args.diff_images], preset.transforms[-1].std)

@@ -49,26 +49,6 @@ def cgd_transform(train: bool, image_size: Optional[int] = None) -> T.Compose:
     return _finish(ops, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def reir_transform(train: bool, data_name: str, crop_type: str, image_size: Optional[int] = None) -> T.Compose:
-    """REIR: uncropped Resize(256) -> RandomCrop(256) -> flip / Resize(256) -> CenterCrop(256);
-    cropped Resize((256,256)) (+ flip); per-dataset statistics."""
-    s = _scaled(256, 256, image_size)
-    if crop_type == "cropped":
-        ops = [T.Resize((s, s))] + ([T.RandomHorizontalFlip()] if train else [])
-    elif train:
-        ops = [T.Resize(s), T.RandomCrop(s), T.RandomHorizontalFlip()]
-    else:
-        ops = [T.Resize(s), T.CenterCrop(s)]
-    return _finish(ops, *DATASET_STATS.get(data_name, (IMAGENET_MEAN, IMAGENET_STD)))
-
-
-def sreml_transform(train: bool, data_name: str, image_size: Optional[int] = None) -> T.Compose:
-    """SREML: Resize((256,256)) (+ flip in training), every dataset and crop type; per-dataset statistics."""
-    s = _scaled(256, 256, image_size)
-    ops = [T.Resize((s, s))] + ([T.RandomHorizontalFlip()] if train else [])
-    return _finish(ops, *DATASET_STATS.get(data_name, (IMAGENET_MEAN, IMAGENET_STD)))
-
-
 def irt_transform(train: bool, input_size: int = 224) -> T.Compose:
     """IRT/DeiT: shorter side 256 (bicubic) -> RandomCrop(224) + flip / CenterCrop(224); ImageNet statistics."""
     resize = round(input_size * 256 / 224)
@@ -83,10 +63,6 @@ def build_transform(
     """The transform of ``method`` for training or evaluation."""
     if method == "cgd":
         return cgd_transform(train, image_size)
-    if method == "reir":
-        return reir_transform(train, data_name, crop_type, image_size)
-    if method == "sreml":
-        return sreml_transform(train, data_name, image_size)
     if method == "irt":
         return irt_transform(train, image_size or 224)
     if method == "fastretri":

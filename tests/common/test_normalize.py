@@ -13,6 +13,8 @@ from torchvision.transforms import functional as TF
 from common.data.images import open_image
 from common.data.normalize import ToNormalizedTensor, split_preset
 from common.presets import build_transform
+from reir.spec import SPEC as REIR_SPEC
+from sreml.spec import SPEC as SREML_SPEC
 
 PRESETS = [(m, train) for m in ("cgd", "reir", "sreml", "irt", "fastretri") for train in (True, False)]
 
@@ -43,6 +45,9 @@ def jpegs(tmp_path_factory):
 
 
 def preset(method, train, image_size=48):
+    if method in ("reir", "sreml"):  # presets reached through the method's spec
+        spec = REIR_SPEC if method == "reir" else SREML_SPEC
+        return spec.transform({"data_name": "cub", "crop_type": "uncropped", "image_size": image_size}, train)
     return build_transform(method, train, "cub", "uncropped", image_size)
 
 
