@@ -26,7 +26,7 @@ from torch import nn
 from common.database import Database
 from common.errors import UserError
 from common.originals import load_original_state, original_database, split_name
-from reir.model import MODEL_TYPES, SHARE_TYPES, STAGES, Model
+from reir.model import MODEL_TYPES, SHARE_TYPES, STAGES, model_from_config
 
 __all__ = [
     "reir_original_config",
@@ -84,17 +84,6 @@ def normalise_keys(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]
     return {_NESTED_CLASSIFIER.sub(r"classifiers.\1.", k, count=1): v for k, v in state.items()}
 
 
-def _build(config: Mapping[str, Any]) -> Model:
-    return Model(
-        config["model_type"],
-        config["share_type"],
-        config["ensemble_size"],
-        config["meta_class_size"],
-        with_random=config["with_random"],
-        pretrained="none",
-    )
-
-
 def _private_stages(share_type: str) -> Tuple[str, ...]:
     return STAGES if share_type == "none" else STAGES[STAGES.index(share_type) + 1 :]
 
@@ -124,7 +113,7 @@ def _sources(key: str, config: Mapping[str, Any]) -> Optional[List[str]]:
 def _meta_state(config: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     """Our state dict for ``config`` on the ``meta`` device (keys and shapes, no memory)."""
     with torch.device("meta"):
-        return _build(config).state_dict()
+        return model_from_config(config).state_dict()
 
 
 def original_layout(
@@ -191,7 +180,7 @@ def import_state(
     what = f"model {path}"
     ours = _meta_state(config)
     _check(state, original_layout(config, ours), what)  # before the real model is allocated
-    model = _build(config)
+    model = model_from_config(config)
     model.load_state_dict(to_model_state(state, config, ours), strict=True)
     # original_file: the model came from an original project's file (common.runs re-imports it by name);
     # model_file: a database embedded with it (test.py --save_data_base, inference --gallery) finds it again.

@@ -6,16 +6,15 @@ run name, transform, ``fixed`` flags and defaults; ``reir.recipe`` builds a run 
 
 from typing import Any, Mapping, Optional
 
-from torch import nn
 from torchvision import transforms as T
 
 from common.presets import DATASET_STATS, IMAGENET_MEAN, IMAGENET_STD, _finish, _scaled
 from common.runs import run_name
 from common.spec import MethodSpec
-from reir.model import Model, ensemble_embed
+from reir.model import ensemble_embed, model_from_config
 from reir.originals import import_reir, reir_database
 
-__all__ = ["MODEL_KEYS", "SPEC", "reir_transform", "reir_run_name", "model_from_config"]
+__all__ = ["MODEL_KEYS", "SPEC", "reir_transform", "reir_run_name"]
 
 # Configuration a model file / database must match to be used with these flags.
 MODEL_KEYS = (
@@ -57,18 +56,6 @@ def reir_transform(train: bool, data_name: str, crop_type: str, image_size: Opti
     else:
         ops = [T.Resize(s), T.CenterCrop(s)]
     return _finish(ops, *DATASET_STATS.get(data_name, (IMAGENET_MEAN, IMAGENET_STD)))
-
-
-def model_from_config(config: Mapping[str, Any]) -> nn.Module:
-    """The untrained ensemble of a stored run configuration, on one device (CPU; the caller moves it)."""
-    return Model(
-        config["model_type"],
-        config["share_type"],
-        config["ensemble_size"],
-        config["meta_class_size"],
-        with_random=config["with_random"],
-        pretrained="none",
-    )
 
 
 # Cosine ranking with scale E (the mean per-learner cosine), 256 px renders.

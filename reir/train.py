@@ -18,10 +18,8 @@ import torch
 
 from common.cli import parse_args_with_config, run_summary
 from common.distributed import init_distributed, wrap_ddp
-from common.engine import Evaluation, evaluate
 from common.errors import run_cli
 from reir import recipe
-from reir.model import ensemble_embed
 from reir.spec import SPEC
 
 # --data_name demo: the flags not given take these values (ResNet-18 from scratch on 32-px crops, 4 learners)
@@ -43,10 +41,8 @@ def main(args: argparse.Namespace) -> None:
     learner_blocks = len(model.sizes)
     model = wrap_ddp(model, info)
 
-    # ---- optimisation
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    milestones = [int(0.5 * args.num_epochs), int(0.7 * args.num_epochs)]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    # ---- optimisation: Adam, lr x0.1 at 50 % and 70 % of the epochs
+    optimizer, scheduler = recipe.build_optimizer(model, args)
 
     # ---- epochs
     run = recipe.build_run(args, SPEC, num_classes, learner_blocks, query, gallery)
@@ -54,21 +50,7 @@ def main(args: argparse.Namespace) -> None:
     if "ids" in state:
         ids.copy_(state["ids"])
 
-    def evaluate_now() -> Evaluation:
-        return evaluate(
-            model,
-            datasets,
-            query,
-            gallery,
-            args.recalls,
-            device,
-            embed=ensemble_embed,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            amp=args.amp,
-            lazy=("train",),
-        )
-
+    evaluate_now = recipe.evaluator(model, datasets, query, gallery, device, args)
     if start == 1:
         run.log(0, {}, evaluate_now(), model)
     for epoch in range(start, args.num_epochs + 1):
