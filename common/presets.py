@@ -42,34 +42,10 @@ def _finish(ops: list, mean: Sequence[float], std: Sequence[float]) -> T.Compose
     return T.Compose(ops + [ToNormalizedTensor(mean, std)])
 
 
-def reir_transform(train: bool, data_name: str, crop_type: str, image_size: Optional[int] = None) -> T.Compose:
-    """REIR: uncropped Resize(256) -> RandomCrop(256) -> flip / Resize(256) -> CenterCrop(256);
-    cropped Resize((256,256)) (+ flip); per-dataset statistics."""
-    s = _scaled(256, 256, image_size)
-    if crop_type == "cropped":
-        ops = [T.Resize((s, s))] + ([T.RandomHorizontalFlip()] if train else [])
-    elif train:
-        ops = [T.Resize(s), T.RandomCrop(s), T.RandomHorizontalFlip()]
-    else:
-        ops = [T.Resize(s), T.CenterCrop(s)]
-    return _finish(ops, *DATASET_STATS.get(data_name, (IMAGENET_MEAN, IMAGENET_STD)))
-
-
-def sreml_transform(train: bool, data_name: str, image_size: Optional[int] = None) -> T.Compose:
-    """SREML: Resize((256,256)) (+ flip in training), every dataset and crop type; per-dataset statistics."""
-    s = _scaled(256, 256, image_size)
-    ops = [T.Resize((s, s))] + ([T.RandomHorizontalFlip()] if train else [])
-    return _finish(ops, *DATASET_STATS.get(data_name, (IMAGENET_MEAN, IMAGENET_STD)))
-
-
 def build_transform(
     method: str, train: bool, data_name: str = "car", crop_type: str = "uncropped", image_size: Optional[int] = None
 ) -> T.Compose:
     """The transform of ``method`` for training or evaluation."""
-    if method == "reir":
-        return reir_transform(train, data_name, crop_type, image_size)
-    if method == "sreml":
-        return sreml_transform(train, data_name, image_size)
     if method == "fastretri":
         return fastretri_transform(train, **fastretri_preset(data_name, image_size))
     raise ValueError(f"no transform preset for method {method!r}")

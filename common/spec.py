@@ -5,7 +5,7 @@ and ``ablation.py`` once on top of it (``common.runs`` loads the runs), so the f
 (files, columns, flags) and one set of bugs to fix.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 import torch
@@ -38,7 +38,9 @@ class MethodSpec:
     * ``metric``: ``euclidean`` (distance, smaller first; CGD) or ``cosine`` (score, larger first), with
       ``scale(config)`` dividing inner products (REIR: E unit vectors concatenated -> mean per-learner cosine);
     * ``model_keys``: configuration keys that define the model; files that differ on them are refused;
-    * ``import_original`` / ``original_database``: read the original project's files (no stored configuration).
+    * ``import_original`` / ``original_database``: read the original project's files (no stored configuration);
+    * ``fixed``: configuration values a method holds fixed, with no training flag for them (a variant of another
+      method's model, e.g. SREML's ``share_type``), set in every run configuration it trains.
     """
 
     name: str
@@ -57,6 +59,7 @@ class MethodSpec:
     default_recalls: str = "1,2,4,8"
     import_original: Optional[Callable[..., Any]] = None  # (model file, args) -> (config, model), original's file
     original_database: Optional[Callable[..., Any]] = None  # database file -> Database, original's layout
+    fixed: Mapping[str, Any] = field(default_factory=dict)
 
     def eval_transform(self, config: Config) -> Callable:
         """The evaluation preset of a run configuration (test, inference, galleries, export, the service)."""

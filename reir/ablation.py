@@ -11,9 +11,12 @@ under ``results/reir/<better run>----<worse run>/<query path relative to the ima
 from common.cli import script
 from common.errors import run_cli
 from common.scripts.ablation import ablation_parser, run_ablation
-from reir.spec import REIR, SPEC
+from reir.spec import SPEC
 
-get_args_parser, main = script(ablation_parser, run_ablation, SPEC, *REIR.ablation)
+BETTER = "car_uncropped_fixed_unrandom_layer1_resnet18_48_12_data_base.pth"
+WORSE = "car_uncropped_random_unrandom_layer1_resnet18_48_12_data_base.pth"
+
+get_args_parser, main = script(ablation_parser, run_ablation, SPEC, BETTER, WORSE)
 
 
 if __name__ == "__main__":

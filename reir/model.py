@@ -23,7 +23,7 @@ A timm backbone (``--model_type timm:NAME``) has no ResNet stages to copy per le
 """
 
 import math
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ __all__ = [
     "IMPLS",
     "check_share_type",
     "Model",
+    "model_from_config",
     "count_parameters",
     "resolve_impl",
     "ensemble_embed",
@@ -397,6 +398,18 @@ def _merge_blocks(module: Model, state_dict, prefix, local_metadata) -> None:
         rest = key[len(prefix + "branches.0.") :]
         parts = [state_dict.pop(f"{prefix}branches.{b}.{rest}") for b in range(len(module.sizes))]
         state_dict[key] = parts[0] if parts[0].dim() == 0 else torch.cat([p.to(parts[0].device) for p in parts])
+
+
+def model_from_config(config: Mapping[str, Any]) -> Model:
+    """The untrained ensemble of a stored run configuration, on one device (CPU; the caller moves it)."""
+    return Model(
+        config["model_type"],
+        config["share_type"],
+        config["ensemble_size"],
+        config["meta_class_size"],
+        with_random=config["with_random"],
+        pretrained="none",
+    )
 
 
 def _memory_format(images: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,11 @@
-"""leftthomas' own REIR and SREML files (leftthomas/NormSoftmax history) in this toolkit's test / inference / ablation.
+"""leftthomas' own REIR files (leftthomas/NormSoftmax history) in this toolkit's test / inference / ablation, and the
+layout conversion SREML's reader (``sreml.originals``) shares.
 
 The originals saved no configuration; the settings come from the file name:
 
 * REIR (``2c88830``): ``epochs/<run>_model.pth`` and ``results/<run>_data_base.pth`` with
   ``<run> = <data>_<crop>_<label>_<random|unrandom>_<share>_<model>_<E>_<M>``;
-* SREML (``edcb745``): ``epochs/<data>_<crop>_<model>_model.pth`` only (it saved no database); E and M are read
-  from the weights (48 / 12 by default, 500 / 192 for its SOP / In-shop runs).
+* SREML (``edcb745``, read by ``sreml.originals``): ``epochs/<data>_<crop>_<model>_model.pth`` only.
 
 The original model is E separate torchvision branches: ``common_extractor.<k>`` (the shared stages, as here),
 per learner ``head.<i>`` (``Sequential`` of the private ones among conv1, bn1, relu, maxpool), ``layer1.<i>`` …
@@ -26,15 +26,16 @@ from torch import nn
 from common.database import Database
 from common.errors import UserError
 from common.originals import load_original_state, original_database, split_name
-from reir.model import MODEL_TYPES, SHARE_TYPES, STAGES, Model
+from reir.model import MODEL_TYPES, SHARE_TYPES, STAGES, model_from_config
 
 __all__ = [
     "reir_original_config",
-    "sreml_original_config",
+    "parse_model_type",
+    "normalise_keys",
     "original_layout",
     "to_model_state",
+    "import_state",
     "import_reir",
-    "import_sreml",
     "reir_database",
 ]
 
@@ -43,7 +44,7 @@ _OUR_PRIVATE = re.compile(r"branches\.0\.features\.(\d+)\.(.+)")
 _NESTED_CLASSIFIER = re.compile(r"^classifiers\.(\d+)\.0\.")  # SREML's Sequential(Linear)
 
 
-def _model_type(fields: Tuple[str, ...], name: str, pattern: str) -> str:
+def parse_model_type(fields: Tuple[str, ...], name: str, pattern: str) -> str:
     """A backbone name that itself contains '_' (``resnext50_32x4d``) spans several fields."""
     model_type = "_".join(fields)
     if model_type not in MODEL_TYPES:
@@ -71,50 +72,16 @@ def reir_original_config(path: Path, suffix: str) -> Dict[str, Any]:
         "label_type": fields[2],
         "with_random": fields[3] == "random",
         "share_type": fields[4],
-        "model_type": _model_type(fields[5:-2], name, pattern),
+        "model_type": parse_model_type(fields[5:-2], name, pattern),
         "ensemble_size": int(fields[-2]),
         "meta_class_size": int(fields[-1]),
         "image_size": None,
     }
 
 
-def _normalise_keys(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def normalise_keys(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """``classifiers.<i>.0.*`` (SREML) -> ``classifiers.<i>.*`` (REIR): one layout to check and convert."""
     return {_NESTED_CLASSIFIER.sub(r"classifiers.\1.", k, count=1): v for k, v in state.items()}
-
-
-def sreml_original_config(path: Path, state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
-    """SREML's ``<data>_<crop>_<model>`` plus E and M read from the classifiers (not in its file name)."""
-    name, fields = Path(path).name, split_name(path, "_model.pth")
-    pattern = "SREML names its files <data>_<crop>_<model>_model.pth"
-    if len(fields) < 3:
-        raise UserError(f"{name}: cannot read the settings from the file name ({pattern})")
-    heads = {int(m.group(1)) for k in state if (m := re.match(r"classifiers\.(\d+)\.weight$", k))}
-    if "classifiers.0.weight" not in state:
-        raise UserError(f"{path} holds no REIR/SREML weights (no classifiers.0.0.weight)")
-    return {
-        "method": "sreml",
-        "data_name": fields[0],
-        "crop_type": fields[1],
-        "label_type": "random",
-        "with_random": False,
-        "share_type": "layer1",
-        "model_type": _model_type(fields[2:], name, pattern),
-        "ensemble_size": len(heads),
-        "meta_class_size": int(state["classifiers.0.weight"].shape[0]),
-        "image_size": None,
-    }
-
-
-def _build(config: Mapping[str, Any]) -> Model:
-    return Model(
-        config["model_type"],
-        config["share_type"],
-        config["ensemble_size"],
-        config["meta_class_size"],
-        with_random=config["with_random"],
-        pretrained="none",
-    )
 
 
 def _private_stages(share_type: str) -> Tuple[str, ...]:
@@ -146,7 +113,7 @@ def _sources(key: str, config: Mapping[str, Any]) -> Optional[List[str]]:
 def _meta_state(config: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     """Our state dict for ``config`` on the ``meta`` device (keys and shapes, no memory)."""
     with torch.device("meta"):
-        return _build(config).state_dict()
+        return model_from_config(config).state_dict()
 
 
 def original_layout(
@@ -206,11 +173,14 @@ def to_model_state(
     return out
 
 
-def _import(path: Path, config: Dict[str, Any], state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, Any], nn.Module]:
+def import_state(
+    path: Path, config: Dict[str, Any], state: Dict[str, torch.Tensor]
+) -> Tuple[Dict[str, Any], nn.Module]:
+    """The model of ``config`` holding an original's ``state`` (checked against the layout first, one line)."""
     what = f"model {path}"
     ours = _meta_state(config)
     _check(state, original_layout(config, ours), what)  # before the real model is allocated
-    model = _build(config)
+    model = model_from_config(config)
     model.load_state_dict(to_model_state(state, config, ours), strict=True)
     # original_file: the model came from an original project's file (common.runs re-imports it by name);
     # model_file: a database embedded with it (test.py --save_data_base, inference --gallery) finds it again.
@@ -221,13 +191,7 @@ def _import(path: Path, config: Dict[str, Any], state: Dict[str, torch.Tensor]) 
 def import_reir(path: Path, args: Any = None) -> Tuple[Dict[str, Any], nn.Module]:
     """REIR's ``<run>_model.pth``: settings from the file name, weights mapped to the grouped layout."""
     config = reir_original_config(path, "_model.pth")
-    return _import(path, config, _normalise_keys(load_original_state(path)))
-
-
-def import_sreml(path: Path, args: Any = None) -> Tuple[Dict[str, Any], nn.Module]:
-    """SREML's ``<data>_<crop>_<model>_model.pth``: stem + layer1 shared, E and M from the classifiers."""
-    state = _normalise_keys(load_original_state(path))
-    return _import(path, sreml_original_config(path, state), state)
+    return import_state(path, config, normalise_keys(load_original_state(path)))
 
 
 def reir_database(path: Path) -> Database:

@@ -7,9 +7,12 @@
 from common.cli import script
 from common.errors import run_cli
 from common.scripts.ablation import ablation_parser, run_ablation
-from sreml.spec import SETTING, SPEC
+from sreml.spec import SPEC
 
-get_args_parser, main = script(ablation_parser, run_ablation, SPEC, *SETTING.ablation)
+BETTER = "car_uncropped_resnet34_data_base.pth"
+WORSE = "car_uncropped_resnet18_data_base.pth"
+
+get_args_parser, main = script(ablation_parser, run_ablation, SPEC, BETTER, WORSE)
 
 
 if __name__ == "__main__":

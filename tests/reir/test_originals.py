@@ -22,9 +22,10 @@ from common.errors import UserError
 from reir import ablation, inference
 from reir import test as reir_test
 from reir.model import ensemble_embed
-from reir.originals import import_reir, import_sreml
+from reir.originals import import_reir
 from sreml import inference as sreml_inference
 from sreml import test as sreml_test
+from sreml.originals import import_sreml
 from tests.tiny import make_tiny_processed
 
 STAGES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]

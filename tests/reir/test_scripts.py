@@ -9,9 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-import reir.engine as engine
 from common.database import load_database
-from reir import ablation, inference, train
+from reir import ablation, inference, recipe, train
 from reir import test as reir_test
 from tests.tiny import make_tiny_processed
 from tests.training import assert_events_match_csv, assert_float32_database, record_speed
@@ -150,7 +149,7 @@ def test_ablation(trained, monkeypatch):
 
 def test_resume_equals_uninterrupted(data, tmp_path, monkeypatch):
     calls = {"n": 0}
-    original = engine.train_one_epoch
+    original = recipe.train_one_epoch
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -158,12 +157,12 @@ def test_resume_equals_uninterrupted(data, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "train_one_epoch", interrupted)
+    monkeypatch.setattr(recipe, "train_one_epoch", interrupted)
     # share_type layer4 (only the heads are private) keeps the three runs' checkpoints small
     run = "cub_uncropped_fixed_random_layer4_resnet18_4_2"
     with pytest.raises(KeyboardInterrupt):
         _train(data, tmp_path / "a", monkeypatch, "--num_epochs", "2", "--share_type", "layer4")
-    monkeypatch.setattr(engine, "train_one_epoch", original)
+    monkeypatch.setattr(recipe, "train_one_epoch", original)
     resumed = _train(data, tmp_path / "a", monkeypatch, "--num_epochs", "2", "--share_type", "layer4", "--resume")
     trained = _train(data, tmp_path / "b", monkeypatch, "--num_epochs", "2", "--share_type", "layer4")
     a = torch.load(trained / f"{run}_checkpoint.pth", weights_only=True)
@@ -198,7 +197,7 @@ def test_amp_and_compile_train_in_bfloat16_and_evaluate_in_float32(data, tmp_pat
     autocast (the logits come out float32: the heads' float32 bias promotes them), the saved database holds the
     float32 features test.py recomputes from the model file, and the TensorBoard events hold the CSV's rows and one
     loss per step."""
-    seen = record_speed(monkeypatch, engine)
+    seen = record_speed(monkeypatch, recipe)
     out = _train(data, tmp_path / "results", monkeypatch, "--num_epochs", "1", "--amp", "--compile")
     assert seen["graphs"] and seen["autocast"] and set(seen["autocast"]) == {torch.bfloat16}
     assert_float32_database(reir_test, out / f"{RUN}_model.pth", out / f"{RUN}_data_base.pth", data, tmp_path)

@@ -19,7 +19,7 @@ def test_sreml_defaults():
     assert args.recalls == [1, 2, 4, 8, 10, 20, 30, 40, 50, 100, 1000]
     assert (args.share_type, args.label_type, args.with_random, args.method) == ("layer1", "random", False, "sreml")
     assert args.model_selection == "best" and args.float64 is False and args.augment is True
-    assert (args.amp, args.amp_dtype, args.compile) == (False, "bfloat16", False)  # reir.engine's, tested there
+    assert (args.amp, args.amp_dtype, args.compile) == (False, "bfloat16", False)  # reir.recipe's, tested there
     with pytest.raises(SystemExit):  # REIR-only flags do not exist here
         train.get_args_parser().parse_args(["--share_type", "layer2"])
     assert sreml_test.get_args_parser().parse_args([]).data_base == "car_uncropped_resnet18_data_base.pth"

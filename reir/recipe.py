@@ -1,19 +1,19 @@
-"""REIR's training, written once for every :class:`reir.spec.Setting` (REIR's own, or a variant's passed in).
+"""The pieces of REIR's training that ``reir/train.py`` and ``sreml/train.py`` both assemble in their ``main``: the
+flags, the data (meta-labelled, capped, seeded global batches), the ensemble and its precision, the step and the
+run's files, each written once for any :class:`common.spec.MethodSpec` of REIR's model (REIR's own, SREML's).
 
 E learners on a shared trunk, each a meta-class classifier: every training class is mapped, per learner, to one of
 M meta-classes (``reir.meta_classes``); the loss is the cross-entropy over meta-classes averaged over samples and
-learners; Adam, lr x0.1 at 50 % and 70 % of the epochs. After every epoch: Recall@K (mean per-learner cosine),
-CSV + plot, a checkpoint for ``--resume``; the best model on the first requested rank and its database (train,
-test and, for In-shop, query and gallery features) go to ``results/<setting>/<run name>_{model,data_base}.pth``.
-
-One process spreads the learners over ``--gpu_ids`` (the originals' behaviour); under ``torchrun`` every process
-holds the whole ensemble on its own device (DDP) and trains on its slice of the same global batches one process
-would see, with global-batch BatchNorm statistics, so N processes train what one does.
+learners. One process spreads the learners over ``--gpu_ids`` (the originals' behaviour); under ``torchrun`` every
+process holds the whole ensemble on its own device (DDP) and trains on its slice of the same global batches one
+process would see, with global-batch BatchNorm statistics, so N processes train what one does.
 """
 
 import argparse
+import functools
+import math
 import random
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,31 +29,27 @@ from common.cli import (
     common_parser,
     non_negative_float,
     positive_int,
-    run_summary,
     validate_args,
     write_args_yaml,
 )
 from common.data.datasets import RetrievalDataset, eval_splits, load_splits
 from common.data.prepare import ensure_dataset_main_first
-from common.database import Split
 from common.device import Precision, get_devices, maybe_compile, parse_gpu_ids, unwrap, upcast
 from common.distributed import (
     DistInfo,
     all_reduce_mean,
     get_world_size,
-    init_distributed,
     is_main_process,
-    wrap_ddp,
 )
-from common.engine import Evaluation, Run, check_finite, embed_dataset, eval_recalls
+from common.engine import Evaluation, Run, check_finite, evaluate
 from common.errors import UserError
-from common.presets import build_transform
 from common.runio import plain_config, set_seed
 from common.runs import RunFiles, results_dir
 from common.samplers import RandomBatchSampler, RankBatchSampler
+from common.spec import MethodSpec
 from reir.meta_classes import LABEL_TYPES, meta_class_ids
 from reir.model import IMPLS, MODEL_TYPES, SHARE_TYPES, TIMM_SHARE_TYPE, Model, check_share_type, ensemble_embed
-from reir.spec import MODEL_KEYS, Setting
+from reir.spec import MODEL_KEYS
 
 __all__ = [
     "CLASS_CAP",
@@ -61,12 +57,14 @@ __all__ = [
     "MetaLabelled",
     "capped_indices",
     "SliceCollate",
-    "LazySplit",
     "train_one_epoch",
-    "evaluate",
     "build_data",
-    "train",
     "resolve_share_type",
+    "prepare",
+    "build_model",
+    "build_optimizer",
+    "build_run",
+    "evaluator",
     "add_model_args",
     "get_args_parser",
 ]
@@ -124,21 +122,6 @@ class SliceCollate:
         return image.new_empty((0, *image.shape)), ids.new_empty((0, *ids.shape))
 
 
-class LazySplit:
-    """A database split whose features are only computed when the database is actually saved (kept epoch).
-
-    ``compute`` must be collective-safe (``embed_dataset``): ``Run.log`` reads ``features`` on every rank."""
-
-    def __init__(self, dataset: RetrievalDataset, compute):
-        self.images, self.labels, self._compute, self._features = dataset.images, dataset.labels, compute, None
-
-    @property
-    def features(self) -> torch.Tensor:
-        if self._features is None:
-            self._features = self._compute()
-        return self._features
-
-
 def _global_sum(values: List[float], device: torch.device) -> torch.Tensor:
     """Sum over ranks of a few float64 numbers (on the process group's device), returned on CPU."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -194,58 +177,23 @@ def train_one_epoch(
     return {"train_loss": float(sums[0] / seen), "train_accuracy": 100.0 * float(sums[1] / seen), "lr": lr}
 
 
-def evaluate(
-    model: nn.Module,
-    datasets: Dict[str, RetrievalDataset],
-    query: str,
-    gallery: str,
-    device: torch.device,
-    ranks: Sequence[int],
-    *,
-    batch_size: int,
-    num_workers: int,
-    amp: bool = False,
-) -> Evaluation:
-    """Recall@K of query vs gallery; the train split's features are computed only if the database is saved."""
-
-    def embed(name: str) -> torch.Tensor:
-        return embed_dataset(
-            model,
-            datasets[name],
-            batch_size=batch_size,
-            num_workers=num_workers,
-            device=device,
-            embed=ensemble_embed,
-            amp=amp,
-            desc=f"{name} features",
-        )
-
-    splits = {
-        name: Split(datasets[name].images, datasets[name].labels, embed(name))
-        for name in dict.fromkeys((query, gallery))
-    }
-    metrics = eval_recalls(splits[query], splits[gallery], ranks, same_set=query == gallery)
-    splits["train"] = LazySplit(datasets["train"], lambda: embed("train"))
-    return Evaluation(metrics, splits)
-
-
-def build_data(args: argparse.Namespace, info: DistInfo, setting: Setting):
+def build_data(args: argparse.Namespace, info: DistInfo, spec: MethodSpec):
     """Evaluation datasets (full train split too, for the database) and the train loader: seeded global batches
     of ``--batch_size``, each rank taking its contiguous slice; plus the meta-class ids [E, C]."""
     ensure_dataset_main_first(args.data_path, args.data_name, args.crop_type)
     query, gallery = eval_splits(args.data_name, args.data_path)
-    test_tf = build_transform(setting.name, False, args.data_name, args.crop_type, args.image_size)
+    test_tf = spec.transform(vars(args), False)
     datasets = load_splits(
         args.data_path, args.data_name, args.crop_type, {"train": test_tf, query: test_tf, gallery: test_tf}
     )
     validate_args(args, gallery_size=len(datasets[gallery]), self_excluded=query == gallery)
     train_set = datasets["train"]
     if args.augment:
-        train_tf = build_transform(setting.name, True, args.data_name, args.crop_type, args.image_size)
+        train_tf = spec.transform(vars(args), True)
         train_set = load_splits(args.data_path, args.data_name, args.crop_type, {"train": train_tf})["train"]
     num_classes = len(set(train_set.labels))
     ids = meta_class_ids(
-        results_dir(setting.name),
+        results_dir(spec.name),
         args.data_name,
         args.crop_type,
         args.label_type,
@@ -270,40 +218,41 @@ def build_data(args: argparse.Namespace, info: DistInfo, setting: Setting):
     return loader, datasets, query, gallery, ids, num_classes
 
 
-def resolve_share_type(args: argparse.Namespace, setting: Setting) -> None:
-    """A timm backbone is shared whole (``reir.model.TIMM_SHARE_TYPE``). A setting that fixes its share type for
+def resolve_share_type(args: argparse.Namespace, spec: MethodSpec) -> None:
+    """A timm backbone is shared whole (``reir.model.TIMM_SHARE_TYPE``). A spec that fixes its share type for
     ResNets (SREML: layer1) gets that rule for a timm backbone, with a note; a ``--share_type`` flag is checked
     before any data is read (one ``error:`` line naming the flag to give)."""
-    if "share_type" not in setting.fixed:
+    if "share_type" not in spec.fixed:
         check_share_type(args.model_type, args.share_type)
     elif is_timm(args.model_type) and args.share_type != TIMM_SHARE_TYPE:
         if is_main_process():
             print(
-                f"note: {setting.display} shares {args.share_type} of a ResNet; a timm backbone is shared whole "
+                f"note: {spec.display} shares {args.share_type} of a ResNet; a timm backbone is shared whole "
                 f"(share_type {TIMM_SHARE_TYPE}: the learners are heads on its pooled features)",
                 flush=True,
             )
         args.share_type = TIMM_SHARE_TYPE
 
 
-def train(args: argparse.Namespace, setting: Setting) -> None:
-    """The whole run of one setting: data, model, optimisation, then the epochs (the loop below)."""
-    info = init_distributed(use_cuda=torch.cuda.is_available() and args.gpu_ids != "")
+def prepare(args: argparse.Namespace, info: DistInfo, spec: MethodSpec) -> List[torch.device]:
+    """Checks before any data is read, the flags printed, every RNG seeded; the learners' devices: one process
+    spreads them over ``--gpu_ids`` (all visible by default), under torchrun each holds the whole ensemble."""
     if args.batch_size < info.world_size:
         raise UserError(
             f"--batch_size {args.batch_size} (the global batch) is smaller than the {info.world_size} processes"
         )
-    resolve_share_type(args, setting)
+    resolve_share_type(args, spec)
     if info.rank == 0:
         print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())), flush=True)
     set_seed(args.seed)
-    # one process: learners spread over --gpu_ids (all visible by default); torchrun: the whole ensemble per process
-    devices = [info.device] if info.distributed else get_devices(parse_gpu_ids(args.gpu_ids))
-    device = devices[0]
-    dtype = torch.float64 if args.float64 else torch.float32
-    train_loader, datasets, query, gallery, ids, num_classes = build_data(args, info, setting)
+    return [info.device] if info.distributed else get_devices(parse_gpu_ids(args.gpu_ids))
 
-    # ---- model
+
+def build_model(
+    args: argparse.Namespace, info: DistInfo, devices: List[torch.device], dtype: torch.dtype
+) -> Tuple[Model, Precision]:
+    """The ensemble placed on ``devices`` (compiled with ``--compile``) and its precision (``--amp``,
+    ``--float64``); rank 0 prints its parameter counts."""
     model = (
         Model(
             args.model_type,
@@ -318,8 +267,8 @@ def train(args: argparse.Namespace, setting: Setting) -> None:
         .to(dtype)
         .place()
     )
-    precision = Precision.build(device, args.amp, args.amp_dtype, float64=args.float64, main=info.rank == 0)
-    maybe_compile(precision.model(model), args.compile, device, len(devices))
+    precision = Precision.build(devices[0], args.amp, args.amp_dtype, float64=args.float64, main=info.rank == 0)
+    maybe_compile(precision.model(model), args.compile, devices[0], len(devices))
     if info.rank == 0:
         print(
             f"# trainable common feature parameters: "
@@ -328,76 +277,68 @@ def train(args: argparse.Namespace, setting: Setting) -> None:
             f"({len(model.sizes)} learner block(s), {model.impl} ensemble)",
             flush=True,
         )
-    learner_blocks = len(model.sizes)
-    model = wrap_ddp(model, info)
+    return model, precision
 
-    # ---- optimisation
+
+def build_optimizer(
+    model: nn.Module, args: argparse.Namespace
+) -> Tuple[torch.optim.Adam, torch.optim.lr_scheduler.MultiStepLR]:
+    """Adam at ``--lr``, x0.1 at 50 % and 70 % of the epochs (the originals')."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     milestones = [int(0.5 * args.num_epochs), int(0.7 * args.num_epochs)]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
 
-    # ---- epochs
-    config = {
-        **plain_config(args),
-        "num_classes": num_classes,
-        "learner_blocks": learner_blocks,
-        "method": setting.name,
-    }
+
+def build_run(
+    args: argparse.Namespace, spec: MethodSpec, num_classes: int, learner_blocks: int, query: str, gallery: str
+) -> Run:
+    """The run's files under ``results/<spec name>/<run name>_*`` (its database: cosine with scale E), and the
+    resolved flags as ``args.yaml``."""
+    config = {**plain_config(args), "num_classes": num_classes, "learner_blocks": learner_blocks, "method": spec.name}
     run = Run(
-        RunFiles(results_dir(setting.name), setting.run_name(config)),
+        RunFiles(results_dir(spec.name), spec.run_name(config)),
         config,
         RESUME_KEYS,
-        setting.name,
+        spec.name,
         args.num_epochs,
         recalls=args.recalls,
         selection=args.model_selection,
         database={"metric": "cosine", "scale": float(args.ensemble_size), "query": query, "gallery": gallery},
     )
-    if info.rank == 0:
-        write_args_yaml(args, run.files.path("args.yaml"), f"{setting.name}/train.py")
-    start, state = run.resume(args.resume, model, optimizer, scheduler, precision.scaler)
-    if "ids" in state:
-        ids.copy_(state["ids"])
-
-    def evaluate_now() -> Evaluation:
-        return evaluate(
-            model,
-            datasets,
-            query,
-            gallery,
-            device,
-            args.recalls,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            amp=args.amp,
-        )
-
-    if start == 1:
-        run.log(0, {}, evaluate_now(), model)
-    for epoch in range(start, args.num_epochs + 1):
-        train_loader.batch_sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(
-            model,
-            optimizer,
-            train_loader,
-            device,
-            epoch,
-            args.num_epochs,
-            precision=precision,
-            dtype=dtype,
-            log_step=run.log_step,
-        )
-        scheduler.step()
-        run.log(epoch, train_stats, evaluate_now(), model)
-        run.checkpoint(epoch, model, optimizer, scheduler, precision.scaler, ids=ids)
-    run.finish()
-    if info.rank == 0:
-        print(run_summary(run), flush=True)
+    if is_main_process():
+        write_args_yaml(args, run.files.path("args.yaml"), f"{spec.name}/train.py")
+    return run
 
 
-def add_model_args(parser: argparse.ArgumentParser, setting: Setting) -> None:
-    """Ensemble and optimiser flags; a setting's ``fixed`` flags are not offered and keep their fixed values."""
-    g = parser.add_argument_group(f"{setting.display} model")
+def evaluator(
+    model: nn.Module,
+    datasets: Dict[str, RetrievalDataset],
+    query: str,
+    gallery: str,
+    device: torch.device,
+    args: argparse.Namespace,
+) -> Callable[[], Evaluation]:
+    """The evaluation after every epoch (``common.engine.evaluate``): Recall@K of the ensemble embedding, query vs
+    gallery; the train split's features, which the database also holds, are computed only if it is saved."""
+    return functools.partial(
+        evaluate,
+        model,
+        datasets,
+        query,
+        gallery,
+        args.recalls,
+        device,
+        embed=ensemble_embed,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        amp=args.amp,
+        lazy=("train",),
+    )
+
+
+def add_model_args(parser: argparse.ArgumentParser, spec: MethodSpec) -> None:
+    """Ensemble and optimiser flags; the spec's ``fixed`` flags are not offered and keep their fixed values."""
+    g = parser.add_argument_group(f"{spec.display} model")
     g.add_argument(
         "--model_type",
         default="resnet18",
@@ -415,21 +356,21 @@ def add_model_args(parser: argparse.ArgumentParser, setting: Setting) -> None:
         help="run the learners as one grouped network or one after another; same weights and outputs "
         "(default: auto = grouped on CUDA, loop on CPU)",
     )
-    if "label_type" not in setting.fixed:
+    if "label_type" not in spec.fixed:
         g.add_argument(
             "--label_type",
             default="fixed",
             choices=LABEL_TYPES,
             help="assign meta-labels with the random or fixed (unique codes) method (default: fixed)",
         )
-    if "share_type" not in setting.fixed:
+    if "share_type" not in spec.fixed:
         g.add_argument(
             "--share_type",
             default="layer1",
             choices=SHARE_TYPES,
             help=f"shared module type; {TIMM_SHARE_TYPE} with a timm backbone (default: layer1)",
         )
-    if "with_random" not in setting.fixed:
+    if "with_random" not in spec.fixed:
         bool_pair(g, "with_random", False, "with branch random weight")
     bool_pair(g, "load_ids", False, "load already generated meta-class ids instead of drawing (and saving) new ones")
     g = parser.add_argument_group("optimizer")
@@ -440,14 +381,15 @@ def add_model_args(parser: argparse.ArgumentParser, setting: Setting) -> None:
         help="Adam learning rate, x0.1 at 50%% and 70%% of the epochs (default: 1e-4, the original's)",
     )
     add_model_selection(g, "best", "the original kept the best R@1", "--recalls")
-    parser.set_defaults(**setting.fixed, method=setting.name)
+    parser.set_defaults(**spec.fixed, method=spec.name)
 
 
-def get_args_parser(setting: Setting, add_help: bool = True) -> argparse.ArgumentParser:
-    """``train.py``'s flags for a setting: the shared ones with the setting's defaults, plus the ensemble's."""
+def get_args_parser(spec: MethodSpec, add_help: bool = True, **defaults: Any) -> argparse.ArgumentParser:
+    """``train.py``'s flags for a spec: the shared ones with the script's ``defaults`` (``common_parser``'s
+    keywords), plus the ensemble's."""
     parser = argparse.ArgumentParser(
-        description=f"Train {setting.display}", add_help=add_help, parents=[common_parser(**setting.defaults)]
+        description=f"Train {spec.display}", add_help=add_help, parents=[common_parser(**defaults)]
     )
-    add_model_args(parser, setting)
+    add_model_args(parser, spec)
     add_config_flag(parser)
     return parser
