@@ -322,8 +322,6 @@ def _loader_row(
 def section_loader(
     report: Report, args, device: torch.device, budget: Budget, paths: List[str], ceilings: Dict[Tuple[str, str], float]
 ) -> None:
-    from common.presets import build_transform
-
     report.start(
         "loader",
         f"Real DataLoader on fake 500x375 JPEGs, {args.workers} DataLoader workers",
@@ -345,7 +343,7 @@ def section_loader(
         s = settings(args.quick)[method]
         mode = fastest_mode(method) if device.type == "cuda" else "fp32"
         try:
-            preset = build_transform(method, True, "cub", "uncropped", s["image"])
+            preset = loader_benchmark.method_preset(method, True, "cub", "uncropped", s["image"])
             trainer = make_trainer(method, s, mode, device)
         except Exception as e:  # noqa: BLE001
             report.add("loader", {"method": method, "error": _error(e)})

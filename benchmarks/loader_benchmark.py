@@ -43,8 +43,18 @@ from common.data.datasets import RetrievalDataset
 from common.data.images import open_image
 from common.data.normalize import split_preset
 from common.presets import build_transform
+from fastretri.transforms import preset_transform
 
 METHODS = ("cgd", "reir", "sreml", "irt", "fastretri")
+
+
+def method_preset(method: str, train: bool, data_name: str, crop_type: str, image_size: Optional[int] = None):
+    """A method's training or evaluation preset by name (FastRetri's lives in its own folder)."""
+    if method == "fastretri":
+        return preset_transform(train, data_name, image_size)
+    return build_transform(method, train, data_name, crop_type, image_size)
+
+
 MODES = ("original", "fast", "tensor", "decode_jpeg", "tensor+draft")
 
 
@@ -256,7 +266,7 @@ def main(args: argparse.Namespace) -> Dict:
         )
         for method in args.methods:
             for train in (True, False):
-                preset = build_transform(method, train, args.data_name, args.crop_type)
+                preset = method_preset(method, train, args.data_name, args.crop_type)
                 rows = pipelines(preset)
                 rates = time_all(rows, paths, args.rounds)
                 diffs = pixel_diff(rows, paths[: args.diff_images], preset.transforms[-1].std)

@@ -10,8 +10,8 @@ import torch
 from common.data.datasets import RetrievalDataset, eval_splits, label_space
 from common.data.index import load_index
 from common.data.prepare import ensure_dataset
-from common.presets import fastretri_transform
 from fastretri.config import data_name
+from fastretri.transforms import fastretri_transform
 
 __all__ = [
     "SAMPLERS",

@@ -14,7 +14,8 @@ from torchvision.transforms import functional as TF
 from benchmarks.gpu_decode import EncodedImages, GpuAugment, TensorPipeline, collate_encoded, draft_size
 from common.data.datasets import RetrievalDataset
 from common.data.images import open_image
-from common.presets import build_transform, fastretri_transform
+from common.presets import build_transform
+from fastretri.transforms import fastretri_transform
 from tests.common.test_normalize import PRESETS, preset, write_jpegs
 from tests.common.test_safety_data import RNG, _save, _tagged_jpeg
 

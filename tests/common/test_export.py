@@ -25,8 +25,9 @@ from common.data.normalize import split_preset
 from common.database import Split, save_database
 from common.errors import UserError, run_cli
 from common.export import FILES, METADATA, export_model, preprocessing
-from common.presets import fastretri_transform, irt_transform
+from common.presets import irt_transform
 from common.runio import atomic_save
+from fastretri.transforms import fastretri_transform
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript is what is tested here
 ATOL = 1e-4

@@ -13,6 +13,7 @@ from torchvision.transforms import functional as TF
 from common.data.images import open_image
 from common.data.normalize import ToNormalizedTensor, split_preset
 from common.presets import build_transform
+from fastretri.transforms import preset_transform
 
 PRESETS = [(m, train) for m in ("cgd", "reir", "sreml", "irt", "fastretri") for train in (True, False)]
 
@@ -43,6 +44,8 @@ def jpegs(tmp_path_factory):
 
 
 def preset(method, train, image_size=48):
+    if method == "fastretri":
+        return preset_transform(train, "cub", image_size)
     return build_transform(method, train, "cub", "uncropped", image_size)
 
 
