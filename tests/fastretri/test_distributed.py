@@ -46,7 +46,8 @@ def test_two_gloo_processes_equal_one(tiny_config, tiny_data, tmp_path):
 
 
 def test_spawned_processes_run(tiny_config, tiny_data, tmp_path, monkeypatch):
-    """fast-reid's own launcher (--num-procs spawns gloo processes) still trains and writes the run's files."""
+    """fast-reid's own flag (--num-procs starts gloo processes through torchrun's launcher) trains and writes the
+    run's files."""
     monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path))
     main(
         get_args_parser().parse_args(
