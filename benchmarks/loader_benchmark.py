@@ -45,9 +45,8 @@ from common.data.images import open_image
 from common.data.normalize import split_preset
 
 METHODS = ("cgd", "reir", "sreml", "irt", "fastretri")
+
 MODES = ("original", "fast", "tensor", "decode_jpeg", "tensor+draft")
-# FastRetri's config file per dataset (fastretri/configs/<name>.yml); other datasets take CUB's
-FASTRETRI_CONFIGS = {"cub": "cub", "car": "cars", "sop": "sop", "isc": "inshop"}
 
 
 def method_preset(
@@ -60,7 +59,7 @@ def method_preset(
     if method == "fastretri":
         from fastretri import config as fastretri_config
 
-        path = Path(fastretri_config.__file__).parent / "configs" / f"{FASTRETRI_CONFIGS.get(data_name, 'cub')}.yml"
+        path = fastretri_config.released_config(data_name)
         args = argparse.Namespace(config_file=str(path), opts=[], data_name=None, image_size=image_size)
         args.pretrained = None
         config = fastretri_config.flatten(fastretri_config.resolve_config(args, notes=False))

@@ -4,13 +4,13 @@ from typing import Optional
 
 from torchvision import transforms as T
 
-from common.presets import IMAGENET_MEAN, IMAGENET_STD, _finish, _scaled
+from common.presets import IMAGENET_MEAN, IMAGENET_STD, normalized, scaled
 
 __all__ = ["cgd_transform"]
 
 
 def cgd_transform(train: bool, image_size: Optional[int] = None) -> T.Compose:
     """CGD: train Resize((252,252)) -> RandomCrop(224) -> flip; test Resize((224,224)); ImageNet statistics."""
-    crop, big = _scaled(224, 224, image_size), _scaled(252, 224, image_size)
+    crop, big = scaled(224, 224, image_size), scaled(252, 224, image_size)
     ops = [T.Resize((big, big)), T.RandomCrop(crop), T.RandomHorizontalFlip()] if train else [T.Resize((crop, crop))]
-    return _finish(ops, IMAGENET_MEAN, IMAGENET_STD)
+    return normalized(ops, IMAGENET_MEAN, IMAGENET_STD)

@@ -1,8 +1,7 @@
 """One process per device with torch.distributed, degrading to a plain single process (torchvision ``utils`` style).
 
-* ``launch(worker, args, num_procs, ...)`` runs ``worker(args)`` in ``num_procs`` processes spawned by
-  torch.multiprocessing (one per GPU with NCCL, or CPU processes with gloo), or in this process when launched by
-  ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR in the environment) or when ``num_procs == 1``.
+* ``torchrun`` starts the processes (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR in the environment);
+  :func:`launch_elastic` is the same launcher called from Python, for a script's own ``--num-gpus N`` flag.
 * The rank helpers answer rank 0 of 1 when no process group exists, so single-process code needs no branches
   (FastRetri's SyncBN crashed single-GPU runs exactly because it assumed a process group, fast-reid #667).
 * ``all_gather_by_index`` reassembles evaluation features that every rank computed for its own sample indices,
@@ -14,14 +13,21 @@
 """
 
 import os
+import signal
 import socket
+import sys
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from common.errors import UserError
 
 __all__ = [
     "DistInfo",
@@ -31,7 +37,7 @@ __all__ = [
     "is_main_process",
     "barrier",
     "launched_by_torchrun",
-    "launch",
+    "launch_elastic",
     "init_process",
     "cleanup",
     "all_reduce_mean",
@@ -86,7 +92,7 @@ def launched_by_torchrun() -> bool:
 
 
 def free_port() -> int:
-    """An unused TCP port on this machine for the spawned processes' rendezvous."""
+    """An unused TCP port on this machine (a test server's, a rendezvous's)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -129,45 +135,35 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def _spawned(
-    local_rank: int,
-    worker: Callable[[Any, DistInfo], Any],
-    args: Any,
-    num_procs: int,
-    backend: str,
-    use_cuda: bool,
-    device_ids: Optional[Sequence[int]],
-) -> None:
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(num_procs))
-    info = init_process(backend, use_cuda, local_rank, num_procs, local_rank, device_ids)
+def launch_elastic(entrypoint: Callable[..., Any], args: Sequence[Any], num_procs: int) -> None:
+    """``entrypoint(*args)`` in ``num_procs`` processes on this machine, started by PyTorch's elastic launcher as
+    ``torchrun --standalone --nproc_per_node num_procs`` starts a script (no restarts); ``entrypoint`` must be a
+    module-level function, pickled for the processes.
+
+    A process's :class:`UserError` becomes this process's (one ``error:`` line); any other failure of a process ends
+    all of them and exits with its exit code; Ctrl-C ends all of them (KeyboardInterrupt here)."""
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=num_procs,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+    )
     try:
-        worker(args, info)
-    finally:
-        cleanup()
-
-
-def launch(
-    worker: Callable[[Any, DistInfo], Any],
-    args: Any,
-    num_procs: int = 1,
-    backend: str = "auto",
-    use_cuda: bool = False,
-    device_ids: Optional[Sequence[int]] = None,
-) -> Any:
-    """Run ``worker(args, info)`` once per process; returns its result in the single-process case.
-
-    ``worker`` must be a module-level function (it is pickled for the spawned processes).
-    """
-    if launched_by_torchrun() or num_procs <= 1:
-        info = init_process(backend, use_cuda, device_ids=device_ids)
-        try:
-            return worker(args, info)
-        finally:
-            cleanup()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(free_port())
-    mp.spawn(_spawned, args=(worker, args, num_procs, backend, use_cuda, device_ids), nprocs=num_procs, join=True)
-    return None
+        elastic_launch(config, entrypoint)(*args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        message = failure.message.get("message", "") if isinstance(failure.message, dict) else str(failure.message)
+        if message.startswith(f"{UserError.__name__}: "):
+            raise UserError(message.split(": ", 1)[1]) from None
+        print(f"error: process {rank} of {num_procs} failed (exit code {failure.exitcode})", file=sys.stderr)
+        sys.exit(failure.exitcode if failure.exitcode > 0 else 1)
+    except SignalException as e:
+        if e.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        sys.exit(128 + int(e.sigval))
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
@@ -370,10 +366,13 @@ def convert_global_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
-    """DistributedDataParallel over the process group (global-batch BatchNorm first); the model itself alone."""
+def wrap_ddp(model: nn.Module, info: DistInfo, global_batchnorm: bool = True) -> nn.Module:
+    """DistributedDataParallel over the process group (global-batch BatchNorm first, unless ``global_batchnorm`` is
+    False: a model that chooses its BatchNorm layers itself, as FastRetri's MODEL.BACKBONE.NORM); the model itself
+    alone."""
     if not info.distributed:
         return model
-    model = convert_global_batchnorm(model)
+    if global_batchnorm:
+        model = convert_global_batchnorm(model)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

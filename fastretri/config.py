@@ -36,6 +36,8 @@ __all__ = [
     "set_value",
     "resolve_config",
     "data_name",
+    "RELEASED_CONFIGS",
+    "released_config",
     "pretrained_source",
     "config_dict",
     "run_files",
@@ -388,6 +390,15 @@ def write_config(cfg: Dict, path: Path, script: str = "fastretri/train.py") -> P
     text = head + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
     atomic_write(path, lambda f: f.write(text.encode()))
     return Path(path)
+
+
+# The released config file of each benchmark (fastretri/configs/<file>.yml)
+RELEASED_CONFIGS = {"cub": "cub", "car": "cars", "sop": "sop", "isc": "inshop"}
+
+
+def released_config(name: str) -> Path:
+    """The released config file of dataset ``name``; any other dataset (the demo, own data) takes CUB's."""
+    return Path(__file__).parent / "configs" / f"{RELEASED_CONFIGS.get(name, 'cub')}.yml"
 
 
 def data_name(cfg: Dict) -> str:

@@ -7,9 +7,9 @@ import numpy as np
 from common.data.datasets import RetrievalDataset, eval_splits, label_space
 from common.data.index import load_index
 from common.data.prepare import ensure_dataset
-from common.presets import fastretri_transform
 from common.samplers import StreamBatchSampler
 from fastretri.config import data_name
+from fastretri.transforms import fastretri_transform
 
 __all__ = [
     "SAMPLERS",

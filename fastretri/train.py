@@ -7,7 +7,8 @@
 ResNet-50 with frozen BN and last stride 1, GeM, BNNeck and a bias-free classifier, trained with label-smoothed
 cross-entropy (SGD, 1k-iteration warm-up, per-epoch cosine, global-norm gradient clipping, AMP on CPU and CUDA) on
 fast-reid's endless shuffled stream of training images. One process per GPU with DistributedDataParallel, or CPU
-processes with gloo; the global batch stays SOLVER.IMS_PER_BATCH. Evaluation always runs in float32.
+processes with gloo (``--num-gpus N`` / ``--num-procs N`` start them through torchrun's launcher); the global batch
+stays SOLVER.IMS_PER_BATCH. Evaluation always runs in float32.
 """
 
 import argparse
@@ -16,18 +17,23 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.multiprocessing as mp
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common.cli import add_model_selection, common_parser, non_negative_int, positive_int, run_summary, validate_args
-from common.data.datasets import RetrievalDataset, eval_splits
-from common.database import Split
+from common.data.datasets import eval_splits
 from common.device import Precision, maybe_compile, parse_gpu_ids
-from common.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, launch, launched_by_torchrun
-from common.engine import Evaluation, Run, check_finite, embed_dataset, eval_recalls
+from common.distributed import (
+    all_reduce_mean,
+    barrier,
+    cleanup,
+    init_process,
+    launch_elastic,
+    launched_by_torchrun,
+    wrap_ddp,
+)
+from common.engine import Evaluation, Run, check_finite, evaluate
 from common.errors import UserError, run_cli
 from common.runio import atomic_save, set_seed
 from common.scripts.test import run_test
@@ -92,142 +98,6 @@ def train_one_epoch(
     return {"train_loss": float(totals[0]), "train_accuracy": 100.0 * float(totals[1]), "lr": float(totals[2])}
 
 
-def evaluate(
-    model: nn.Module,
-    datasets: Dict[str, RetrievalDataset],
-    splits_of: Tuple[str, str],
-    device: torch.device,
-    recalls: List[int],
-    batch_size: int = 256,
-    workers: int = 0,
-) -> Evaluation:
-    """Recall@K (cosine of L2-normalised BNNeck features, self excluded by index); every rank embeds its share.
-
-    Always in float32, also when training uses AMP: like fast-reid's evaluator and this toolkit's test.py, so the
-    statistics, the model selection and the saved database hold what test.py recomputes."""
-    q_name, g_name = splits_of
-    splits = {}
-    for name in dict.fromkeys((q_name, g_name)):
-        ds = datasets[name]
-        features = embed_dataset(
-            model,
-            ds,
-            batch_size=batch_size,
-            num_workers=workers,
-            device=device,
-            embed=embed,
-            desc=f"{name} features",
-        )
-        splits[name] = Split(ds.images, ds.labels, features)
-    return Evaluation(eval_recalls(splits[q_name], splits[g_name], recalls, q_name == g_name), splits)
-
-
-def worker(args: argparse.Namespace, info: DistInfo) -> None:
-    """The per-process body of :func:`main` (rank ``info.rank`` of ``info.world_size``); every rank runs the same
-    epoch loop, rank 0 alone writes files."""
-    cfg, main_rank = resolve_config(args, notes=False), info.rank == 0
-    if info.device.type == "cpu" and info.world_size > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
-    set_seed(cfg["SEED"] + info.rank)
-    data, solver = data_name(cfg), cfg["SOLVER"]
-    dtype = torch.float64 if args.float64 else torch.float32
-    datasets = build_datasets(cfg)
-    if not args.augment:
-        datasets["train"].transform = build_transforms(cfg)[1]
-    # ---- model, DDP ----
-    precision = precision_from_config(cfg, info.device, args.float64, main_rank)
-    model = training_model(cfg, datasets["train"].num_classes).to(info.device, dtype)
-    model = maybe_compile(precision.model(model), compiles(cfg), info.device)
-    model_without_ddp = model
-    if info.distributed:
-        model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    # ---- data ----
-    per_rank = solver["IMS_PER_BATCH"] // info.world_size
-    sampler = build_train_sampler(cfg, datasets["train"].labels, info.rank, info.world_size)
-    workers = cfg["DATALOADER"]["NUM_WORKERS"]
-    loader = DataLoader(
-        datasets["train"],
-        batch_sampler=sampler,
-        num_workers=workers,
-        pin_memory=info.device.type == "cuda",
-        # workers restart each epoch and draw their seeds from the main process's RNG, which the checkpoint
-        # restores: persistent workers would carry a state no checkpoint holds, and --resume would not be exact
-        persistent_workers=False,
-    )
-    # ---- optimisation ----
-    optimizer = build_optimizer(model_without_ddp, cfg)
-    criterion = FastRetriLoss(cfg)
-    ipe = len(sampler)
-    schedule, clip = schedule_from_config(cfg, ipe), clipper_from_config(cfg)
-
-    def evaluate_now(epoch: int) -> Evaluation:
-        if not evaluates(cfg, epoch):
-            return Evaluation({})
-        return evaluate(
-            model,
-            datasets,
-            eval_splits(data, cfg["DATASETS"]["ROOT"]),
-            info.device,
-            cfg["TEST"]["RECALLS"],
-            cfg["TEST"]["IMS_PER_BATCH"],
-            workers,
-        )
-
-    # ---- epochs: the same loop on every rank; Run writes on rank 0 only ----
-    files = run_files(cfg)
-    config = {
-        **config_dict(cfg),
-        "num_classes": datasets["train"].num_classes,
-        "method": "fastretri",
-        "float64": args.float64,
-        "augment": args.augment,
-    }
-    q, g = eval_splits(data, cfg["DATASETS"]["ROOT"])
-    run = Run(
-        files,
-        config,
-        [k for k in config if k not in RESUME_FREE],
-        "fastretri",
-        solver["MAX_EPOCH"],
-        recalls=cfg["TEST"]["RECALLS"],
-        selection=args.model_selection,
-        database={"metric": "cosine", "query": q, "gallery": g},
-    )
-    if main_rank:
-        print(
-            f"FastRetri {data}: {len(datasets['train'])} training images, {ipe} iterations/epoch, "
-            f"{info.world_size} process(es) x {per_rank} images on {info.device}; writing {files.path('*')}"
-        )
-    if main_rank:
-        write_config(cfg, files.path("config.yaml"))
-    start, _ = run.resume(args.resume, model, optimizer, scaler=precision.scaler)
-    if start == 1:
-        run.log(0, {}, evaluate_now(0), model)
-    for epoch in range(start, solver["MAX_EPOCH"] + 1):
-        train_stats = train_one_epoch(
-            model,
-            criterion,
-            optimizer,
-            loader,
-            info.device,
-            epoch,
-            schedule=schedule,
-            precision=precision,
-            clip=clip,
-            main=main_rank,
-            dtype=dtype,
-            log_step=run.log_step,
-        )
-        run.log(epoch, train_stats, evaluate_now(epoch), model)
-        if main_rank and snapshots(cfg, epoch):
-            state = {"model": model_without_ddp.state_dict(), "config": config, "epoch": epoch}
-            atomic_save(state, snapshot(cfg, epoch))
-        run.checkpoint(epoch, model, optimizer, scaler=precision.scaler)
-    run.finish()
-    if main_rank:
-        print(run_summary(run), flush=True)
-
-
 def training_model(cfg: Dict, num_classes: int) -> nn.Module:
     """The model to train; without CrossEntropyLoss no loss reads the classifier, which is then frozen (fast-reid's
     SGD skips its None gradient; frozen, DistributedDataParallel does not wait for one)."""
@@ -267,10 +137,12 @@ def snapshot(cfg: Dict, epoch: int) -> Path:
 
 
 def plan_processes(args: argparse.Namespace) -> Tuple[int, bool, Optional[List[int]]]:
-    """(processes to spawn, use CUDA, GPU ids) from --num-gpus / --num-procs / --gpu_ids / torchrun."""
+    """(processes to launch, use CUDA, GPU ids) from --num-gpus / --num-procs / --gpu_ids / torchrun."""
     gpu_ids = parse_gpu_ids(args.gpu_ids) if args.num_gpus > 0 else []
-    if launched_by_torchrun():
-        return 1, bool(gpu_ids), None
+    if launched_by_torchrun():  # one process of N: GPU gpu_ids[LOCAL_RANK]
+        if gpu_ids and len(gpu_ids) < int(os.environ.get("LOCAL_WORLD_SIZE", 1)):
+            raise UserError(f"{os.environ['LOCAL_WORLD_SIZE']} processes on this machine but {len(gpu_ids)} GPU(s)")
+        return 1, bool(gpu_ids), gpu_ids or None
     if args.num_gpus > 0 and gpu_ids:
         if args.num_gpus > len(gpu_ids):
             raise UserError(f"--num-gpus {args.num_gpus} but only {len(gpu_ids)} GPU(s) available")
@@ -279,7 +151,7 @@ def plan_processes(args: argparse.Namespace) -> Tuple[int, bool, Optional[List[i
 
 
 def check_setup(cfg: Dict, world_size: int) -> None:
-    """Every user mistake is found here, in the launching process, before any process is spawned."""
+    """Every user mistake is found here, in the launching process (torchrun: rank 0), before any process trains."""
     batch = cfg["SOLVER"]["IMS_PER_BATCH"]
     if batch % world_size:
         raise UserError(f"SOLVER.IMS_PER_BATCH {batch} is not divisible by the {world_size} processes")
@@ -310,7 +182,7 @@ def check_setup(cfg: Dict, world_size: int) -> None:
         recalls=cfg["TEST"]["RECALLS"],
     )
     validate_args(ns, len(datasets[g]), self_excluded=q == g)
-    build_model(cfg, 2, pretrained_source(cfg))  # weights found and matching before spawning
+    build_model(cfg, 2, pretrained_source(cfg))  # weights found and matching before launching
 
 
 def evaluate_only(args: argparse.Namespace, cfg: Dict) -> Dict[str, float]:
@@ -333,25 +205,124 @@ def evaluate_only(args: argparse.Namespace, cfg: Dict) -> Dict[str, float]:
     return run_test(SPEC, test_args)
 
 
-def main(args: argparse.Namespace) -> None:
-    cfg = resolve_config(args)
+def main(args: argparse.Namespace) -> Optional[Dict[str, float]]:
+    cfg = resolve_config(args, notes=int(os.environ.get("RANK", 0)) == 0)
     if args.eval_only:
         return evaluate_only(args, cfg)
     num_procs, use_cuda, gpu_ids = plan_processes(args)
-    if launched_by_torchrun():  # join the group now, so rank 0 alone checks and prepares the data
-        rank = init_distributed(use_cuda).rank
-        if rank == 0:
-            check_setup(cfg, int(os.environ["WORLD_SIZE"]))
-        barrier()
-    else:
+    if num_procs > 1:  # fast-reid's --num-gpus N: torchrun's launcher runs this main in N processes
         check_setup(cfg, num_procs)
-    try:
-        launch(worker, args, num_procs, args.dist_backend, use_cuda, gpu_ids)
-    except mp.ProcessRaisedException as e:
-        last = str(e).strip().splitlines()[-1]
-        if "UserError" in last:
-            raise UserError(last.split("UserError: ", 1)[-1]) from None
-        raise
+        return launch_elastic(main, (args,), num_procs)
+    info = init_process(args.dist_backend, use_cuda, device_ids=gpu_ids)
+    if info.rank == 0:  # under torchrun rank 0 alone checks and prepares the data
+        check_setup(cfg, info.world_size)
+    barrier()
+    main_rank = info.rank == 0
+    if info.device.type == "cpu" and info.distributed:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+    set_seed(cfg["SEED"] + info.rank)
+    data, solver = data_name(cfg), cfg["SOLVER"]
+    dtype = torch.float64 if args.float64 else torch.float32
+    datasets = build_datasets(cfg)
+    if not args.augment:
+        datasets["train"].transform = build_transforms(cfg)[1]
+
+    # ---- model: one process, or one DDP process per GPU / CPU process
+    precision = precision_from_config(cfg, info.device, args.float64, main_rank)
+    model = training_model(cfg, datasets["train"].num_classes).to(info.device, dtype)
+    model_without_ddp = maybe_compile(precision.model(model), compiles(cfg), info.device)
+    model = wrap_ddp(model_without_ddp, info, global_batchnorm=False)  # MODEL.BACKBONE.NORM decides
+
+    # ---- data: this rank's share of fast-reid's global batches
+    sampler = build_train_sampler(cfg, datasets["train"].labels, info.rank, info.world_size)
+    workers = cfg["DATALOADER"]["NUM_WORKERS"]
+    loader = DataLoader(
+        datasets["train"],
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=info.device.type == "cuda",
+        # workers restart each epoch and draw their seeds from the main process's RNG, which the checkpoint
+        # restores: persistent workers would carry a state no checkpoint holds, and --resume would not be exact
+        persistent_workers=False,
+    )
+
+    # ---- optimisation
+    optimizer = build_optimizer(model_without_ddp, cfg)
+    criterion = FastRetriLoss(cfg)
+    schedule, clip = schedule_from_config(cfg, len(sampler)), clipper_from_config(cfg)
+
+    # ---- epochs: the same loop on every rank; Run writes on rank 0 only
+    files = run_files(cfg)
+    config = {
+        **config_dict(cfg),
+        "num_classes": datasets["train"].num_classes,
+        "method": "fastretri",
+        "float64": args.float64,
+        "augment": args.augment,
+    }
+    query, gallery = eval_splits(data, cfg["DATASETS"]["ROOT"])
+    run = Run(
+        files,
+        config,
+        [k for k in config if k not in RESUME_FREE],
+        "fastretri",
+        solver["MAX_EPOCH"],
+        recalls=cfg["TEST"]["RECALLS"],
+        selection=args.model_selection,
+        database={"metric": "cosine", "query": query, "gallery": gallery},
+    )
+    if main_rank:
+        print(
+            f"FastRetri {data}: {len(datasets['train'])} training images, {len(sampler)} iterations/epoch, "
+            f"{info.world_size} process(es) x {solver['IMS_PER_BATCH'] // info.world_size} images on "
+            f"{info.device}; writing {files.path('*')}"
+        )
+        write_config(cfg, files.path("config.yaml"))
+    start, _ = run.resume(args.resume, model, optimizer, scaler=precision.scaler)
+
+    def evaluate_now(epoch: int) -> Evaluation:
+        """Recall@K in float32 (also under AMP, as fast-reid's evaluator and test.py), on the epochs it is due."""
+        if not evaluates(cfg, epoch):
+            return Evaluation({})
+        return evaluate(
+            model,
+            datasets,
+            query,
+            gallery,
+            cfg["TEST"]["RECALLS"],
+            info.device,
+            embed=embed,
+            batch_size=cfg["TEST"]["IMS_PER_BATCH"],
+            num_workers=workers,
+        )
+
+    if start == 1:
+        run.log(0, {}, evaluate_now(0), model)
+    for epoch in range(start, solver["MAX_EPOCH"] + 1):
+        train_stats = train_one_epoch(
+            model,
+            criterion,
+            optimizer,
+            loader,
+            info.device,
+            epoch,
+            schedule=schedule,
+            precision=precision,
+            clip=clip,
+            main=main_rank,
+            dtype=dtype,
+            log_step=run.log_step,
+        )
+        run.log(epoch, train_stats, evaluate_now(epoch), model)
+        if main_rank and snapshots(cfg, epoch):
+            state = {"model": model_without_ddp.state_dict(), "config": config, "epoch": epoch}
+            atomic_save(state, snapshot(cfg, epoch))
+        run.checkpoint(epoch, model, optimizer, scaler=precision.scaler)
+    run.finish()
+    if main_rank:
+        print(run_summary(run), flush=True)
+    cleanup()
+    return None
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from common.presets import IMAGENET_MEAN, IMAGENET_STD, _finish
+from common.presets import IMAGENET_MEAN, IMAGENET_STD, normalized
 
 __all__ = ["irt_transform"]
 
@@ -13,4 +13,4 @@ def irt_transform(train: bool, input_size: int = 224) -> T.Compose:
     resize = round(input_size * 256 / 224)
     ops = [T.Resize(resize, interpolation=InterpolationMode.BICUBIC)]
     ops += [T.RandomCrop(input_size), T.RandomHorizontalFlip()] if train else [T.CenterCrop(input_size)]
-    return _finish(ops, IMAGENET_MEAN, IMAGENET_STD)
+    return normalized(ops, IMAGENET_MEAN, IMAGENET_STD)

@@ -11,7 +11,6 @@ process would see, with global-batch BatchNorm statistics, so N processes train 
 
 import argparse
 import functools
-import math
 import random
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional
 
 from torchvision import transforms as T
 
-from common.presets import DATASET_STATS, IMAGENET_MEAN, IMAGENET_STD, _finish, _scaled
+from common.presets import DATASET_STATS, IMAGENET_MEAN, IMAGENET_STD, normalized, scaled
 from common.runs import run_name
 from common.spec import MethodSpec
 from reir.model import ensemble_embed, model_from_config
@@ -48,14 +48,14 @@ def reir_run_name(config: Mapping[str, Any]) -> str:
 def reir_transform(train: bool, data_name: str, crop_type: str, image_size: Optional[int] = None) -> T.Compose:
     """REIR: uncropped Resize(256) -> RandomCrop(256) -> flip / Resize(256) -> CenterCrop(256);
     cropped Resize((256,256)) (+ flip); per-dataset statistics."""
-    s = _scaled(256, 256, image_size)
+    s = scaled(256, 256, image_size)
     if crop_type == "cropped":
         ops = [T.Resize((s, s))] + ([T.RandomHorizontalFlip()] if train else [])
     elif train:
         ops = [T.Resize(s), T.RandomCrop(s), T.RandomHorizontalFlip()]
     else:
         ops = [T.Resize(s), T.CenterCrop(s)]
-    return _finish(ops, *DATASET_STATS.get(data_name, (IMAGENET_MEAN, IMAGENET_STD)))
+    return normalized(ops, *DATASET_STATS.get(data_name, (IMAGENET_MEAN, IMAGENET_STD)))
 
 
 # Cosine ranking with scale E (the mean per-learner cosine), 256 px renders.

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Optional
 
 from torchvision import transforms as T
 
-from common.presets import DATASET_STATS, IMAGENET_MEAN, IMAGENET_STD, _finish, _scaled
+from common.presets import DATASET_STATS, IMAGENET_MEAN, IMAGENET_STD, normalized, scaled
 from common.runs import run_name
 from reir.spec import SPEC as REIR_SPEC
 from sreml.originals import import_sreml
@@ -24,9 +24,9 @@ def sreml_run_name(config: Mapping[str, Any]) -> str:
 
 def sreml_transform(train: bool, data_name: str, image_size: Optional[int] = None) -> T.Compose:
     """SREML: Resize((256,256)) (+ flip in training), every dataset and crop type; per-dataset statistics."""
-    s = _scaled(256, 256, image_size)
+    s = scaled(256, 256, image_size)
     ops = [T.Resize((s, s))] + ([T.RandomHorizontalFlip()] if train else [])
-    return _finish(ops, *DATASET_STATS.get(data_name, (IMAGENET_MEAN, IMAGENET_STD)))
+    return normalized(ops, *DATASET_STATS.get(data_name, (IMAGENET_MEAN, IMAGENET_STD)))
 
 
 SPEC = dataclasses.replace(

@@ -15,7 +15,7 @@ from benchmarks.gpu_decode import EncodedImages, GpuAugment, TensorPipeline, col
 from benchmarks.loader_benchmark import method_preset
 from common.data.datasets import RetrievalDataset
 from common.data.images import open_image
-from common.presets import fastretri_transform
+from fastretri.transforms import fastretri_transform
 from tests.common.test_normalize import PRESETS, preset, write_jpegs
 from tests.common.test_safety_data import RNG, _save, _tagged_jpeg
 

@@ -63,12 +63,13 @@ def test_every_dataset_list_derives_from_the_registry():
     from common import cli, collection, presets, service
     from common.data import archives, images
     from common.data.registry import ALIASES, BENCHMARKS, CROPPABLE, DATASET_NAMES, REAL_DATASETS, benchmark_name
-    from fastretri.config import data_name
+    from fastretri.config import RELEASED_CONFIGS, data_name, released_config
 
     assert DATASET_NAMES == ("car", "cub", "sop", "isc", "demo") and REAL_DATASETS == ("car", "cub", "sop", "isc")
     assert cli.DATASETS == DATASET_NAMES and cli.CROPPABLE == CROPPABLE == ("car", "cub", "demo")
     assert set(archives.READERS) == set(BENCHMARKS)
-    assert set(presets.DATASET_STATS) == set(presets.FASTRETRI_PRESETS) == set(REAL_DATASETS)
+    assert set(presets.DATASET_STATS) == set(RELEASED_CONFIGS) == set(REAL_DATASETS)
+    assert all(released_config(name).is_file() for name in DATASET_NAMES)
     assert irt.data.DATASET_ALIASES is ALIASES and set(irt.data.ORIGINAL_NAMES) == set(DATASET_NAMES)
     aliases = [a for b in BENCHMARKS.values() for a in (b.name, *b.aliases)]
     assert len(aliases) == len(set(aliases)) and all(a == a.lower() for a in aliases)

@@ -25,8 +25,8 @@ from common.data.normalize import split_preset
 from common.database import Split, save_database
 from common.errors import UserError, run_cli
 from common.export import FILES, METADATA, export_model, preprocessing
-from common.presets import fastretri_transform
 from common.runio import atomic_save
+from fastretri.transforms import fastretri_transform
 from irt.transforms import irt_transform
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript is what is tested here

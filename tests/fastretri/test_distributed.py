@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from common.distributed import all_gather_by_index, get_rank, get_world_size, is_main_process
@@ -46,7 +47,8 @@ def test_two_gloo_processes_equal_one(tiny_config, tiny_data, tmp_path):
 
 
 def test_spawned_processes_run(tiny_config, tiny_data, tmp_path, monkeypatch):
-    """fast-reid's own launcher (--num-procs spawns gloo processes) still trains and writes the run's files."""
+    """fast-reid's own flag (--num-procs starts gloo processes through torchrun's launcher) trains and writes the
+    run's files."""
     monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path))
     main(
         get_args_parser().parse_args(
@@ -65,3 +67,23 @@ def test_spawned_processes_run(tiny_config, tiny_data, tmp_path, monkeypatch):
         )
     )
     assert (tmp_path / "fastretri" / "cub_uncropped_resnet18_model.pth").is_file()
+
+
+def test_processes_take_the_listed_gpus(monkeypatch):
+    """--num-gpus N --gpu_ids a,b: N processes, local rank i on GPU gpu_ids[i], whether this script's launcher or
+    torchrun started them; fewer listed GPUs than processes on the machine is one error line."""
+    from common.errors import UserError
+    from fastretri import train
+
+    monkeypatch.setattr(train, "parse_gpu_ids", lambda text: [int(t) for t in text.split(",")])
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    args = get_args_parser().parse_args(["--num-gpus", "2", "--gpu_ids", "2,3"])
+    assert train.plan_processes(args) == (2, True, [2, 3])
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert train.plan_processes(args) == (1, True, [2, 3])
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(UserError, match="3 processes on this machine but 2 GPU"):
+        train.plan_processes(args)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from common import engine
 from common.errors import UserError
 from fastretri import train
 from fastretri.config import DEFAULTS, check_config, flatten, load_config, merge_opts, run_files
@@ -275,7 +276,7 @@ def test_run_keys_act_on_the_run(context, results, monkeypatch):
     """DATALOADER.NUM_WORKERS (training loader), TEST.IMS_PER_BATCH (evaluation batches), TEST.RECALLS (the
     statistics' columns); TEST.EVAL_PERIOD and SOLVER.CHECKPOINT_PERIOD seen in the files of the same runs."""
     loaders, embeds = [], []
-    real_loader, real_embed = train.DataLoader, train.embed_dataset
+    real_loader, real_embed = train.DataLoader, engine.embed_dataset
 
     def loader(*args, **kwargs):
         loaders.append(kwargs["num_workers"])
@@ -286,7 +287,7 @@ def test_run_keys_act_on_the_run(context, results, monkeypatch):
         return real_embed(*args, **kwargs)
 
     monkeypatch.setattr(train, "DataLoader", loader)
-    monkeypatch.setattr(train, "embed_dataset", embed)
+    monkeypatch.setattr(engine, "embed_dataset", embed)  # what evaluate calls
     runs = {}
     for name, opts in {
         "base": [],

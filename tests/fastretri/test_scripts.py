@@ -106,19 +106,22 @@ def test_evaluation_is_float32_inside_an_autocast_region(tiny_config, tiny_data)
     """Evaluation during AMP training computes what test.py computes: features in float32, even when called
     inside an active autocast region (CPU bfloat16 here; on CUDA the training step's)."""
     from common.data.datasets import eval_splits
+    from common.engine import evaluate
     from fastretri.config import load_config
     from fastretri.data import build_datasets
     from fastretri.model import build_model
+    from fastretri.spec import embed
 
     cfg = load_config(tiny_config, ["DATASETS.ROOT", str(tiny_data)])
     datasets = build_datasets(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, 4, "none")
-    splits = eval_splits("cub", str(tiny_data))
-    args = (model, datasets, splits, torch.device("cpu"), [1, 2, 4], 16, 0)
-    plain = train.evaluate(*args).splits["test"].features
+    query, gallery = eval_splits("cub", str(tiny_data))
+    args = (model, datasets, query, gallery, [1, 2, 4], torch.device("cpu"))
+    kwargs = dict(embed=embed, batch_size=16, num_workers=0)
+    plain = evaluate(*args, **kwargs).splits["test"].features
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        under_amp = train.evaluate(*args).splits["test"].features
+        under_amp = evaluate(*args, **kwargs).splits["test"].features
         bf16 = torch.nn.functional.normalize(model.eval()(datasets["test"][0][0][None]).float(), dim=1)
     assert torch.equal(under_amp, plain)
     assert (bf16[0] - plain[0]).abs().max() > 1e-4  # the region does change a forward pass it reaches
