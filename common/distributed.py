@@ -45,6 +45,7 @@ __all__ = [
     "all_gather_by_index",
     "free_port",
     "init_distributed",
+    "share_cpu_cores",
     "broadcast_object",
     "gather_object",
     "all_gather_with_grad",
@@ -246,8 +247,14 @@ def init_distributed(use_cuda: bool) -> DistInfo:
     use_cuda = use_cuda and torch.cuda.is_available()
     info = init_process("auto", use_cuda)
     if not use_cuda:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
+        share_cpu_cores(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return info
+
+
+def share_cpu_cores(processes: int) -> None:
+    """Each of ``processes`` CPU processes on one machine takes its share of the cores as torch threads (torchrun's
+    ``OMP_NUM_THREADS=1`` would leave the rest idle; more threads than cores stall every parallel op)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, processes)))
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

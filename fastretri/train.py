@@ -31,6 +31,7 @@ from common.distributed import (
     init_process,
     launch_elastic,
     launched_by_torchrun,
+    share_cpu_cores,
     wrap_ddp,
 )
 from common.engine import Evaluation, Run, check_finite, evaluate
@@ -219,7 +220,7 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, float]]:
     barrier()
     main_rank = info.rank == 0
     if info.device.type == "cpu" and info.distributed:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+        share_cpu_cores(info.world_size)
     set_seed(cfg["SEED"] + info.rank)
     data, solver = data_name(cfg), cfg["SOLVER"]
     dtype = torch.float64 if args.float64 else torch.float32
