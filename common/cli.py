@@ -43,6 +43,10 @@ __all__ = [
     "parse_args_with_config",
     "write_args_yaml",
     "run_summary",
+    "add_model_selection",
+    "add_flag",
+    "add_embedding_flags",
+    "script",
 ]
 
 
@@ -466,6 +470,15 @@ def add_flag(group, name: str, **kwargs) -> None:
     """``--name_with_underscores`` with the hyphenated spelling as an alias (IRT's and fast-reid's style)."""
     names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
     group.add_argument(*names, dest=name, **kwargs)
+
+
+def add_embedding_flags(group, purpose: str = "") -> None:
+    """``--batch_size`` (64) and ``--num_workers`` (at most 4, at most the cores) of a script that embeds images;
+    ``purpose`` ends each help line (e.g. " for --gallery")."""
+    add_flag(group, "batch_size", default=64, type=positive_int, help=f"images per forward pass{purpose} (default: 64)")
+    workers = default_workers(4)
+    help_workers = f"DataLoader workers{purpose} (default: min(4, cores) = {workers})"
+    add_flag(group, "num_workers", default=workers, type=non_negative_int, help=help_workers)
 
 
 def script(

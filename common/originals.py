@@ -14,7 +14,7 @@ from torch import nn
 from common.database import Database, Split
 from common.errors import UserError
 
-__all__ = ["read_original", "original_database", "load_original_state", "strict_load", "split_name"]
+__all__ = ["read_original", "original_database", "load_original_state", "check_layout", "strict_load", "split_name"]
 
 
 def read_original(path: Path, what: str) -> Dict[str, Any]:
@@ -79,19 +79,15 @@ def _all_tensors(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def strict_load(
-    model: nn.Module, state: Mapping[str, torch.Tensor], what: str, renames: Optional[Callable[[str], str]] = None
-) -> nn.Module:
-    """Load strictly; a mismatch becomes one line naming the missing, unexpected and mis-shaped keys."""
-    if renames is not None:
-        state = {renames(k): v for k, v in state.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+def check_layout(state: Mapping[str, torch.Tensor], layout: Mapping[str, Tuple[int, ...]], what: str) -> None:
+    """``state`` must hold exactly ``layout``'s keys with its shapes; otherwise one line naming the missing,
+    unexpected and mis-shaped keys (four of each at most)."""
+    missing = [k for k in layout if k not in state]
+    unexpected = [k for k in state if k not in layout]
     shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+        f"{k} {tuple(state[k].shape)} vs {layout[k]}"
+        for k in layout
+        if k in state and tuple(state[k].shape) != layout[k]
     ]
     if missing or unexpected or shapes:
         parts = [
@@ -100,6 +96,15 @@ def strict_load(
             if keys
         ]
         raise UserError(f"{what} does not fit the model its name describes; " + "; ".join(parts))
+
+
+def strict_load(
+    model: nn.Module, state: Mapping[str, torch.Tensor], what: str, renames: Optional[Callable[[str], str]] = None
+) -> nn.Module:
+    """Load strictly; a mismatch becomes one line naming the missing, unexpected and mis-shaped keys."""
+    if renames is not None:
+        state = {renames(k): v for k, v in state.items()}
+    check_layout(state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, what)
     model.load_state_dict(state, strict=True)
     return model
 

@@ -453,16 +453,6 @@ _FASTREID_PIXELS = {"MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53], "MODEL.PIXEL_
 _RESNET_DEPTHS = {"18x": "resnet18", "34x": "resnet34", "50x": "resnet50", "101x": "resnet101", "152x": "resnet152"}
 
 
-def _flat_yaml(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_flat_yaml(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def fastreid_run_config(path: Path) -> Dict[str, Any]:
     """The FastRetri config of a fast-reid run from the YAML beside its model: fast-reid's own dump
     (``config.yaml``, every fast-reid key) or a config of this toolkit.
@@ -473,7 +463,7 @@ def fastreid_run_config(path: Path) -> Dict[str, Any]:
     (refused in one line otherwise); the rest (training-only settings) do not change an evaluation."""
     merged: Dict[str, Any] = {}
     for _, data in _read_yaml(Path(path)):
-        merged.update(_flat_yaml(data))
+        merged.update(flatten(data))
     cfg = copy.deepcopy(DEFAULTS)
     ours = flatten(DEFAULTS)
     where = f"in {path}"

@@ -25,7 +25,7 @@ from torch import nn
 
 from common.database import Database
 from common.errors import UserError
-from common.originals import load_original_state, original_database, split_name
+from common.originals import check_layout, load_original_state, original_database, split_name
 from reir.model import MODEL_TYPES, SHARE_TYPES, STAGES, model_from_config
 
 __all__ = [
@@ -135,24 +135,6 @@ def original_layout(
     return layout
 
 
-def _check(state: Mapping[str, torch.Tensor], layout: Mapping[str, Tuple[int, ...]], what: str) -> None:
-    """One line naming the missing, unexpected and mis-shaped keys, in the original's key names."""
-    missing = [k for k in layout if k not in state]
-    unexpected = [k for k in state if k not in layout]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {layout[k]}"
-        for k in layout
-        if k in state and tuple(state[k].shape) != layout[k]
-    ]
-    if missing or unexpected or shapes:
-        parts = [
-            f"{name}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
-            for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
-            if keys
-        ]
-        raise UserError(f"{what} does not fit the model its name describes; " + "; ".join(parts))
-
-
 def to_model_state(
     state: Dict[str, torch.Tensor], config: Mapping[str, Any], keys: Iterable[str]
 ) -> Dict[str, torch.Tensor]:
@@ -179,7 +161,7 @@ def import_state(
     """The model of ``config`` holding an original's ``state`` (checked against the layout first, one line)."""
     what = f"model {path}"
     ours = _meta_state(config)
-    _check(state, original_layout(config, ours), what)  # before the real model is allocated
+    check_layout(state, original_layout(config, ours), what)  # before the real model is allocated
     model = model_from_config(config)
     model.load_state_dict(to_model_state(state, config, ours), strict=True)
     # original_file: the model came from an original project's file (common.runs re-imports it by name);

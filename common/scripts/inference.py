@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from common.catalogue import add_catalogue_flags, run_update
-from common.cli import add_flag, default_workers
+from common.cli import add_embedding_flags, add_flag
 from common.collection import join_processes
 from common.device import script_device
 from common.distributed import is_main_process
@@ -117,14 +117,7 @@ def inference_parser(spec: MethodSpec, add_help: bool = True) -> argparse.Argume
         type=str,
         help="the model that embeds --gallery (default: the <run>_model.pth beside --data_base)",
     )
-    add_flag(g, "batch_size", default=64, type=int, help="images per forward pass for --gallery (default: 64)")
-    add_flag(
-        g,
-        "num_workers",
-        default=default_workers(4),
-        type=int,
-        help=f"DataLoader workers for --gallery (default: min(4, cores) = {default_workers(4)})",
-    )
+    add_embedding_flags(g, " for --gallery")
     add_catalogue_flags(parser)
     return parser
 

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from common.cli import add_flag, default_workers, parse_recalls
+from common.cli import add_embedding_flags, add_flag, parse_recalls
 from common.collection import join_processes
 from common.data.datasets import eval_splits, load_splits
 from common.database import Database, Split, save_database
@@ -94,14 +94,7 @@ def test_parser(spec: MethodSpec, add_help: bool = True) -> argparse.ArgumentPar
         type=parse_recalls,
         help="ranks K, comma separated (default: the run's own, else " + spec.default_recalls + ")",
     )
-    add_flag(g, "batch_size", default=64, type=int, help="images per forward pass (default: 64)")
-    add_flag(
-        g,
-        "num_workers",
-        default=default_workers(4),
-        type=int,
-        help=f"DataLoader workers (default: min(4, cores) = {default_workers(4)})",
-    )
+    add_embedding_flags(g)
     add_flag(
         g, "gpu_ids", default=None, type=str, help="GPU to embed on, e.g. '0' (default: first visible; CPU if none)"
     )
