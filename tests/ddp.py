@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Callable, Dict, Sequence
 
 import pandas as pd
 import torch
@@ -74,3 +74,16 @@ def compare_runs(
     for name in d1["splits"]:
         assert d1["splits"][name]["images"] == d2["splits"][name]["images"]
         torch.testing.assert_close(d1["splits"][name]["features"], d2["splits"][name]["features"], rtol=1e-6, atol=1e-7)
+
+
+def assert_two_processes_equal_one(
+    method: str, args: Sequence[str], tmp_path: Path, run: str, model: Callable[[], torch.nn.Module]
+) -> Path:
+    """Every equivalence test's steps: train ``<method>/train.py`` as 1 process and as 2 gloo processes and compare
+    the runs (``model()``, built under seed 0, is where the weights must have moved from); returns the 2-process run."""
+    for n in (1, 2):
+        run_script(f"{method}/train.py", args, tmp_path / f"p{n}", nproc=n)
+    torch.manual_seed(0)
+    initial = model().double().state_dict()
+    compare_runs(tmp_path / "p1" / method, tmp_path / "p2" / method, run, initial)
+    return tmp_path / "p2" / method

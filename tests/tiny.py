@@ -5,8 +5,9 @@ stripe direction so that even a few CPU steps change the embedding.
 """
 
 import json
+import shlex
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Union
 
 import numpy as np
 from PIL import Image
@@ -48,6 +49,13 @@ def make_tiny_processed(
         index = {"format": 1, "dataset": name, "crop_type": crop, "splits": splits}
         (folder / f"{crop}_index.json").write_text(json.dumps(index))
     return Path(root)
+
+
+def tiny_args(data: Union[str, Path], name: str, options: str = "") -> List[str]:
+    """``--data_path data --data_name name``, an untrained backbone, no loader workers, then ``options`` split as a
+    shell splits them: a tiny training run's command line in a line or two, not a token a line."""
+    untrained = ["--pretrained", "none", "--num_workers", "0"]
+    return ["--data_path", str(data), "--data_name", name, *untrained, *shlex.split(options)]
 
 
 # An untrained CGD run (model file + a database beside it, as cgd/train.py writes them), for the shared scripts.

@@ -19,7 +19,7 @@ from cgd.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropyLoss
 from cgd.model import Model
 from common.cli import parse_args_with_config
 from common.errors import UserError
-from tests.tiny import make_tiny_processed
+from tests.tiny import make_tiny_processed, tiny_args
 from tests.training import assert_float32_database, record_speed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,32 +30,9 @@ def _name(gd):
 
 
 def _train_args(data, gd="SG", epochs=2, *extra):
+    options = f"--backbone_type resnet18 --image_size 32 --batch_size 8 --num_epochs {epochs} --feature_dim 64"
     return train.get_args_parser().parse_args(
-        [
-            "--data_path",
-            str(data),
-            "--data_name",
-            "cub",
-            "--backbone_type",
-            "resnet18",
-            "--pretrained",
-            "none",
-            "--image_size",
-            "32",
-            "--batch_size",
-            "8",
-            "--num_epochs",
-            str(epochs),
-            "--num_workers",
-            "0",
-            "--feature_dim",
-            "64",
-            "--gd_config",
-            gd,
-            "--recalls",
-            "1,2",
-            *extra,
-        ]
+        [*tiny_args(data, "cub", f"{options} --gd_config {gd} --recalls 1,2"), *extra]
     )
 
 

@@ -481,7 +481,7 @@ def test_cgd_trains_on_a_custom_query_gallery_dataset(tmp_path, monkeypatch):
     import torch
 
     import cgd.train as cgd_train
-    from tests.tiny import make_tiny_processed
+    from tests.tiny import make_tiny_processed, tiny_args
 
     make_tiny_processed(tmp_path / "tiny", "isc", num_classes=8, per_class=4, size=32)  # images with class structure
     tiny = load_index(str(tmp_path / "tiny"), "isc")
@@ -494,30 +494,8 @@ def test_cgd_trains_on_a_custom_query_gallery_dataset(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # --data_path data, the default the method scripts pass on
     monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path / "results"))
     run_main("--data_path", "data", "--data_name", "shop", "--from_folder", root)
-    args = cgd_train.get_args_parser().parse_args(
-        [
-            "--data_path",
-            "data",
-            "--data_name",
-            "shop",
-            "--backbone_type",
-            "resnet18",
-            "--pretrained",
-            "none",
-            "--image_size",
-            "32",
-            "--batch_size",
-            "8",
-            "--num_epochs",
-            "0",
-            "--num_workers",
-            "0",
-            "--feature_dim",
-            "32",
-            "--recalls",
-            "1,2",
-        ]
-    )
+    options = "--backbone_type resnet18 --image_size 32 --batch_size 8 --num_epochs 0 --feature_dim 32 --recalls 1,2"
+    args = cgd_train.get_args_parser().parse_args(tiny_args("data", "shop", options))
     cgd_train.main(args)
     db_path = next((tmp_path / "results/cgd").glob("shop_uncropped_*_data_base.pth"))
     db = torch.load(db_path, weights_only=True)

@@ -1,10 +1,18 @@
+from pathlib import Path
+from typing import List
+
 import pytest
 import torch
 
 from common.distributed import all_gather_by_index, get_rank, get_world_size, is_main_process
 from fastretri.model import FastRetri
 from fastretri.train import get_args_parser, main
-from tests.ddp import compare_runs, run_script
+from tests.ddp import assert_two_processes_equal_one
+
+
+def _cpu_args(config: Path, data: Path, *extra: str) -> List[str]:
+    """The tiny config on the tiny data without GPUs, then ``extra``: both training runs here start so."""
+    return ["--config-file", str(config), "--data_path", str(data), "--num-gpus", "0", *extra]
 
 
 def test_rank_helpers_without_process_group():
@@ -23,49 +31,18 @@ def test_two_gloo_processes_equal_one(tiny_config, tiny_data, tmp_path):
     In float32 the same comparison differed by up to 4.8e-4 with torch 2.14.1 (oneDNN picks other convolution
     algorithms for 4 and 8 images, and SGD with momentum over 3 steps amplifies the rounding); in float64 it is
     ~1e-12, so that was rounding, not a difference in what the ranks compute."""
-    args = [
-        "--config-file",
-        str(tiny_config),
-        "--data_path",
-        str(tiny_data),
-        "--num-gpus",
-        "0",
-        "--float64",
-        "--no-augment",
-        "SOLVER.MAX_EPOCH",
-        "2",
-        "TEST.EVAL_PERIOD",
-        "1",
-        "SOLVER.BASE_LR",
-        "0.05",
-    ]
-    for n in (1, 2):
-        run_script("fastretri/train.py", args, tmp_path / f"p{n}", nproc=n)
-    torch.manual_seed(0)
-    initial = FastRetri(4, "resnet18").double().state_dict()
-    compare_runs(tmp_path / "p1" / "fastretri", tmp_path / "p2" / "fastretri", "cub_uncropped_resnet18", initial)
+    args = _cpu_args(tiny_config, tiny_data, "--float64", "--no-augment", "SOLVER.MAX_EPOCH", "2")
+    args += ["TEST.EVAL_PERIOD", "1", "SOLVER.BASE_LR", "0.05"]
+    assert_two_processes_equal_one(
+        "fastretri", args, tmp_path, "cub_uncropped_resnet18", lambda: FastRetri(4, "resnet18")
+    )
 
 
 def test_spawned_processes_run(tiny_config, tiny_data, tmp_path, monkeypatch):
     """fast-reid's own flag (--num-procs starts gloo processes through torchrun's launcher) trains and writes the
     run's files."""
     monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path))
-    main(
-        get_args_parser().parse_args(
-            [
-                "--config-file",
-                str(tiny_config),
-                "--data_path",
-                str(tiny_data),
-                "--num-gpus",
-                "0",
-                "--num-procs",
-                "2",
-                "SOLVER.MAX_EPOCH",
-                "1",
-            ]
-        )
-    )
+    main(get_args_parser().parse_args(_cpu_args(tiny_config, tiny_data, "--num-procs", "2", "SOLVER.MAX_EPOCH", "1")))
     assert (tmp_path / "fastretri" / "cub_uncropped_resnet18_model.pth").is_file()
 
 

@@ -2,10 +2,8 @@
 KoLeo and the XBM memory on the global batch, a momentum key encoder, and augmentation ON (crops are seeded by the
 global position of a sample in its batch, so both runs see the same crops)."""
 
-import torch
-
 from irt.spec import model_from_config
-from tests.ddp import compare_runs, run_script
+from tests.ddp import assert_two_processes_equal_one
 from tests.tiny import make_tiny_processed
 
 RUN = "cub_uncropped_vit_tiny_patch16_224-patch_size8-depth1_32_4_8_0.7_0.5_2_0.5_0.9"
@@ -50,14 +48,10 @@ def test_two_processes_equal_one(tmp_path):
         "4",
         "--float64",
     ]
-    for n in (1, 2):
-        run_script("irt/train.py", args, tmp_path / f"p{n}", nproc=n)
-    torch.manual_seed(0)
     config = {
         "model": "vit_tiny_patch16_224",
         "model_kwargs": ["patch_size=8", "depth=1"],
         "input_size": 32,
         "drop_path": 0.0,
     }
-    initial = model_from_config(config).double().state_dict()
-    compare_runs(tmp_path / "p1" / "irt", tmp_path / "p2" / "irt", RUN, initial)
+    assert_two_processes_equal_one("irt", args, tmp_path, RUN, lambda: model_from_config(config))

@@ -12,28 +12,11 @@ from PIL import Image
 from common.database import load_database
 from reir import ablation, inference, recipe, train
 from reir import test as reir_test
-from tests.tiny import make_tiny_processed
+from tests.tiny import make_tiny_processed, tiny_args
 from tests.training import assert_events_match_csv, assert_float32_database, record_speed
 
 RUN = "cub_uncropped_fixed_random_layer1_resnet18_4_2"
-TINY = [
-    "--data_name",
-    "cub",
-    "--image_size",
-    "32",
-    "--batch_size",
-    "8",
-    "--ensemble_size",
-    "4",
-    "--meta_class_size",
-    "2",
-    "--pretrained",
-    "none",
-    "--num_workers",
-    "0",
-    "--gpu_ids",
-    "",
-]
+TINY = "--image_size 32 --batch_size 8 --ensemble_size 4 --meta_class_size 2 --gpu_ids ''"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +26,7 @@ def data(tmp_path_factory):
 
 def _train(data, results, monkeypatch, *extra):
     monkeypatch.setenv("RETRIEVAL_RESULTS", str(results))
-    train.main(train.get_args_parser().parse_args(["--data_path", str(data), *TINY, "--with_random", *extra]))
+    train.main(train.get_args_parser().parse_args([*tiny_args(data, "cub", TINY), "--with_random", *extra]))
     return results / "reir"
 
 

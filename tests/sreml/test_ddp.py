@@ -5,46 +5,16 @@ of 2 split 1 and 1)."""
 import torch
 
 from reir.model import Model
-from tests.ddp import compare_runs, run_script
-from tests.tiny import make_tiny_processed
+from tests.ddp import assert_two_processes_equal_one
+from tests.tiny import make_tiny_processed, tiny_args
 
 RUN = "isc_uncropped_resnet18"
 
 
 def test_two_processes_equal_one(tmp_path):
     data = make_tiny_processed(tmp_path / "data", "isc", num_classes=8, per_class=4, size=32)
-    args = [
-        "--data_path",
-        str(data),
-        "--data_name",
-        "isc",
-        "--pretrained",
-        "none",
-        "--image_size",
-        "48",
-        "--batch_size",
-        "7",
-        "--num_epochs",
-        "1",
-        "--num_workers",
-        "0",
-        "--ensemble_size",
-        "2",
-        "--meta_class_size",
-        "2",
-        "--recalls",
-        "1,2",
-        "--lr",
-        "1e-3",
-        "--gpu_ids",
-        "",
-        "--float64",
-        "--no-augment",
-    ]
-    for n in (1, 2):
-        run_script("sreml/train.py", args, tmp_path / f"p{n}", nproc=n)
-    torch.manual_seed(0)
-    initial = Model("resnet18", "layer1", 2, 2).double().state_dict()
-    compare_runs(tmp_path / "p1" / "sreml", tmp_path / "p2" / "sreml", RUN, initial)
-    db = torch.load(tmp_path / "p2" / "sreml" / f"{RUN}_data_base.pth", weights_only=True)
+    options = "--image_size 48 --batch_size 7 --num_epochs 1 --ensemble_size 2 --meta_class_size 2"
+    args = tiny_args(data, "isc", f"{options} --recalls 1,2 --lr 1e-3 --gpu_ids '' --float64 --no-augment")
+    two = assert_two_processes_equal_one("sreml", args, tmp_path, RUN, lambda: Model("resnet18", "layer1", 2, 2))
+    db = torch.load(two / f"{RUN}_data_base.pth", weights_only=True)
     assert set(db["splits"]) == {"train", "query", "gallery"} and db["config"]["share_type"] == "layer1"

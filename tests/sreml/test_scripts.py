@@ -8,7 +8,7 @@ from common.database import Split, load_database, save_database
 from reir.model import Model
 from sreml import ablation, inference, train
 from sreml import test as sreml_test
-from tests.tiny import make_tiny_processed
+from tests.tiny import make_tiny_processed, tiny_args
 
 RUN = "isc_uncropped_resnet18"
 
@@ -34,29 +34,8 @@ def test_sreml_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_RESULTS", str(tmp_path / "results"))
     data = make_tiny_processed(tmp_path / "data", "isc", num_classes=6, per_class=4, size=36)
     common = ["--data_path", str(data), "--num_workers", "0", "--gpu_ids", ""]
-    train.main(
-        train.get_args_parser().parse_args(
-            [
-                "--data_name",
-                "isc",
-                "--image_size",
-                "32",
-                "--batch_size",
-                "6",
-                "--ensemble_size",
-                "4",
-                "--meta_class_size",
-                "2",
-                "--pretrained",
-                "none",
-                "--num_epochs",
-                "1",
-                "--recalls",
-                "1,2,4",
-                *common,
-            ]
-        )
-    )
+    options = "--image_size 32 --batch_size 6 --ensemble_size 4 --meta_class_size 2 --num_epochs 1 --recalls 1,2,4"
+    train.main(train.get_args_parser().parse_args(tiny_args(data, "isc", f"{options} --gpu_ids ''")))
     out = tmp_path / "results" / "sreml"
     for suffix in ("model.pth", "data_base.pth", "checkpoint.pth", "statistics.csv"):
         assert (out / f"{RUN}_{suffix}").is_file(), suffix
