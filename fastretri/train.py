@@ -27,7 +27,6 @@ from common.device import Precision, maybe_compile, parse_gpu_ids
 from common.distributed import (
     all_reduce_mean,
     barrier,
-    cleanup,
     init_process,
     launch_elastic,
     launched_by_torchrun,
@@ -322,7 +321,6 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, float]]:
     run.finish()
     if main_rank:
         print(run_summary(run), flush=True)
-    cleanup()
     return None
 
 
