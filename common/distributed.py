@@ -12,6 +12,7 @@
   ``nn.SyncBatchNorm`` refuses to run).
 """
 
+import atexit
 import os
 import signal
 import socket
@@ -109,7 +110,9 @@ def init_process(
 ) -> DistInfo:
     """Join the process group (env:// rendezvous) and pick this process's device; no group for one process.
 
-    ``device_ids`` maps local ranks to GPU indices (``--gpu_ids``); by default local rank i uses GPU i.
+    The process leaves the group when it exits, whichever script or error ends it: one that exits still inside a gloo
+    group can abort in the group's teardown and fail a launch whose work is done. ``device_ids`` maps local ranks to
+    GPU indices (``--gpu_ids``); by default local rank i uses GPU i.
     """
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
@@ -128,6 +131,7 @@ def init_process(
             world_size=world_size,
             **({"device_id": device} if backend == "nccl" else {}),
         )
+        atexit.register(cleanup)
     return DistInfo(rank, world_size, local_rank, device)
 
 

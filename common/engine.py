@@ -23,7 +23,6 @@ from common.distributed import (
     all_gather_by_index,
     barrier,
     broadcast_object,
-    cleanup,
     gather_object,
     get_rank,
     get_world_size,
@@ -423,13 +422,11 @@ class Run:
         barrier()
 
     def finish(self) -> Statistics:
-        """Close the TensorBoard events and leave the process group (a rank that exits inside it can abort in
-        gloo's teardown and fail the launch); fail loudly when the run promised a model file and none exists
-        (nothing was ever evaluated)."""
+        """Close the TensorBoard events; fail loudly when the run promised a model file and none exists (nothing
+        was ever evaluated)."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        cleanup()
         if self.main and not self.files.model.is_file():
             raise UserError(f"no evaluation produced {self.key_metric}; {self.files.model} was not written")
         return self.stats

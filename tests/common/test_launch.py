@@ -1,6 +1,7 @@
 """``common.distributed.launch_elastic``: N processes through PyTorch's elastic launcher (torchrun's), each with
 torchrun's environment; a process's user error is one ``error:`` line here, a crash or Ctrl-C ends them all."""
 
+import atexit
 import json
 import os
 import signal
@@ -19,17 +20,22 @@ from common.errors import UserError
 REPO = Path(__file__).resolve().parents[2]
 
 
-def record_environment(out: str) -> None:
-    """Writes what torchrun would give this process, and the group it can join."""
-    from common.distributed import cleanup, init_process
+def _record_group_at_exit(path: Path) -> None:
+    path.write_text(json.dumps(torch.distributed.is_initialized()))
 
+
+def record_environment(out: str) -> None:
+    """Writes what torchrun would give this process, the group it can join, and (at exit) whether it is still in
+    the group: registered before joining, the record runs after everything registered by joining."""
+    from common.distributed import init_process
+
+    atexit.register(_record_group_at_exit, Path(out, f"joined_at_exit{os.environ['RANK']}.json"))
     info = init_process("gloo", False)
     total = torch.tensor([float(info.rank + 1)])
     torch.distributed.all_reduce(total)
     keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
     record = {**{k: os.environ[k] for k in keys}, "sum": float(total)}
     Path(out, f"rank{info.rank}.json").write_text(json.dumps(record))
-    cleanup()
 
 
 def fail_on_rank_one(kind: str) -> None:
@@ -50,6 +56,12 @@ def test_processes_get_torchrun_environment_and_one_group(tmp_path):
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r, record in enumerate(records):
         assert record == {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "sum": 3.0}
+
+
+def test_every_process_leaves_the_group_when_it_exits(tmp_path):
+    """No process exits inside the group (one that does can abort in gloo's teardown after its work is done)."""
+    launch_elastic(record_environment, (str(tmp_path),), 2)
+    assert [json.loads((tmp_path / f"joined_at_exit{r}.json").read_text()) for r in range(2)] == [False, False]
 
 
 def test_a_process_user_error_is_a_user_error_here():

@@ -63,7 +63,6 @@ def main(args):
         run.log(epoch, {"train_loss": float(step.sum())}, Evaluation({"test_recall@1": float(epoch)}), model)
         run.checkpoint(epoch, model)
     run.finish()
-    assert not torch.distributed.is_initialized(), "the finished run left its process group"
 
 
 p = argparse.ArgumentParser()
